@@ -1,0 +1,34 @@
+"""Tiny federated run: CPU, offline (built-in corpus of Python's own documentation), a few minutes.
+
+  python -m fedjax_pt.main --config=configs/tiny.py --workdir=runs/tiny
+
+Expected: 4 clients x 10 rounds x 25 local steps of a 0.4M-parameter byte-level decoder; validation
+perplexity falls every round (from about 250 at initialisation towards about 5; see README.md).
+Centralized baseline on the same data: add --config.mode=centralized.
+"""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.model.d_model = 128
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+
+  c.opt.lr = 3e-3
+  c.opt.warmup_steps = 25
+  c.opt.schedule_steps = 250  # rounds x local_steps
+
+  c.fl.num_clients = 4
+  c.fl.clients_per_round = 4
+  c.fl.rounds = 10
+  c.fl.local_steps = 25
+  c.fl.outer_lr = 0.7
+  c.fl.outer_momentum = 0.9
+
+  c.data.seq_len = 128
+  c.data.batch_size = 16
+  c.eval.max_batches = 8
+  c.log.every_steps = 5
+  return c

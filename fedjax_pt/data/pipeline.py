@@ -1,0 +1,122 @@
+"""The federated dataset: per-client grain iterators over packed windows, and validation batches.
+
+`build_federated_data` does all the work once, up front (read, tokenize, partition, split, pack);
+corpora here are at most a few hundred MB, so every client's windows live in memory as views of
+its token stream and iterators are cheap, exactly checkpointable grain pipelines.
+"""
+
+import grain
+import numpy as np
+from absl import logging
+
+from fedjax_pt.data import packing
+from fedjax_pt.data import partition as partition_lib
+from fedjax_pt.data.config import DataConfig
+from fedjax_pt.data.sources import load_documents
+from fedjax_pt.data.tokenizers import Tokenizer, load_tokenizer, tokenize_corpus
+
+# The windows are already in memory: reader threads would only contend for the GIL (grain's own
+# advice), and a prefetch buffer of large batches per client would multiply host memory.
+_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
+class FederatedData:
+  """Each client's training windows and held-out validation windows, [n, seq_len + 1] int32."""
+
+  def __init__(self, tokenizer: Tokenizer, seq_len: int, batch_size: int,
+               train_windows: list[np.ndarray], val_windows: list[np.ndarray], seed: int,
+               shuffle: bool = True):
+    self.tokenizer = tokenizer
+    self.num_clients = len(train_windows)
+    self.seq_len = seq_len
+    self.batch_size = batch_size
+    self._train = train_windows
+    self._val = val_windows
+    self._seed = seed
+    self._shuffle = shuffle
+
+  def client_num_tokens(self, k: int) -> int:
+    """Training target tokens of client k: its windows times seq_len."""
+    return len(self._train[self._check_client(k)]) * self.seq_len
+
+  def client_iterator(self, k: int) -> grain.DatasetIterator:
+    """Infinite [batch_size, seq_len + 1] int32 batches of client k, reshuffled every epoch."""
+    return self._iterator(self._train[self._check_client(k)], k)
+
+  def centralized_iterator(self) -> grain.DatasetIterator:
+    """The same over the union of all clients' training windows.
+
+    It shuffles with client 0's seed, so with a single client it yields exactly the batches of
+    client_iterator(0) and a centralized run is comparable step for step.
+    """
+    return self._iterator(np.concatenate(self._train), 0)
+
+  def val_batches(self, batch_size: int, max_batches: int = 0,
+                  client: int | None = None) -> list[np.ndarray]:
+    """Validation windows in fixed order, batched; the last batch may be smaller.
+
+    client=None is the global set (every client's held-out windows, client by client); 0 batches
+    means all of them.
+    """
+    if batch_size < 1 or max_batches < 0:
+      raise ValueError(f'batch_size must be >= 1 and max_batches >= 0, got {batch_size}, '
+                       f'{max_batches}')
+    wins = np.concatenate(self._val) if client is None else self._val[self._check_client(client)]
+    stops = range(0, len(wins), batch_size)
+    if max_batches:
+      stops = stops[:max_batches]
+    return [np.array(wins[i:i + batch_size], dtype=np.int32) for i in stops]
+
+  def _iterator(self, windows: np.ndarray, stream_id: int) -> grain.DatasetIterator:
+    ds = grain.MapDataset.source(windows)
+    if self._shuffle:
+      seed = np.random.SeedSequence([self._seed, partition_lib.SHUFFLE_STREAM, stream_id])
+      ds = ds.shuffle(seed=int(seed.generate_state(1)[0]))
+    # repeat() reseeds the shuffle every epoch; batching after it lets a batch span two epochs, so
+    # no window is ever skipped.
+    ds = ds.repeat().batch(self.batch_size, drop_remainder=True)
+    return iter(ds.to_iter_dataset(_READ_OPTIONS))
+
+  def _check_client(self, k: int) -> int:
+    if not 0 <= k < self.num_clients:
+      raise ValueError(f'client must be in [0, {self.num_clients}), got {k}')
+    return k
+
+
+def build_federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedData:
+  """Reads, tokenizes, partitions, splits and packs the corpus of `cfg` for `num_clients`."""
+  if seed < 0:
+    raise ValueError(f'seed must be >= 0, got {seed}')
+  tokenizer = load_tokenizer(cfg.tokenizer)
+  docs = load_documents(cfg)
+  ids, offsets = tokenize_corpus(tokenizer, [d.text for d in docs])
+  packed_lengths = np.diff(offsets) + 1  # + end-of-text
+  parts = partition_lib.partition(docs, cfg, num_clients, seed)
+  del docs  # the text is no longer needed, only its ids
+  train, val = [], []
+  for k, part in enumerate(parts):
+    train_docs, val_docs = partition_lib.split_train_val(
+        part, packed_lengths[part], cfg.val_fraction, cfg.seq_len + 1,
+        partition_lib.rng_for(seed, partition_lib.VAL_STREAM, k))
+    train_stream = packing.pack(packing.select(ids, offsets, train_docs), tokenizer.eot_id)
+    val_stream = packing.pack(packing.select(ids, offsets, val_docs), tokenizer.eot_id)
+    train.append(packing.windows(train_stream, cfg.seq_len))
+    val.append(packing.windows(val_stream, cfg.seq_len))
+    _check_sizes(k, cfg, len(train_stream), len(train[-1]), len(val_stream), len(val[-1]))
+    logging.info('Client %d: %d train documents, %d tokens, %d windows; %d val documents, '
+                 '%d tokens, %d windows', k, len(train_docs), len(train_stream), len(train[-1]),
+                 len(val_docs), len(val_stream), len(val[-1]))
+  return FederatedData(tokenizer, cfg.seq_len, cfg.batch_size, train, val, seed, cfg.shuffle)
+
+
+def _check_sizes(k: int, cfg: DataConfig, train_tokens: int, train_windows: int,
+                 val_tokens: int, val_windows: int) -> None:
+  hint = 'lower data.seq_len, data.batch_size or num_clients'
+  if train_windows < cfg.batch_size:
+    raise ValueError(f'client {k} has {train_tokens} training tokens = {train_windows} windows of '
+                     f'seq_len+1={cfg.seq_len + 1}, fewer than data.batch_size={cfg.batch_size}; '
+                     f'{hint}')
+  if val_windows == 0:
+    raise ValueError(f'client {k} has an empty validation set ({val_tokens} held-out tokens, '
+                     f'under one window of seq_len+1={cfg.seq_len + 1}); {hint}, or raise '
+                     'data.val_fraction')

@@ -1,0 +1,211 @@
+"""MPT-style decoder-only transformer (the architecture of the paper's models).
+
+Pre-LayerNorm blocks without biases, GELU MLP of width `mlp_ratio * d_model`, tied input/output
+embeddings, learned absolute positions (RoPE or ALiBi optional). Every parameter carries logical axis
+names so `fedjax_pt.sharding` can map them onto a device mesh.
+
+Letter key for tensor names: B batch, L sequence length, D d_model, N heads, H head dim, F MLP width,
+V vocabulary.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+_REMAT_POLICIES = {
+    'full': None,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  mlp_ratio: int
+  max_seq_len: int
+  position_embedding: str = 'learned'
+  dtype: str = 'float32'
+  remat: str = 'none'
+  attention: str = 'xla'
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'mlp_ratio', 'max_seq_len'):
+      if getattr(self, name) <= 0:
+        raise ValueError(f'model.{name} must be positive, got {getattr(self, name)}')
+    if self.d_model % self.num_heads:
+      raise ValueError(f'model.d_model={self.d_model} is not divisible by '
+                       f'model.num_heads={self.num_heads}')
+    if self.position_embedding not in ('learned', 'rope', 'alibi'):
+      raise ValueError("model.position_embedding must be 'learned', 'rope' or 'alibi', got "
+                       f'{self.position_embedding!r}')
+    if self.position_embedding == 'rope' and (self.d_model // self.num_heads) % 2:
+      raise ValueError('model.position_embedding=rope needs an even head dimension')
+    if self.dtype not in ('float32', 'bfloat16', 'float16'):
+      raise ValueError(f"model.dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+    if self.remat not in ('none', *_REMAT_POLICIES):
+      raise ValueError(f"model.remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+    if self.attention not in ('xla', 'cudnn'):
+      raise ValueError(f"model.attention must be 'xla' or 'cudnn', got {self.attention!r}")
+
+  @classmethod
+  def from_config(cls, model: ml_collections.ConfigDict, *, vocab_size: int,
+                  seq_len: int) -> 'ModelConfig':
+    """Resolves the 0 = 'derive it' defaults from the tokenizer and data.seq_len."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in model.to_dict().items() if k in fields}
+    values['vocab_size'] = values['vocab_size'] or vocab_size
+    values['max_seq_len'] = values['max_seq_len'] or seq_len
+    if values['vocab_size'] < vocab_size:
+      raise ValueError(f'model.vocab_size={values["vocab_size"]} is smaller than the '
+                       f"tokenizer's vocabulary ({vocab_size})")
+    if values['max_seq_len'] < seq_len:
+      raise ValueError(f'data.seq_len={seq_len} exceeds model.max_seq_len='
+                       f'{values["max_seq_len"]}')
+    return cls(**values)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self) -> Any:
+    return jnp.dtype(self.dtype)
+
+
+def _init(std: float, axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def _rope(x_BxLxNxH: jax.Array) -> jax.Array:
+  """Rotary embedding (rotate-half convention), computed in float32."""
+  _, length, _, head_dim = x_BxLxNxH.shape
+  inv_freq = 1.0 / (10000 ** (np.arange(0, head_dim, 2) / head_dim))
+  angles_LxH2 = np.arange(length)[:, None] * inv_freq[None, :]
+  sin, cos = jnp.sin(angles_LxH2)[None, :, None, :], jnp.cos(angles_LxH2)[None, :, None, :]
+  x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BxLxNxH.dtype)
+
+
+def _alibi_bias(num_heads: int, length: int) -> np.ndarray:
+  """ALiBi slopes 2^(-8i/N) times the (non-positive) key-query distance: [1, N, L, L]."""
+  slopes_N = 2.0 ** (-8.0 * np.arange(1, num_heads + 1) / num_heads)
+  distance_LxL = np.arange(length)[None, :] - np.arange(length)[:, None]
+  return (slopes_N[:, None, None] * np.minimum(distance_LxL, 0)[None])[None].astype(np.float32)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    batch, length, _ = x_BxLxD.shape
+    qkv_BxLx3D = nn.Dense(
+        3 * cfg.d_model, use_bias=False, dtype=cfg.compute_dtype, name='wqkv',
+        kernel_init=_init(cfg.init_std, ('embed', 'heads')))(x_BxLxD)
+    q, k, v = (t.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+               for t in jnp.split(qkv_BxLx3D, 3, axis=-1))
+    if cfg.position_embedding == 'rope':
+      q, k = _rope(q), _rope(k)
+    bias = None
+    if cfg.position_embedding == 'alibi':
+      bias = jnp.asarray(_alibi_bias(cfg.num_heads, length), cfg.compute_dtype)
+    out_BxLxNxH = jax.nn.dot_product_attention(
+        q, k, v, bias=bias, is_causal=True,
+        implementation=None if cfg.attention == 'xla' else 'cudnn')
+    # GPT-2 scaling of residual-branch outputs keeps the residual stream's variance flat in depth.
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    return nn.Dense(cfg.d_model, use_bias=False, dtype=cfg.compute_dtype, name='out_proj',
+                    kernel_init=_init(out_std, ('heads', 'embed')))(
+                        out_BxLxNxH.reshape(batch, length, cfg.d_model))
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    h_BxLxF = nn.Dense(cfg.mlp_ratio * cfg.d_model, use_bias=False, dtype=cfg.compute_dtype,
+                       name='up_proj', kernel_init=_init(cfg.init_std, ('embed', 'mlp')))(x_BxLxD)
+    h_BxLxF = nn.gelu(h_BxLxF, approximate=False)
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    return nn.Dense(cfg.d_model, use_bias=False, dtype=cfg.compute_dtype, name='down_proj',
+                    kernel_init=_init(out_std, ('mlp', 'embed')))(h_BxLxF)
+
+
+def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+  # MPT's LayerNorm has no bias; statistics are computed in float32 whatever the compute dtype.
+  return nn.LayerNorm(use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name=name,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('norm',)))
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x_BxLxD = x_BxLxD + Attention(self.cfg, name='attn')(_layer_norm(self.cfg, 'norm_1')(x_BxLxD))
+    return x_BxLxD + Mlp(self.cfg, name='mlp')(_layer_norm(self.cfg, 'norm_2')(x_BxLxD))
+
+
+class Decoder(nn.Module):
+  """Maps token ids [B, L] to next-token logits [B, L, V] (float32)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, name='wte',
+                     embedding_init=_init(cfg.init_std, ('vocab', 'embed')))
+    x_BxLxD = embed(tokens_BxL)
+    if cfg.position_embedding == 'learned':
+      wpe = self.param('wpe', _init(cfg.init_std, ('pos', 'embed')), (cfg.max_seq_len, cfg.d_model))
+      x_BxLxD = x_BxLxD + wpe[:tokens_BxL.shape[1]].astype(cfg.compute_dtype)
+    block = Block
+    if cfg.remat != 'none':
+      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    for i in range(cfg.num_layers):
+      x_BxLxD = block(cfg, name=f'block_{i}')(x_BxLxD)
+    x_BxLxD = _layer_norm(cfg, 'norm_f')(x_BxLxD)
+    return embed.attend(x_BxLxD).astype(jnp.float32)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
+  """Plain (unboxed) float32 parameters."""
+  tokens = jnp.zeros((1, cfg.max_seq_len), jnp.int32)
+  return nn.unbox(Decoder(cfg).init(rng, tokens)['params'])
+
+
+def logical_axes(cfg: ModelConfig) -> Any:
+  """PartitionSpec of logical axis names for every parameter, without allocating any."""
+  tokens = jax.ShapeDtypeStruct((1, cfg.max_seq_len), jnp.int32)
+  boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), tokens)['params'])
+  return nn.get_partition_spec(boxed)
+
+
+def param_count(cfg: ModelConfig) -> int:
+  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM/MFU convention.
+
+  6 N for the matmuls against non-embedding parameters and the tied output projection, plus
+  12 * layers * d_model * seq_len for attention scores and values.
+  """
+  matmul_params = cfg.num_layers * (4 + 2 * cfg.mlp_ratio) * cfg.d_model ** 2
+  matmul_params += cfg.vocab_size * cfg.d_model
+  return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.d_model * seq_len

@@ -1,0 +1,91 @@
+"""Local (client) AdamW with warmup + cosine schedule, and the server's outer optimizers."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+  lr: float
+  warmup_steps: int
+  schedule_steps: int
+  final_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0
+
+  def __post_init__(self):
+    if self.lr <= 0:
+      raise ValueError(f'opt.lr must be positive, got {self.lr}')
+    if self.warmup_steps < 0 or self.schedule_steps <= 0:
+      raise ValueError(f'opt.warmup_steps must be >= 0 and opt.schedule_steps > 0, got '
+                       f'{self.warmup_steps} and {self.schedule_steps}')
+    if self.warmup_steps >= self.schedule_steps:
+      raise ValueError(f'opt.warmup_steps={self.warmup_steps} must be smaller than '
+                       f'opt.schedule_steps={self.schedule_steps}')
+    if not 0 <= self.final_lr_ratio <= 1:
+      raise ValueError(f'opt.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}')
+
+  @classmethod
+  def from_config(cls, opt: ml_collections.ConfigDict) -> 'OptConfig':
+    return cls(**opt.to_dict())
+
+
+def lr_schedule(cfg: OptConfig) -> optax.Schedule:
+  """Linear warmup from 0 to the peak, then cosine decay to `final_lr_ratio` x the peak."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+      decay_steps=cfg.schedule_steps, end_value=cfg.lr * cfg.final_lr_ratio)
+
+
+def _decay_mask(params):
+  # Weight decay on matrices only: norms' scales are left alone, as in MPT/GPT recipes.
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def local_optimizer(cfg: OptConfig) -> optax.GradientTransformation:
+  """AdamW direction *without* the learning rate.
+
+  The learning rate is applied by the train step from the *global* step (round * local_steps +
+  local step) so the schedule runs across rounds even though the optimizer state is reset each
+  round, as in Photon/DiLoCo.
+  """
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
+      optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+      optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask),
+  )
+
+
+def apply_lr(direction, lr: jax.Array):
+  return jax.tree.map(lambda d: (-lr * d).astype(d.dtype), direction)
+
+
+OUTER_OPTIMIZERS = ('nesterov', 'sgd', 'adam')
+
+
+def outer_optimizer(name: str, lr: float, momentum: float,
+                    b2: float = 0.95) -> optax.GradientTransformation:
+  """The server optimizer, applied to the pseudo-gradient as if it were a gradient.
+
+  'nesterov' (Photon/DiLoCo default): v <- mu v + g; theta <- theta - lr (g + mu v).
+  'sgd': heavy-ball momentum v <- mu v + g; theta <- theta - lr v (plain SGD when mu = 0).
+  'adam': Adam with b1 = momentum.
+  """
+  if name == 'nesterov':
+    return optax.sgd(lr, momentum=momentum or None, nesterov=bool(momentum))
+  if name == 'sgd':
+    return optax.sgd(lr, momentum=momentum or None)
+  if name == 'adam':
+    return optax.adam(lr, b1=momentum, b2=b2)
+  raise ValueError(f'fl.outer_optimizer must be one of {OUTER_OPTIMIZERS}, got {name!r}')
+
+
+def global_norm(tree) -> jax.Array:
+  return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))

@@ -1,0 +1,38 @@
+"""fedjax_pt: federated pre-training of LLMs in JAX/Flax (Photon / DiLoCo recipe)."""
+
+import setuptools
+
+setuptools.setup(
+    name='fedjax_pt',
+    version='0.1.0',
+    description='Federated pre-training of large language models in JAX/Flax',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=setuptools.find_packages(include=['fedjax_pt', 'fedjax_pt.*', 'configs']),
+    install_requires=[
+        'jax>=0.6,<0.11',
+        'flax>=0.10.6,<0.13',
+        'optax>=0.2.4,<0.3',
+        'orbax-checkpoint>=0.11,<0.13',
+        'grain>=0.2.10,<0.3',
+        'ml-collections>=1.0,<2',
+        'absl-py>=2.1,<3',
+        'numpy>=1.26,<3',
+        'tqdm>=4.66,<5',
+        'tokenizers>=0.20,<0.24',
+        'tensorboardX>=2.6,<3',
+        'matplotlib>=3.8,<4',
+    ],
+    extras_require={
+        'cuda12': ['jax[cuda12]>=0.6,<0.11'],
+        'tfds': ['tensorflow-datasets>=4.9,<5'],
+        'sentencepiece': ['sentencepiece>=0.2,<0.3'],
+        'test': [
+            'pytest>=8,<10',
+            'pytest-xdist>=3.5,<4',
+            'chex>=0.1.88,<0.2',
+            'sentencepiece>=0.2,<0.3',
+        ],
+    },
+)

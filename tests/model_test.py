@@ -1,0 +1,93 @@
+"""The MPT-style decoder: sizes of the paper's configs, causality, dtypes, logical axes."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_pt import model as model_lib
+
+
+def _tiny(**kw):
+  values = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, mlp_ratio=4, max_seq_len=16)
+  values.update(kw)
+  return model_lib.ModelConfig(**values)
+
+
+# The paper's counts (74M, 124M, 354M, 1.31B) leave out the learned position embeddings.
+@pytest.mark.parametrize('name, expected', [
+    ('75m', 74.0e6), ('125m', 123.6e6), ('350m', 353.6e6), ('1p3b', 1.311e9)])
+def test_paper_config_parameter_counts(name, expected):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  cfg = model_lib.ModelConfig.from_config(config.model, vocab_size=50277,
+                                          seq_len=config.data.seq_len)
+  assert cfg.vocab_size == 50368
+  without_positions = model_lib.param_count(cfg) - cfg.max_seq_len * cfg.d_model
+  assert abs(without_positions - expected) / expected < 0.005, without_positions
+
+
+def test_parameter_count_formula():
+  cfg = _tiny()
+  # Embedding V*D + positions L*D + per layer (QKV 3D^2 + out D^2 + MLP 8D^2 + 2 norms) + final norm.
+  expected = 64 * 32 + 16 * 32 + 2 * (12 * 32 * 32 + 2 * 32) + 32
+  assert model_lib.param_count(cfg) == expected
+  assert model_lib.param_count(cfg) == sum(
+      x.size for x in jax.tree.leaves(model_lib.init_params(cfg, jax.random.key(0))))
+
+
+@pytest.mark.parametrize('position_embedding', ['learned', 'rope', 'alibi'])
+def test_decoder_is_causal(position_embedding):
+  cfg = _tiny(position_embedding=position_embedding)
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  decoder = model_lib.Decoder(cfg)
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+  logits = decoder.apply({'params': params}, tokens)
+  assert logits.shape == (2, 16, 64) and logits.dtype == jnp.float32
+  changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % 64)
+  logits2 = decoder.apply({'params': params}, changed)
+  np.testing.assert_allclose(logits[:, :10], logits2[:, :10], atol=1e-5)
+  assert not np.allclose(logits[:, 10:], logits2[:, 10:])
+
+
+def test_bf16_compute_keeps_float32_parameters():
+  cfg = _tiny(dtype='bfloat16')
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  tokens = jnp.zeros((1, 16), jnp.int32)
+  logits = model_lib.Decoder(cfg).apply({'params': params}, tokens)
+  logits32 = model_lib.Decoder(_tiny()).apply({'params': params}, tokens)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, logits32, atol=0.05)
+
+
+def test_every_parameter_has_logical_axes():
+  cfg = _tiny()
+  axes = model_lib.logical_axes(cfg)
+  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  flat_axes = jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: x is not None and
+                                                  not isinstance(x, dict))
+  flat_shapes = jax.tree_util.tree_leaves_with_path(shapes)
+  assert [p for p, _ in flat_axes] == [p for p, _ in flat_shapes]
+  for (_, spec), (_, shape) in zip(flat_axes, flat_shapes):
+    assert len(spec) == len(shape.shape) and all(isinstance(a, str) for a in spec)
+  assert tuple(axes['wte']['embedding']) == ('vocab', 'embed')
+  assert tuple(axes['block_0']['mlp']['up_proj']['kernel']) == ('embed', 'mlp')
+
+
+def test_flops_per_token_is_six_n_plus_attention():
+  cfg = _tiny()
+  non_embedding = 2 * 12 * 32 * 32
+  assert model_lib.flops_per_token(cfg, 16) == 6 * (non_embedding + 64 * 32) + 12 * 2 * 32 * 16
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'d_model': 30}, 'not divisible by model.num_heads'),
+    ({'position_embedding': 'sinusoid'}, 'model.position_embedding'),
+    ({'num_layers': 0}, 'model.num_layers must be positive'),
+    ({'remat': 'some'}, 'model.remat'),
+])
+def test_model_config_errors(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    _tiny(**overrides)
