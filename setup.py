@@ -15,7 +15,7 @@ setuptools.setup(
         'flax>=0.10.6,<0.13',
         'optax>=0.2.4,<0.3',
         'orbax-checkpoint>=0.11,<0.13',
-        'grain>=0.2.10,<0.3',
+        'grain>=0.2.18,<0.3',
         'ml-collections>=1.0,<2',
         'absl-py>=2.1,<3',
         'numpy>=1.26,<3',
@@ -33,6 +33,7 @@ setuptools.setup(
             'pytest-xdist>=3.5,<4',
             'chex>=0.1.88,<0.2',
             'sentencepiece>=0.2,<0.3',
+            'tensorflow-datasets>=4.9,<5',
         ],
     },
 )

@@ -9,6 +9,7 @@ With no flags it trains the tiny config on the built-in offline corpus, on CPU, 
 import datetime
 import os
 import pathlib
+import re
 import sys
 
 from absl import app
@@ -20,11 +21,48 @@ from fedjax_pt import train
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'tiny.py'
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', str(_DEFAULT_CONFIG), 'Path to a config file (configs/*.py).', lock_config=True)
+
+
+def _fail(message: str) -> None:
+  print(f'fedjax_pt: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _define_config_flag():
+  # config_flags reads the --config.KEY overrides from sys.argv right here, at definition time:
+  # an override naming no key of the (locked) config fails now, before absl's parser runs.
+  try:
+    return config_flags.DEFINE_config_file(
+        'config', str(_DEFAULT_CONFIG), 'Path to a config file (configs/*.py).', lock_config=True)
+  except (AttributeError, KeyError) as e:
+    overrides = [a.split('=')[0] for a in sys.argv[1:] if a.startswith('--config.')]
+    hint = re.search(r'Did you mean "([^"]+)"', str(e))
+    _fail(f'unknown config key among {", ".join(overrides)}' +
+          (f' (did you mean "{hint.group(1)}"?)' if hint else ''))
+
+
+_CONFIG = _define_config_flag()
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Output directory (metrics.jsonl, config.json). Default: '
     'runs/<config name>-<timestamp>.')
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with every flag or config error reduced to one line that names the culprit."""
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(f'bad flags: {" ".join(str(e).split())}')
+  config_file = config_flags.get_config_filename(flags.FLAGS['config'])
+  if not os.path.isfile(config_file):
+    _fail(f'--config={config_file}: no such config file')
+  try:
+    _CONFIG.value  # pylint: disable=pointless-statement
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(f'--config={config_file} does not load: {" ".join(str(e).split())}')
+  return rest
 
 
 def _default_workdir(config_path: str) -> str:
@@ -41,11 +79,10 @@ def main(argv):
     result = train.run(_CONFIG.value, workdir)
   except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
     # Bad input: one line naming the culprit, no traceback.
-    print(f'fedjax_pt: error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _fail(' '.join(str(e).split()))
   last = result.last_round
   print(f"done: {last['round']} rounds, val_ppl {last['val_ppl']:.2f}, results in {workdir}")
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

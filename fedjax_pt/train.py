@@ -44,10 +44,6 @@ class RunSpec:
     if config.mode not in ('federated', 'centralized'):
       raise ValueError(f"mode must be 'federated' or 'centralized', got {config.mode!r}")
     data = data_lib.DataConfig.from_config(config.data)
-    micro = config.data.micro_batch_size
-    if micro < 0 or (micro and data.batch_size % micro):
-      raise ValueError(f'data.batch_size={data.batch_size} is not divisible by '
-                       f'data.micro_batch_size={micro}')
     for key in ('batch_size', 'every_rounds'):
       if config.eval[key] <= 0:
         raise ValueError(f'eval.{key} must be positive, got {config.eval[key]}')
@@ -133,7 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     json.dump(resolved, f, indent=2, sort_keys=True)
 
   params = model_lib.init_params(model_cfg, jax.random.key(spec.seed))
-  train_step = client_lib.make_train_step(model_cfg, spec.opt, config.data.micro_batch_size)
+  train_step = client_lib.make_train_step(model_cfg, spec.opt, spec.data.micro_batch_size)
   eval_step = metrics_lib.make_eval_step(model_cfg)
   val_batches = data.val_batches(spec.eval_batch_size, spec.eval_max_batches)
   writer = metrics_lib.JsonlWriter(workdir)

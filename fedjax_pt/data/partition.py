@@ -43,7 +43,7 @@ def partition(docs: Sequence[Document], cfg: DataConfig, num_clients: int,
   for k, part in enumerate(parts):
     if not len(part):
       raise ValueError(f'client {k} gets no documents of {len(docs)} under '
-                       f'data.partition={cfg.partition!r}; lower num_clients'
+                       f'data.partition={cfg.partition!r}; lower fl.num_clients'
                        + (' or raise data.dirichlet_alpha' if cfg.partition == 'dirichlet' else ''))
   return [np.asarray(p, dtype=np.int64) for p in parts]
 
@@ -65,7 +65,7 @@ def key_of(doc: Document, key: str) -> str:
 def _by_source(docs: Sequence[Document], num_patterns: int, num_clients: int) -> list[np.ndarray]:
   if num_patterns != num_clients:
     raise ValueError(f"data.partition='by_source' makes one client per data.path pattern: "
-                     f'{num_patterns} pattern(s) but num_clients={num_clients}')
+                     f'{num_patterns} pattern(s) but fl.num_clients={num_clients}')
   groups = np.array([d.group for d in docs])
   return [np.flatnonzero(groups == k) for k in range(num_clients)]
 

@@ -102,21 +102,22 @@ def build_federated_data(cfg: DataConfig, num_clients: int, seed: int) -> Federa
     val_stream = packing.pack(packing.select(ids, offsets, val_docs), tokenizer.eot_id)
     train.append(packing.windows(train_stream, cfg.seq_len))
     val.append(packing.windows(val_stream, cfg.seq_len))
-    _check_sizes(k, cfg, len(train_stream), len(train[-1]), len(val_stream), len(val[-1]))
+    _check_sizes(k, cfg, len(part), len(train_stream), len(train[-1]), len(val_stream),
+                 len(val[-1]))
     logging.info('Client %d: %d train documents, %d tokens, %d windows; %d val documents, '
                  '%d tokens, %d windows', k, len(train_docs), len(train_stream), len(train[-1]),
                  len(val_docs), len(val_stream), len(val[-1]))
   return FederatedData(tokenizer, cfg.seq_len, cfg.batch_size, train, val, seed, cfg.shuffle)
 
 
-def _check_sizes(k: int, cfg: DataConfig, train_tokens: int, train_windows: int,
+def _check_sizes(k: int, cfg: DataConfig, num_docs: int, train_tokens: int, train_windows: int,
                  val_tokens: int, val_windows: int) -> None:
-  hint = 'lower data.seq_len, data.batch_size or num_clients'
+  hint = 'lower data.seq_len, data.batch_size or fl.num_clients'
   if train_windows < cfg.batch_size:
-    raise ValueError(f'client {k} has {train_tokens} training tokens = {train_windows} windows of '
-                     f'seq_len+1={cfg.seq_len + 1}, fewer than data.batch_size={cfg.batch_size}; '
-                     f'{hint}')
+    raise ValueError(f'client {k} has {train_tokens} training tokens ({num_docs} documents in all) '
+                     f'= {train_windows} windows of seq_len+1={cfg.seq_len + 1}, fewer than '
+                     f'data.batch_size={cfg.batch_size}; {hint}')
   if val_windows == 0:
-    raise ValueError(f'client {k} has an empty validation set ({val_tokens} held-out tokens, '
-                     f'under one window of seq_len+1={cfg.seq_len + 1}); {hint}, or raise '
-                     'data.val_fraction')
+    raise ValueError(f'client {k} has an empty validation set ({val_tokens} held-out tokens of '
+                     f'{num_docs} documents, under one window of seq_len+1={cfg.seq_len + 1}); '
+                     f'{hint}, or raise data.val_fraction')

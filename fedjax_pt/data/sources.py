@@ -18,7 +18,7 @@ import json
 import os
 import zlib
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import IO, Any, Callable
 
 from absl import logging
 
@@ -108,6 +108,7 @@ def _file_documents(cfg: DataConfig, bad: BadLines) -> Iterator[Document]:
 def read_file(path: str, text_field: str, bad: BadLines, group: int = 0) -> Iterator[Document]:
   """Documents of one local file, its format chosen by extension (see the module docstring)."""
   base = path[:-3] if path.endswith('.gz') else path
+  parse: Callable[..., Iterator[Document]]
   if base.endswith(_JSON_SUFFIXES):
     parse = _json_documents
   elif base.endswith(_TEXT_SUFFIXES):
@@ -123,7 +124,7 @@ def read_file(path: str, text_field: str, bad: BadLines, group: int = 0) -> Iter
     raise ValueError(f'{path}: truncated or corrupt gzip file ({e})') from e
 
 
-def _decoded_lines(path: str, f, bad: BadLines) -> Iterator[tuple[int, str]]:
+def _decoded_lines(path: str, f: IO[bytes], bad: BadLines) -> Iterator[tuple[int, str]]:
   """(line number, text) of each line; an empty file is an error, bad UTF-8 a skipped line."""
   empty = True
   for lineno, raw in enumerate(f, 1):
@@ -136,7 +137,8 @@ def _decoded_lines(path: str, f, bad: BadLines) -> Iterator[tuple[int, str]]:
     raise ValueError(f'{path}: empty file')
 
 
-def _json_documents(path, f, text_field, bad, group) -> Iterator[Document]:
+def _json_documents(path: str, f: IO[bytes], text_field: str, bad: BadLines,
+                    group: int) -> Iterator[Document]:
   for lineno, line in _decoded_lines(path, f, bad):
     if not line.strip():
       continue
@@ -153,7 +155,8 @@ def _json_documents(path, f, text_field, bad, group) -> Iterator[Document]:
     yield Document(text, where, group, record)
 
 
-def _text_documents(path, f, text_field, bad, group) -> Iterator[Document]:
+def _text_documents(path: str, f: IO[bytes], text_field: str, bad: BadLines,
+                    group: int) -> Iterator[Document]:
   del text_field  # plain text has no fields
   lines, first = [], 0
   for lineno, line in _decoded_lines(path, f, bad):
