@@ -66,14 +66,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_documents = 0
   c.data.max_bad_lines = 0
   c.data.shuffle = True
+  c.data.only_client = -1  # k >= 0 with mode=centralized: client k trains alone on its shard
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 16
   c.eval.max_batches = 0  # 0: the whole validation set
   c.eval.every_rounds = 1
+  c.eval.per_client = False  # also evaluate the server model on each client's held-out set
 
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 10
-  c.log.progress = True
+  c.log.progress = True  # progress bar, per-round lines and the end-of-run summary
+  c.log.tensorboard = True  # TensorBoard event files in <workdir>/tensorboard
+  c.log.per_layer_norms = False  # per-module norms of the global model and pseudo-gradient
 
   return c

@@ -97,29 +97,38 @@ class ClientResult:
   state: LocalState
   mean_loss: float
   last_loss: float
+  mean_grad_norm: float
+  mean_update_norm: float
   num_tokens: int
-  step_metrics: list[dict[str, float]]  # every `log_every` steps: {'step', 'loss', ...}
+  step_metrics: list[dict[str, float]]  # every `log_every` steps: {'local_step', 'loss', ...}
+
+
+_AVERAGED = ('loss', 'grad_norm', 'update_norm')
 
 
 def client_update(train_step, state: LocalState, batches: Iterator[np.ndarray], num_steps: int,
                   log_every: int = 0, on_step: Callable[[int], None] | None = None
                   ) -> ClientResult:
   """Runs `num_steps` local steps; reads device values only at logging steps (no per-step sync)."""
-  loss_sum = jnp.zeros((), jnp.float32)
+  sums = {k: jnp.zeros((), jnp.float32) for k in _AVERAGED}
   step_metrics, num_tokens, metrics = [], 0, None
   for t in range(num_steps):
     batch = next(batches)
     num_tokens += batch.shape[0] * (batch.shape[1] - 1)
     state, metrics = train_step(state, batch)
-    loss_sum = loss_sum + metrics['loss']
+    sums = {k: sums[k] + metrics[k] for k in _AVERAGED}
     if log_every and ((t + 1) % log_every == 0 or t + 1 == num_steps):
-      step_metrics.append({'local_step': t + 1, **jax.device_get(metrics)})
+      step_metrics.append({'local_step': t + 1,
+                           **{k: float(v) for k, v in jax.device_get(metrics).items()}})
     if on_step is not None:
       on_step(t + 1)
+  means = {k: float(v) / max(num_steps, 1) for k, v in jax.device_get(sums).items()}
   return ClientResult(
       state=state,
-      mean_loss=float(loss_sum) / max(num_steps, 1),
+      mean_loss=means['loss'],
       last_loss=float(metrics['loss']) if metrics is not None else float('nan'),
+      mean_grad_norm=means['grad_norm'],
+      mean_update_norm=means['update_norm'],
       num_tokens=num_tokens,
       step_metrics=step_metrics,
   )

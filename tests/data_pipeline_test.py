@@ -175,6 +175,22 @@ def test_centralized_is_the_union_of_clients(tmp_path):
   assert set(map(tuple, central.tolist())) <= per_client
 
 
+def test_only_client_trains_that_shard_alone_and_keeps_global_validation(tmp_path):
+  cfg = dict(source='jsonl', path=str(_corpus(tmp_path)), seq_len=8, batch_size=2)
+  everyone = build_federated_data(_cfg(**cfg), num_clients=3, seed=1)
+  solo = build_federated_data(_cfg(**cfg, only_client=2), num_clients=3, seed=1)
+  for a, b in zip(_take(everyone.client_iterator(2), 30), _take(solo.centralized_iterator(), 30)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(everyone.val_batches(4), solo.val_batches(4)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match=r'data.only_client=2 trains that client alone'):
+    solo.client_iterator(0)
+  with pytest.raises(ValueError, match=r'data.only_client=3 names no client of 3'):
+    build_federated_data(_cfg(**cfg, only_client=3), num_clients=3, seed=1)
+  with pytest.raises(ValueError, match=r'data.only_client must be a client id or -1'):
+    _cfg(**cfg, only_client=-2)
+
+
 def test_iterator_state_round_trips_mid_stream(tmp_path):
   data = build_federated_data(_cfg(source='jsonl', path=str(_corpus(tmp_path)), seq_len=8,
                                    batch_size=4), num_clients=2, seed=0)

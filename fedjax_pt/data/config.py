@@ -38,6 +38,7 @@ class DataConfig:
   max_documents: int = 0
   max_bad_lines: int = 0
   shuffle: bool = True
+  only_client: int = -1  # >= 0: mode=centralized trains client k's shard alone (a solo baseline)
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> 'DataConfig':
@@ -104,6 +105,8 @@ class DataConfig:
     _check(_is_int(self.max_bad_lines) and self.max_bad_lines >= 0,
            f'data.max_bad_lines must be >= 0, got {self.max_bad_lines!r}')
     _check(isinstance(self.shuffle, bool), f'data.shuffle must be a bool, got {self.shuffle!r}')
+    _check(_is_int(self.only_client) and self.only_client >= -1,
+           f'data.only_client must be a client id or -1 (off), got {self.only_client!r}')
 
 
 def _is_int(value: Any) -> bool:

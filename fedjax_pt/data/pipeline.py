@@ -25,7 +25,10 @@ class FederatedData:
 
   def __init__(self, tokenizer: Tokenizer, seq_len: int, batch_size: int,
                train_windows: list[np.ndarray], val_windows: list[np.ndarray], seed: int,
-               shuffle: bool = True):
+               shuffle: bool = True, only_client: int = -1):
+    if not -1 <= only_client < len(train_windows):
+      raise ValueError(f'data.only_client={only_client} names no client of '
+                       f'{len(train_windows)} (fl.num_clients); -1 turns it off')
     self.tokenizer = tokenizer
     self.num_clients = len(train_windows)
     self.seq_len = seq_len
@@ -34,6 +37,7 @@ class FederatedData:
     self._val = val_windows
     self._seed = seed
     self._shuffle = shuffle
+    self.only_client = only_client
 
   def client_num_tokens(self, k: int) -> int:
     """Training target tokens of client k: its windows times seq_len."""
@@ -41,14 +45,24 @@ class FederatedData:
 
   def client_iterator(self, k: int) -> grain.DatasetIterator:
     """Infinite [batch_size, seq_len + 1] int32 batches of client k, reshuffled every epoch."""
-    return self._iterator(self._train[self._check_client(k)], k)
+    k = self._check_client(k)
+    if self.only_client >= 0 and k != self.only_client:
+      # A federated run asks every client for its data: fail at once rather than silently
+      # ignoring a key that is meant for the centralized solo baseline.
+      raise ValueError(f'data.only_client={self.only_client} trains that client alone (with '
+                       'mode=centralized); a federated run needs every client: set it to -1')
+    return self._iterator(self._train[k], k)
 
   def centralized_iterator(self) -> grain.DatasetIterator:
     """The same over the union of all clients' training windows.
 
     It shuffles with client 0's seed, so with a single client it yields exactly the batches of
-    client_iterator(0) and a centralized run is comparable step for step.
+    client_iterator(0) and a centralized run is comparable step for step. With `only_client=k`
+    it yields exactly client_iterator(k): one client training alone on its own shard, while
+    validation stays the global set, so its curve overlays the federated run's.
     """
+    if self.only_client >= 0:
+      return self.client_iterator(self.only_client)
     return self._iterator(np.concatenate(self._train), 0)
 
   def val_batches(self, batch_size: int, max_batches: int = 0,
@@ -107,7 +121,8 @@ def build_federated_data(cfg: DataConfig, num_clients: int, seed: int) -> Federa
     logging.info('Client %d: %d train documents, %d tokens, %d windows; %d val documents, '
                  '%d tokens, %d windows', k, len(train_docs), len(train_stream), len(train[-1]),
                  len(val_docs), len(val_stream), len(val[-1]))
-  return FederatedData(tokenizer, cfg.seq_len, cfg.batch_size, train, val, seed, cfg.shuffle)
+  return FederatedData(tokenizer, cfg.seq_len, cfg.batch_size, train, val, seed, cfg.shuffle,
+                       cfg.only_client)
 
 
 def _check_sizes(k: int, cfg: DataConfig, num_docs: int, train_tokens: int, train_windows: int,

@@ -1,0 +1,104 @@
+"""A 2-round tiny federated and centralized run record every metric, and the plot command draws them."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import tiny
+from fedjax_pt import metrics
+from fedjax_pt import plot
+from fedjax_pt import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+COMMON_ROUND_KEYS = {'kind', 'round', 'tokens', 'val_loss', 'val_ppl', 'train_loss', 'train_ppl',
+                     'global_norm', 'bytes_sent', 'bytes_received', 'round_time_s',
+                     'tokens_per_s', 'lr', 'global_norm_per_module'}
+FEDERATED_ROUND_KEYS = COMMON_ROUND_KEYS | {
+    'clients', 'client_train_loss', 'client_val_loss', 'client_val_ppl', 'client_norm',
+    'mean_client_norm', 'client_delta_norm', 'client_grad_norm', 'client_update_norm',
+    'pseudo_grad_norm', 'outer_update_norm', 'outer_momentum_norm', 'client_download_bytes',
+    'client_upload_bytes', 'pseudo_grad_norm_per_module'}
+CENTRALIZED_ROUND_KEYS = COMMON_ROUND_KEYS | {'grad_norm', 'update_norm'}
+STEP_KEYS = {'kind', 'round', 'client', 'step', 'local_step', 'loss', 'grad_norm', 'update_norm',
+             'lr'}
+
+
+def _config(mode):
+  config = tiny.get_config()
+  config.mode = mode
+  config.model.d_model, config.model.num_heads = 32, 2
+  config.data.seq_len, config.data.batch_size = 32, 4
+  config.eval.max_batches, config.eval.per_client = 2, True
+  config.opt.warmup_steps, config.opt.schedule_steps = 1, 20
+  config.fl.num_clients = config.fl.clients_per_round = 2
+  config.fl.rounds, config.fl.local_steps = 2, 4
+  config.log.every_steps, config.log.per_layer_norms, config.log.progress = 2, True, False
+  return config
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('runs')
+  for mode in ('federated', 'centralized'):
+    train.run(_config(mode), str(root / mode))
+  return root
+
+
+def _records(workdir, kind):
+  return [r for r in metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+          if r['kind'] == kind]
+
+
+@pytest.mark.parametrize('mode, keys', [('federated', FEDERATED_ROUND_KEYS),
+                                        ('centralized', CENTRALIZED_ROUND_KEYS)])
+def test_round_records_hold_every_metric(runs, mode, keys):
+  rounds = _records(runs / mode, 'round')
+  assert [r['round'] for r in rounds] == [1, 2]
+  for record in rounds:
+    assert keys <= set(record), keys - set(record)
+  steps = _records(runs / mode, 'step')
+  assert [s['local_step'] for s in steps if s['round'] == 1][:2] == [2, 4]
+  for record in steps:
+    assert STEP_KEYS <= set(record)
+
+
+def test_federated_bytes_and_norms_are_consistent(runs):
+  rounds = _records(runs / 'federated', 'round')
+  model_bytes = rounds[0]['client_upload_bytes']['0']
+  assert model_bytes % 4 == 0  # float32 parameters
+  assert rounds[1]['bytes_sent'] == rounds[1]['bytes_received'] == 2 * 2 * model_bytes
+  for r in rounds:
+    assert set(r['client_val_ppl']) == {'0', '1'}
+    assert r['pseudo_grad_norm'] > 0 and r['outer_update_norm'] > 0
+    assert set(r['global_norm_per_module']) >= {'wte', 'wpe', 'block_0', 'norm_f'}
+  # Nesterov with mu = 0.9: after round 1 the momentum is the pseudo-gradient itself.
+  assert rounds[0]['outer_momentum_norm'] == pytest.approx(rounds[0]['pseudo_grad_norm'],
+                                                           rel=1e-5)
+
+
+def test_plot_command_writes_non_empty_pngs(runs, tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'fedjax_pt.plot', f'--workdir={runs / "federated"}',
+       f'--workdir={runs / "centralized"}', f'--out={tmp_path}'],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  for name in ('perplexity', 'norms', 'gradients'):
+    path = tmp_path / f'{name}.png'
+    assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and path.stat().st_size > 10_000
+
+
+def test_labels_come_from_configs(runs):
+  federated = plot.load_run(str(runs / 'federated'))
+  assert federated.label == 'nesterov lr=0.7 mu=0.9 K=2/2 tau=4 d32x2'
+  assert plot.load_run(str(runs / 'centralized')).label == 'centralized d32x2'
+
+
+def test_plot_of_a_directory_without_a_run_is_a_one_line_error(tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'fedjax_pt.plot', f'--workdir={tmp_path}'],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip() == (f'fedjax_pt.plot: error: {tmp_path}/metrics.jsonl not found: '
+                                   f'is --workdir={tmp_path} a fedjax_pt run?')
