@@ -23,6 +23,7 @@ setuptools.setup(
         'tokenizers>=0.20,<0.24',
         'tensorboardX>=2.6,<3',
         'matplotlib>=3.8,<4',
+        'PyYAML>=6,<7',
     ],
     extras_require={
         'cuda12': ['jax[cuda12]>=0.6,<0.11'],
@@ -34,6 +35,9 @@ setuptools.setup(
             'chex>=0.1.88,<0.2',
             'sentencepiece>=0.2,<0.3',
             'tensorflow-datasets>=4.9,<5',
+            'nbclient>=0.10,<0.12',
+            'nbformat>=5.10,<6',
+            'ipykernel>=6.29,<8',
         ],
     },
 )

@@ -10,32 +10,10 @@ lr 0.1 / momentum 0.9. Expected: the federated model's validation perplexity tra
 centralized baseline's after the first rounds (the paper's Figure 2).
 """
 
-from configs import base
+from configs import paper
 
 
 def get_config():
-  c = base.get_config()
-  c.model.vocab_size = 50368  # GPT-NeoX-20B's 50,277 tokens padded as in the paper's configs.
-  c.model.d_model = 768
-  c.model.num_layers = 12
-  c.model.num_heads = 12
-  c.model.dtype = 'bfloat16'
-
-  c.opt.lr = 0.0006
-  c.opt.warmup_steps = 100
-  c.opt.schedule_steps = 4800
-
-  c.fl.num_clients = 8
-  c.fl.clients_per_round = 8
-  c.fl.rounds = 10
-  c.fl.local_steps = 500
-  c.fl.outer_lr = 0.1
-  c.fl.outer_momentum = 0.9
-
-  c.data.source = 'jsonl'
-  c.data.seq_len = 2048
-  c.data.batch_size = 256
-  c.eval.batch_size = 32
-  c.eval.max_batches = 64
-  c.log.every_steps = 50
-  return c
+  return paper.paper_config(
+      d_model=768, num_layers=12, num_heads=12, seq_len=2048, batch_size=256, lr=6e-4,
+      warmup_steps=100, schedule_steps=4800, outer_lr=0.1)

@@ -10,32 +10,10 @@ lr 0.1 / momentum 0.9. Expected: the federated model's validation perplexity tra
 centralized baseline's after the first rounds (the paper's Figure 2).
 """
 
-from configs import base
+from configs import paper
 
 
 def get_config():
-  c = base.get_config()
-  c.model.vocab_size = 50368  # GPT-NeoX-20B's 50,277 tokens padded as in the paper's configs.
-  c.model.d_model = 896
-  c.model.num_layers = 3
-  c.model.num_heads = 16
-  c.model.dtype = 'bfloat16'
-
-  c.opt.lr = 0.0004
-  c.opt.warmup_steps = 1000
-  c.opt.schedule_steps = 88000
-
-  c.fl.num_clients = 8
-  c.fl.clients_per_round = 8
-  c.fl.rounds = 176
-  c.fl.local_steps = 500
-  c.fl.outer_lr = 0.1
-  c.fl.outer_momentum = 0.9
-
-  c.data.source = 'jsonl'
-  c.data.seq_len = 1024
-  c.data.batch_size = 512
-  c.eval.batch_size = 32
-  c.eval.max_batches = 64
-  c.log.every_steps = 50
-  return c
+  return paper.paper_config(
+      d_model=896, num_layers=3, num_heads=16, seq_len=1024, batch_size=512, lr=4e-4,
+      warmup_steps=1000, schedule_steps=88_000, outer_lr=0.1)

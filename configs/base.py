@@ -47,6 +47,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.fl.outer_b2 = 0.95  # only for outer_optimizer='adam'
   c.fl.reset_optimizer = True
   c.fl.weighting = 'tokens'  # 'tokens' (w_k ∝ n_k) | 'uniform'
+  # Client faults: a client that raises, returns NaN/Inf or reports after the deadline is left out.
+  c.fl.min_clients = 1  # fewest usable clients for the round to update the global model
+  c.fl.round_timeout_s = 0.0  # a client's deadline in seconds (0: none)
+  c.fl.on_too_few_clients = 'retry'  # 'retry' (resample, up to max_round_retries) | 'skip'
+  c.fl.max_round_retries = 2
+  c.fl.fault = ml_collections.ConfigDict()  # seeded fault injection, for testing robustness
+  c.fl.fault.failure_prob = 0.0  # a sampled client crashes
+  c.fl.fault.nan_prob = 0.0  # a sampled client returns NaN parameters
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'builtin'  # 'builtin' | 'jsonl' | 'text' | 'tfds'
@@ -67,6 +75,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_bad_lines = 0
   c.data.shuffle = True
   c.data.only_client = -1  # k >= 0 with mode=centralized: client k trains alone on its shard
+
+  # Local training on the devices of this host (fedjax_pt/sharding.py): a mesh of
+  # clients x data x fsdp devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.clients = 1  # P clients train at once, each on its own data x fsdp devices
+  c.mesh.data = 1  # data-parallel replicas within a client (parameters replicated)
+  c.mesh.fsdp = -1  # parameter-sharded devices within a client; -1: the remaining devices
+  # (logical axis, mesh axes) pairs; default: batch over data x fsdp, matrices split along d_model.
+  c.mesh.rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('vocab', None), ('pos', None),
+                  ('heads', None), ('mlp', None), ('norm', None))
+  c.mesh.offload_optimizer = False  # keep Adam's moments in pinned host memory between steps
+
+  c.ckpt = ml_collections.ConfigDict()
+  c.ckpt.every_rounds = 1  # 0: never (the last round is always saved otherwise)
+  c.ckpt.keep = 3
+  c.ckpt.restore = True  # resume from <workdir>/checkpoints; False refuses to reuse a workdir
+  c.ckpt.async_save = True  # write checkpoint files while the next round trains
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 16

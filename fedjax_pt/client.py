@@ -1,10 +1,11 @@
 """Local training: the AdamW train step and a client's round of tau local steps.
 
 The train step is pure and built once per run (`make_train_step`), so every client of every round
-reuses one compiled executable. `client_update` drives it over a client's batches.
+reuses one compiled executable. `client_update` drives it over a client's batches. `Trainer` does
+the same on a device mesh (`fedjax_pt.sharding`), `mesh.clients` clients at a time.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 from typing import Any
 
@@ -16,6 +17,7 @@ import optax
 
 from fedjax_pt import model as model_lib
 from fedjax_pt import optimizers
+from fedjax_pt import sharding
 
 
 class LocalState(flax.struct.PyTreeNode):
@@ -51,7 +53,9 @@ def _loss_and_grad(loss_fn, params, batch_BxL1: jax.Array, micro_batch_size: int
   if not micro_batch_size or micro_batch_size == batch_size:
     return jax.value_and_grad(loss_fn)(params, batch_BxL1)
   num_micro = batch_size // micro_batch_size
-  micro_batches = batch_BxL1.reshape(num_micro, micro_batch_size, -1)
+  # Micro-batch i takes every num_micro-th sequence: a batch split over devices (in contiguous
+  # blocks) then splits every micro-batch the same way, and accumulating moves no tokens.
+  micro_batches = batch_BxL1.reshape(micro_batch_size, num_micro, -1).swapaxes(0, 1)
 
   def accumulate(carry, micro_batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, micro_batch)
@@ -62,9 +66,26 @@ def _loss_and_grad(loss_fn, params, batch_BxL1: jax.Array, micro_batch_size: int
   return jax.tree.map(lambda x: x / num_micro, (loss, grads))
 
 
+def state_shardings(model_cfg: model_lib.ModelConfig, opt_cfg: optimizers.OptConfig,
+                    layout: sharding.Layout, *, stacked: bool) -> LocalState:
+  """Where a LocalState lives: parameters and Adam moments split by the rules (the moments on
+  host memory with mesh.offload_optimizer), the step replicated."""
+  params = layout.params(model_cfg, stacked=stacked)
+  shapes = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
+  opt_state = sharding.optimizer_shardings(
+      optimizers.local_optimizer(opt_cfg), shapes, params, layout.replicated(stacked=stacked),
+      host=layout.cfg.offload_optimizer)
+  return LocalState(params, opt_state, layout.replicated(stacked=stacked))
+
+
 def make_train_step(model_cfg: model_lib.ModelConfig, opt_cfg: optimizers.OptConfig,
-                    micro_batch_size: int = 0):
-  """Returns a jitted `train_step(state, batch) -> (state, metrics)` that donates `state`."""
+                    micro_batch_size: int = 0, layout: sharding.Layout | None = None):
+  """Returns a jitted `train_step(state, batch) -> (state, metrics)` that donates `state`.
+
+  Without a layout the arrays stay where they are (one device). With one, the step is jitted with
+  the layout's in/out shardings; when it trains P = layout.clients > 1 clients at once, `state` and
+  `batch` carry a leading client axis [P, ...] (see `Trainer`) and the metrics are [P] vectors.
+  """
   loss_fn = make_loss_fn(model_cfg)
   tx = optimizers.local_optimizer(opt_cfg)
   schedule = optimizers.lr_schedule(opt_cfg)
@@ -83,7 +104,24 @@ def make_train_step(model_cfg: model_lib.ModelConfig, opt_cfg: optimizers.OptCon
     }
     return LocalState(params, opt_state, state.step + 1), metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  if layout is None:
+    return jax.jit(train_step, donate_argnums=0)
+  shardings = state_shardings(model_cfg, opt_cfg, layout, stacked=layout.stacked)
+  # One program for P clients: vmap adds the client axis to every array and, through
+  # spmd_axis_name, to the model's sharding constraints, so each client stays on its device group.
+  step_fn = jax.vmap(train_step, spmd_axis_name='clients') if layout.stacked else train_step
+  on_device = jax.tree.map(lambda s: s.with_memory_kind('device'), shardings.opt_state)
+
+  def sharded_step(state: LocalState, batch_BxL1: jax.Array):
+    if layout.cfg.offload_optimizer:
+      # The moments wait in host memory between steps and visit the device for the update only.
+      state = state.replace(opt_state=jax.device_put(state.opt_state, on_device))
+    with layout.activate():
+      return step_fn(state, batch_BxL1)
+
+  return jax.jit(sharded_step, in_shardings=(shardings, layout.batch(stacked=layout.stacked)),
+                 out_shardings=(shardings, layout.replicated(stacked=layout.stacked)),
+                 donate_argnums=0)
 
 
 def init_local_state(params, opt_cfg: optimizers.OptConfig, step: int) -> LocalState:
@@ -110,25 +148,113 @@ def client_update(train_step, state: LocalState, batches: Iterator[np.ndarray], 
                   log_every: int = 0, on_step: Callable[[int], None] | None = None
                   ) -> ClientResult:
   """Runs `num_steps` local steps; reads device values only at logging steps (no per-step sync)."""
+  state, steps = _local_steps(train_step, state, lambda: next(batches), num_steps, log_every,
+                              on_step)
+  return steps.result(state)
+
+
+@dataclasses.dataclass
+class _Steps:
+  """What the loop of local steps saw, for one client or (as [P] vectors) for P at once."""
+  means: dict[str, Any]
+  last_loss: Any
+  num_tokens: int  # per client
+  logged: list[tuple[int, dict[str, Any]]]  # (local step, metrics) at logging steps
+
+  def result(self, state: LocalState, client: int | None = None) -> ClientResult:
+    pick = float if client is None else (lambda v: float(v[client]))
+    return ClientResult(
+        state=state,
+        mean_loss=pick(self.means['loss']),
+        last_loss=pick(self.last_loss),
+        mean_grad_norm=pick(self.means['grad_norm']),
+        mean_update_norm=pick(self.means['update_norm']),
+        num_tokens=self.num_tokens,
+        step_metrics=[{'local_step': t, **{k: pick(v) for k, v in m.items()}}
+                      for t, m in self.logged],
+    )
+
+
+def _local_steps(train_step, state, next_batch: Callable[[], np.ndarray], num_steps: int,
+                 log_every: int, on_step: Callable[[int], None] | None, clients: int = 1):
   sums = {k: jnp.zeros((), jnp.float32) for k in _AVERAGED}
-  step_metrics, num_tokens, metrics = [], 0, None
+  logged, num_tokens, metrics = [], 0, None
   for t in range(num_steps):
-    batch = next(batches)
-    num_tokens += batch.shape[0] * (batch.shape[1] - 1)
+    batch = next_batch()
+    num_tokens += batch.shape[-2] * (batch.shape[-1] - 1)
     state, metrics = train_step(state, batch)
     sums = {k: sums[k] + metrics[k] for k in _AVERAGED}
     if log_every and ((t + 1) % log_every == 0 or t + 1 == num_steps):
-      step_metrics.append({'local_step': t + 1,
-                           **{k: float(v) for k, v in jax.device_get(metrics).items()}})
-    if on_step is not None:
+      logged.append((t + 1, jax.device_get(metrics)))
+    for _ in range(clients if on_step is not None else 0):
       on_step(t + 1)
-  means = {k: float(v) / max(num_steps, 1) for k, v in jax.device_get(sums).items()}
-  return ClientResult(
-      state=state,
-      mean_loss=means['loss'],
-      last_loss=float(metrics['loss']) if metrics is not None else float('nan'),
-      mean_grad_norm=means['grad_norm'],
-      mean_update_norm=means['update_norm'],
-      num_tokens=num_tokens,
-      step_metrics=step_metrics,
-  )
+  means = {k: np.asarray(v) / max(num_steps, 1) for k, v in jax.device_get(sums).items()}
+  last_loss = (np.asarray(metrics['loss']) if metrics is not None else
+               np.full(() if clients == 1 else clients, np.nan))
+  return state, _Steps(means, last_loss, num_tokens, logged)
+
+
+class Trainer:
+  """Local training on the mesh of `layout`, built once per run.
+
+  `train` runs a group of `parallel` = layout.clients clients from the global parameters. With
+  P > 1 their states and batches are stacked along a leading client axis split over the mesh's
+  'clients' axis: the P clients train at the same time, each on its own device group, in one
+  program, and give the same results as training them one after another.
+  """
+
+  def __init__(self, model_cfg: model_lib.ModelConfig, opt_cfg: optimizers.OptConfig,
+               layout: sharding.Layout, micro_batch_size: int = 0):
+    self.parallel = layout.clients
+    self.train_step = make_train_step(model_cfg, opt_cfg, micro_batch_size, layout)
+    tx = optimizers.local_optimizer(opt_cfg)
+    one = state_shardings(model_cfg, opt_cfg, layout, stacked=False)
+    group = state_shardings(model_cfg, opt_cfg, layout, stacked=layout.stacked)
+    parallel = self.parallel
+
+    def place(params, step, opt_states):
+      # Copies: the train step donates its state, and the global parameters (and a client's kept
+      # Adam state, should its round fail) must survive it.
+      if parallel == 1:
+        params = jax.tree.map(jnp.copy, params)
+        opt_state = tx.init(params) if opt_states is None else jax.tree.map(jnp.copy,
+                                                                            opt_states[0])
+        return LocalState(params, opt_state, jnp.asarray(step, jnp.int32))
+      params_P = jax.tree.map(lambda p: jnp.broadcast_to(p, (parallel, *p.shape)), params)
+      opt_state_P = (jax.vmap(tx.init)(params_P) if opt_states is None else
+                     jax.tree.map(lambda *xs: jnp.stack(xs), *opt_states))
+      return LocalState(params_P, opt_state_P, jnp.full((parallel,), step, jnp.int32))
+
+    self._place = jax.jit(place, out_shardings=group)
+    self._init_opt = jax.jit(tx.init, out_shardings=one.opt_state)
+    self._opt_shardings = one.opt_state
+    self._unstack = jax.jit(lambda state: [jax.tree.map(lambda x: x[i], state)
+                                           for i in range(parallel)], out_shardings=[one] * parallel)
+
+  def init(self, params, step: int, opt_states: Sequence[Any | None] | None = None) -> LocalState:
+    """The state of a group starting from `params` at global step `step`: fresh Adam moments, or
+    the clients' own where `opt_states` has them (fl.reset_optimizer=False)."""
+    if opt_states is not None and all(s is None for s in opt_states):
+      opt_states = None
+    if opt_states is not None:
+      # Kept states may come from anywhere (a checkpoint restores them to one device): move them.
+      opt_states = [self._init_opt(params) if s is None else
+                    jax.device_put(s, self._opt_shardings) for s in opt_states]
+    return self._place(params, step, opt_states)
+
+  def train(self, params, step: int, batches: Sequence[Iterator[np.ndarray]],
+            opt_states: Sequence[Any | None] | None, num_steps: int, log_every: int = 0,
+            on_step: Callable[[int], None] | None = None) -> list[ClientResult]:
+    """`num_steps` local steps of `parallel` clients (one batch iterator each) from `params`.
+
+    `on_step` is called once per client and step. Each result holds its client's own state.
+    """
+    if len(batches) != self.parallel:
+      raise ValueError(f'a group has mesh.clients={self.parallel} clients, got {len(batches)}')
+    state = self.init(params, step, opt_states)
+    if self.parallel == 1:
+      return [client_update(self.train_step, state, batches[0], num_steps, log_every, on_step)]
+    state, steps = _local_steps(self.train_step, state,
+                                lambda: np.stack([next(b) for b in batches]), num_steps,
+                                log_every, on_step, clients=self.parallel)
+    return [steps.result(s, i) for i, s in enumerate(self._unstack(state))]

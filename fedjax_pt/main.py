@@ -7,6 +7,7 @@ With no flags it trains the tiny config on the built-in offline corpus, on CPU, 
 """
 
 import datetime
+import logging as std_logging
 import os
 import pathlib
 import re
@@ -70,7 +71,13 @@ def _default_workdir(config_path: str) -> str:
   return os.path.join('runs', f'{pathlib.Path(config_path).stem}-{stamp}')
 
 
+def _quiet_orbax(record) -> bool:
+  # orbax logs every step of every save at INFO; keep its warnings, drop the chatter.
+  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_quiet_orbax)
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   workdir = _WORKDIR.value or _default_workdir(config_flags.get_config_filename(flags.FLAGS['config']))

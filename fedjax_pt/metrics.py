@@ -128,6 +128,10 @@ class MetricWriter:
         self._tb.add_scalar(f'step/{key}/client_{record["client"]}', float(record[key]),
                             record['step'])
 
+  def tell(self) -> int:
+    """Bytes of metrics.jsonl written so far: where a resumed run cuts the file back to."""
+    return self._file.tell()
+
   def close(self) -> None:
     self._file.close()
     if self._tb is not None:

@@ -18,6 +18,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+# The residual stream stays split over the batch (the 'batch' rule of `fedjax_pt.sharding`), so
+# sharded parameters are all-gathered where used instead of activations being resharded. Without
+# rules in context (one device, or `sharding.Layout.activate` not entered) these are no-ops.
+_ACTIVATION_AXES = ('batch', None, None)
+
 _REMAT_POLICIES = {
     'full': None,
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -173,13 +178,16 @@ class Decoder(nn.Module):
     if cfg.position_embedding == 'learned':
       wpe = self.param('wpe', _init(cfg.init_std, ('pos', 'embed')), (cfg.max_seq_len, cfg.d_model))
       x_BxLxD = x_BxLxD + wpe[:tokens_BxL.shape[1]].astype(cfg.compute_dtype)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, _ACTIVATION_AXES)
     block = Block
     if cfg.remat != 'none':
       block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
     for i in range(cfg.num_layers):
-      x_BxLxD = block(cfg, name=f'block_{i}')(x_BxLxD)
+      x_BxLxD = nn.with_logical_constraint(block(cfg, name=f'block_{i}')(x_BxLxD),
+                                           _ACTIVATION_AXES)
     x_BxLxD = _layer_norm(cfg, 'norm_f')(x_BxLxD)
-    return embed.attend(x_BxLxD).astype(jnp.float32)
+    logits_BxLxV = embed.attend(x_BxLxD).astype(jnp.float32)
+    return nn.with_logical_constraint(logits_BxLxV, ('batch', None, 'vocab'))
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:

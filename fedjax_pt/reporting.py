@@ -36,13 +36,19 @@ class Progress:
 
 
 def round_line(record: dict[str, Any], rounds: int) -> str:
-  val = (f"val_loss {record['val_loss']:.4f} | val_ppl {record['val_ppl']:.2f}"
-         if record.get('val_loss') is not None else 'val skipped')
-  line = (f"round {record['round']}/{rounds} | {val} | train_loss {record['train_loss']:.4f} | "
+  def value(key, fmt):
+    return 'n/a' if record.get(key) is None else format(record[key], fmt)
+
+  line = (f"round {record['round']}/{rounds} | val_loss {value('val_loss', '.4f')} | "
+          f"val_ppl {value('val_ppl', '.2f')} | train_loss {value('train_loss', '.4f')} | "
           f"tokens {format_tokens(record['tokens'])} | {record['round_time_s']:.1f}s "
           f"({format_tokens(record['tokens_per_s'])} tok/s)")
-  if 'pseudo_grad_norm' in record:
+  if record.get('pseudo_grad_norm') is not None:
     line += f" | |Δ| {record['pseudo_grad_norm']:.3g}"
+  if record.get('failed_clients'):
+    line += f" | {len(record['failed_clients'])} client faults"
+  if record.get('skipped'):
+    line += ' | SKIPPED (too few clients)'
   return line
 
 

@@ -214,7 +214,10 @@ def test_val_batches(tmp_path):
   assert all(b.dtype == np.int32 and b.shape[1] == 5 for b in batches)
   assert [len(b) for b in batches] == [7] * (len(everything) // 7) + (
       [len(everything) % 7] if len(everything) % 7 else [])
-  np.testing.assert_array_equal(np.concatenate(batches), everything)
+  # The same windows, interleaved client by client: any prefix covers every client.
+  assert sorted(map(tuple, np.concatenate(batches))) == sorted(map(tuple, everything))
+  first = np.concatenate(batches)[:3]
+  np.testing.assert_array_equal(first, np.stack([p[0] for p in per_client]))
   assert len(data.val_batches(7, max_batches=2)) == 2
   np.testing.assert_array_equal(data.val_batches(7)[0], batches[0])
   with pytest.raises(ValueError, match=r'client must be in \[0, 3\)'):

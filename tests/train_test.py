@@ -83,13 +83,6 @@ def test_one_client_fedavg_without_reset_equals_centralized(tmp_path):
   assert not all(jax.tree.leaves(jax.tree.map(np.allclose, reset, centralized)))
 
 
-def test_refuses_to_overwrite_a_run(tmp_path):
-  config = _config(fl__rounds=1)
-  train.run(config, str(tmp_path))
-  with pytest.raises(FileExistsError, match='already holds a run'):
-    train.run(config, str(tmp_path))
-
-
 @pytest.mark.parametrize('flags, message', [
     (['--config.fl.outer_lrr=0.7'], 'unknown config key among --config.fl.outer_lrr'),
     (['--config.fl.rounds=abc'], 'flag --config.fl.rounds=abc'),

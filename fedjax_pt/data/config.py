@@ -29,7 +29,6 @@ class DataConfig:
   seq_len: int = 128
   batch_size: int = 16
   micro_batch_size: int = 0  # for the client's gradient accumulation; batches stay batch_size
-  micro_batch_size: int = 0
   partition: str = 'iid'
   partition_key: str = 'url_domain'
   dirichlet_alpha: float = 1.0
@@ -81,10 +80,6 @@ class DataConfig:
            (not self.micro_batch_size or self.batch_size % self.micro_batch_size == 0),
            f'data.batch_size={self.batch_size} is not divisible by '
            f'data.micro_batch_size={self.micro_batch_size} (0 = no gradient accumulation)')
-    _check(_is_int(self.micro_batch_size) and self.micro_batch_size >= 0 and
-           (self.micro_batch_size == 0 or self.batch_size % self.micro_batch_size == 0),
-           f'data.micro_batch_size must be 0 (off) or divide data.batch_size={self.batch_size}, '
-           f'got {self.micro_batch_size!r}')
     _check(self.partition in PARTITIONS,
            f'data.partition must be one of {PARTITIONS}, got {self.partition!r}')
     _check(self.partition != 'by_source' or self.source in ('jsonl', 'text'),

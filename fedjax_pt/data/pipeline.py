@@ -69,13 +69,14 @@ class FederatedData:
                   client: int | None = None) -> list[np.ndarray]:
     """Validation windows in fixed order, batched; the last batch may be smaller.
 
-    client=None is the global set (every client's held-out windows, client by client); 0 batches
+    client=None is the global set: every client's held-out windows, interleaved client by client
+    so that a truncated set (max_batches) still covers every client's distribution. 0 batches
     means all of them.
     """
     if batch_size < 1 or max_batches < 0:
       raise ValueError(f'batch_size must be >= 1 and max_batches >= 0, got {batch_size}, '
                        f'{max_batches}')
-    wins = np.concatenate(self._val) if client is None else self._val[self._check_client(client)]
+    wins = _interleave(self._val) if client is None else self._val[self._check_client(client)]
     stops = range(0, len(wins), batch_size)
     if max_batches:
       stops = stops[:max_batches]
@@ -95,6 +96,12 @@ class FederatedData:
     if not 0 <= k < self.num_clients:
       raise ValueError(f'client must be in [0, {self.num_clients}), got {k}')
     return k
+
+
+def _interleave(parts: list[np.ndarray]) -> np.ndarray:
+  """Rows of `parts` in round-robin order: part 0 row 0, part 1 row 0, ..., part 0 row 1, ..."""
+  longest = max(len(p) for p in parts)
+  return np.stack([p[i] for i in range(longest) for p in parts if i < len(p)])
 
 
 def build_federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedData:

@@ -1,0 +1,245 @@
+r"""Tables and figure of the small-scale study (experiments/study.yaml) from its sweep root.
+
+  python experiments/study_report.py --root=runs/study --out=experiments/results
+
+Writes OUT/study.csv and OUT/study.md (every run: final and best validation perplexity, gap to the
+centralized baseline of the same size, tokens, bytes communicated, time; then where the federated
+curve crosses the solo client's and the centralized curves) and OUT/study.png (validation
+perplexity against local steps, i.e. a client's wall-clock, for the three comparisons).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+import matplotlib  # pylint: disable=wrong-import-position
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+from matplotlib import ticker  # pylint: disable=wrong-import-position
+
+from experiments import sweep  # pylint: disable=wrong-import-position
+from fedjax_pt import model as model_lib  # pylint: disable=wrong-import-position
+from fedjax_pt import plot  # pylint: disable=wrong-import-position
+
+SIZES = (32, 64, 128)
+VARIANTS = ('nesterov', 'centralized', 'solo', 'fedavg', 'tau10', 'tau200', 'kept_opt')
+
+
+def load(root: str, spec_path: str) -> dict[tuple[int, str], plot.Run]:
+  """{(d_model, variant): run} of every study run that has logged a round."""
+  runs = {}
+  for spec_run in sweep.expand(sweep.load_spec(spec_path)):
+    workdir = os.path.join(root, spec_run.name)
+    if not sweep.read_rounds(workdir):
+      continue
+    run = plot.load_run(workdir, label=spec_run.name)
+    variant = spec_run.name.split(',')[-1]
+    runs[(run.config['model']['d_model'], variant)] = run
+  return runs
+
+
+def steps_of(run: plot.Run) -> list[tuple[int, float]]:
+  """(local steps per client, val_ppl) of every evaluated round."""
+  tau = run.config['fl']['local_steps']
+  return [(r['round'] * tau, r['val_ppl']) for r in run.rounds
+          if isinstance(r.get('val_ppl'), (int, float)) and math.isfinite(r['val_ppl'])]
+
+
+def crossing(fed: plot.Run, other: plot.Run) -> str:
+  """Where the federated curve is below `other`'s, at the steps both evaluated."""
+  a, b = dict(steps_of(fed)), dict(steps_of(other))
+  common = sorted(set(a) & set(b))
+  if not common:
+    return 'no common evaluation'
+  return describe_crossing(common, [a[s] < b[s] for s in common],
+                           a[common[-1]] / b[common[-1]] - 1)
+
+
+def describe_crossing(steps: Sequence[int], below: Sequence[bool], last_gap: float) -> str:
+  if all(below):
+    return f'below at every evaluation (from step {steps[0]}; last {last_gap:+.1%})'
+  if not any(below):
+    return f'above at every evaluation, up to step {steps[-1]} (last {last_gap:+.1%})'
+  if below[-1]:
+    i = max(j for j, x in enumerate(below) if not x)
+    return f'crosses below between steps {steps[i]} and {steps[i + 1]} and stays below'
+  i = max(j for j, x in enumerate(below) if x)
+  at = ', '.join(str(s) for s, x in zip(steps, below) if x)
+  return f'below at step {at} only, above from step {steps[i + 1]} on (last {last_gap:+.1%})'
+
+
+def params_of(run: plot.Run) -> int | None:
+  try:
+    return model_lib.param_count(model_lib.ModelConfig(**run.config['model']))
+  except (TypeError, ValueError, KeyError):  # a config.json of another version
+    return None
+
+
+def relative_gap(run: plot.Run, other: plot.Run | None) -> float | None:
+  """run's val_ppl over other's, minus 1, at run's last evaluated step (if other evaluated it)."""
+  if other is None or other is run:
+    return None
+  mine, theirs = steps_of(run), dict(steps_of(other))
+  if not mine or mine[-1][0] not in theirs:
+    return None
+  return mine[-1][1] / theirs[mine[-1][0]] - 1
+
+
+def rows(runs: Mapping[tuple[int, str], plot.Run], root: str) -> list[dict[str, Any]]:
+  out = []
+  for (d, variant), run in sorted(runs.items(), key=lambda kv: (kv[0][0],
+                                                                 VARIANTS.index(kv[0][1]))):
+    summary = sweep.summarize(sweep.Run(os.path.basename(run.workdir), '', {}, {}),
+                              os.path.join(root, os.path.basename(run.workdir)))
+    fl = run.config['fl']
+    federated = run.config['mode'] == 'federated'
+    sent = (summary['bytes_sent'] or 0) + (summary['bytes_received'] or 0)
+    out.append({
+        'run': os.path.basename(run.workdir),
+        'd_model': d,
+        'params': params_of(run),
+        'variant': variant,
+        'tau': fl['local_steps'] if federated else '',
+        'rounds': f"{summary['rounds']}/{summary['rounds_total']}",
+        'local_steps': (summary['rounds'] or 0) * fl['local_steps'],
+        'tokens': summary['tokens'],
+        'final_val_ppl': summary['final_val_ppl'],
+        'best_val_ppl': summary['best_val_ppl'],
+        'vs_centralized': relative_gap(run, runs.get((d, 'centralized'))),
+        'vs_solo': relative_gap(run, runs.get((d, 'solo'))),
+        'comm_MB': sent / 1e6 if federated else None,
+        # A data-parallel run of the same clients would exchange the model (or its gradient)
+        # every local step: tau times as often.
+        'comm_MB_if_synced_every_step': sent * fl['local_steps'] / 1e6 if federated else None,
+        'wall_s': summary['wall_s'],
+        'status': summary['status'],
+    })
+  return out
+
+
+def crossings(runs: Mapping[tuple[int, str], plot.Run]) -> list[dict[str, str]]:
+  out = []
+  for (d, variant), run in sorted(runs.items(), key=lambda kv: (kv[0][0],
+                                                                 VARIANTS.index(kv[0][1]))):
+    if run.config['mode'] != 'federated':
+      continue
+    for other in ('solo', 'centralized'):
+      if (d, other) in runs:
+        out.append({'federated run': os.path.basename(run.workdir),
+                    'against': os.path.basename(runs[(d, other)].workdir),
+                    'federated curve': crossing(run, runs[(d, other)])})
+  return out
+
+
+def _fmt(value: Any, spec: str = '') -> str:
+  if value is None or value == '':
+    return ''
+  if isinstance(value, float) and not math.isfinite(value):
+    return ''
+  return format(value, spec)
+
+
+def write_tables(table: Sequence[Mapping[str, Any]], cross: Sequence[Mapping[str, str]],
+                 out: str) -> tuple[str, str]:
+  os.makedirs(out, exist_ok=True)
+  csv_path, md_path = os.path.join(out, 'study.csv'), os.path.join(out, 'study.md')
+  with open(csv_path, 'w', encoding='utf-8', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(table[0]))
+    writer.writeheader()
+    for row in table:
+      writer.writerow({k: '' if v is None else v for k, v in row.items()})
+  lines = ['| run | params | τ | rounds | tokens | final val ppl | best val ppl | vs centralized '
+           '| vs solo | MB communicated | MB if synced every step | wall time |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for r in table:
+    lines.append(
+        f"| `{r['run']}` | {_fmt(r['params'] and r['params'] / 1e3, '.0f')}k | {r['tau']} | "
+        f"{r['rounds']} | "
+        f"{_fmt(r['tokens'] and r['tokens'] / 1e6, '.2f')}M | {_fmt(r['final_val_ppl'], '.2f')} | "
+        f"{_fmt(r['best_val_ppl'], '.2f')} | {_fmt(r['vs_centralized'], '+.1%')} | "
+        f"{_fmt(r['vs_solo'], '+.1%')} | "
+        f"{_fmt(r['comm_MB'], '.1f')} | {_fmt(r['comm_MB_if_synced_every_step'], ',.0f')} | "
+        f"{_fmt(r['wall_s'] and r['wall_s'] / 60, '.1f')} min |")
+  lines += ['', '| federated run | against | federated curve |', '|---|---|---|']
+  lines += [f"| `{c['federated run']}` | `{c['against']}` | {c['federated curve']} |"
+            for c in cross]
+  with open(md_path, 'w', encoding='utf-8') as f:
+    f.write('\n'.join(lines) + '\n')
+  return csv_path, md_path
+
+
+def figure(runs: Mapping[tuple[int, str], plot.Run], path: str) -> str:
+  fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+  styles = {'nesterov': ('o-', 'C0'), 'fedavg': ('^-', 'C3'), 'centralized': ('s--', 'k'),
+            'solo': ('d:', 'C2'), 'tau10': ('.-', 'C1'), 'tau200': ('v-', 'C4'),
+            'kept_opt': ('x-', 'C5')}
+  labels = {'nesterov': 'federated, Nesterov 0.7/0.9, τ=50', 'fedavg': 'FedAvg (lr 1, μ 0), τ=50',
+            'centralized': 'centralized, batch 8×8 (equal tokens)',
+            'solo': 'client 0 alone on its shard', 'tau10': 'Nesterov, τ=10',
+            'tau200': 'Nesterov, τ=200', 'kept_opt': 'Nesterov, τ=50, Adam state kept'}
+
+  def draw(ax, d, variant, style=None, color=None, label=None):
+    run = runs.get((d, variant))
+    if run is None:
+      return
+    xy = steps_of(run)
+    ax.plot([x for x, _ in xy], [y for _, y in xy], style or styles[variant][0],
+            color=color or styles[variant][1], label=label or labels[variant], lw=1.5, ms=4)
+
+  for variant in ('nesterov', 'fedavg', 'centralized', 'solo'):
+    draw(axes[0], 64, variant)
+  axes[0].set_title('d_model 64: federated vs baselines')
+  for variant in ('nesterov', 'tau10', 'tau200', 'kept_opt', 'centralized'):
+    draw(axes[1], 64, variant)
+  axes[1].set_title('d_model 64: local steps τ and optimizer reset')
+  for i, d in enumerate(SIZES):
+    for variant, style in (('nesterov', 'o-'), ('centralized', 's--'), ('solo', 'd:')):
+      draw(axes[2], d, variant, style, f'C{i}', f'd_model {d}: {variant}')
+  axes[2].set_title('model sizes: federated (o), centralized (s), solo (d)')
+  for ax in axes:
+    ax.set_xlabel('local steps per client (= rounds × τ)')
+    ax.set_ylabel('validation perplexity (bytes)')
+    ax.set_yscale('log')
+    ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ticker.ScalarFormatter())
+    ax.grid(True, which='both', alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=75)
+  plt.close(fig)
+  return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--root', required=True, help='the study\'s sweep root')
+  parser.add_argument('--spec', default=os.path.join(REPO, 'experiments', 'study.yaml'))
+  parser.add_argument('--out', default=os.path.join(REPO, 'experiments', 'results'))
+  args = parser.parse_args(argv)
+  runs = load(args.root, args.spec)
+  if not runs:
+    print(f'study_report: error: no run of {args.spec} under {args.root}', file=sys.stderr)
+    return 2
+  table, cross = rows(runs, args.root), crossings(runs)
+  paths = [*write_tables(table, cross, args.out), figure(runs, os.path.join(args.out,
+                                                                            'study.png'))]
+  with open(paths[1], encoding='utf-8') as f:
+    print(f.read())
+  print('\n'.join(paths))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

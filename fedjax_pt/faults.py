@@ -1,0 +1,77 @@
+"""Client faults: what the server tolerates, and seeded fault injection to test that it does.
+
+A sampled client can fail three ways: it raises (crash, lost connection), it returns non-finite
+parameters (divergence, corruption), or it reports after `fl.round_timeout_s`. Such a client is left
+out of the round's average. Injected faults are a pure function of (seed, round, client, attempt), so
+a resumed run meets exactly the faults an uninterrupted one did.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+
+class InjectedFailure(RuntimeError):
+  """A client crash simulated by `fl.fault.failure_prob`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultConfig:
+  min_clients: int = 1
+  round_timeout_s: float = 0.0
+  on_too_few_clients: str = 'retry'
+  max_round_retries: int = 2
+  failure_prob: float = 0.0
+  nan_prob: float = 0.0
+
+  def __post_init__(self):
+    if self.min_clients <= 0:
+      raise ValueError(f'fl.min_clients must be positive, got {self.min_clients}')
+    if self.round_timeout_s < 0:
+      raise ValueError(f'fl.round_timeout_s must be >= 0 (0 = no deadline), got '
+                       f'{self.round_timeout_s}')
+    if self.on_too_few_clients not in ('retry', 'skip'):
+      raise ValueError("fl.on_too_few_clients must be 'retry' or 'skip', got "
+                       f'{self.on_too_few_clients!r}')
+    if self.max_round_retries < 0:
+      raise ValueError(f'fl.max_round_retries must be >= 0, got {self.max_round_retries}')
+    for name in ('failure_prob', 'nan_prob'):
+      if not 0 <= getattr(self, name) <= 1:
+        raise ValueError(f'fl.fault.{name} must be in [0, 1], got {getattr(self, name)}')
+
+  @classmethod
+  def from_config(cls, fl: ml_collections.ConfigDict) -> 'FaultConfig':
+    cfg = cls(min_clients=fl.min_clients, round_timeout_s=float(fl.round_timeout_s),
+              on_too_few_clients=fl.on_too_few_clients, max_round_retries=fl.max_round_retries,
+              failure_prob=float(fl.fault.failure_prob), nan_prob=float(fl.fault.nan_prob))
+    if cfg.min_clients > fl.clients_per_round:
+      raise ValueError(f'fl.min_clients={cfg.min_clients} exceeds '
+                       f'fl.clients_per_round={fl.clients_per_round}')
+    return cfg
+
+
+def injected_fault(cfg: FaultConfig, seed: int, round_idx: int, client: int,
+                   attempt: int) -> str | None:
+  """'fail', 'nan' or None for this client in this round, reproducibly."""
+  if not cfg.failure_prob and not cfg.nan_prob:
+    return None
+  # A stream of its own (the trailing 7) so faults never shift client sampling or data order.
+  draw = np.random.default_rng([seed, round_idx, client, attempt, 7]).random()
+  if draw < cfg.failure_prob:
+    return 'fail'
+  if draw < cfg.failure_prob + cfg.nan_prob:
+    return 'nan'
+  return None
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def poisoned(tree):
+  """The parameters of a diverged client: every value NaN."""
+  return jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), tree)

@@ -1,0 +1,58 @@
+"""The typed, validated view of a whole config, built before any data is read or code compiled."""
+
+import dataclasses
+
+import ml_collections
+
+from fedjax_pt import checkpoint as checkpoint_lib
+from fedjax_pt import data as data_lib
+from fedjax_pt import faults
+from fedjax_pt import optimizers
+from fedjax_pt import server as server_lib
+from fedjax_pt import sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  mode: str
+  seed: int
+  fl: server_lib.FLConfig
+  faults: faults.FaultConfig
+  opt: optimizers.OptConfig
+  data: data_lib.DataConfig
+  ckpt: checkpoint_lib.CheckpointConfig
+  mesh: sharding.MeshConfig
+  eval_batch_size: int
+  eval_max_batches: int
+  eval_every_rounds: int
+  eval_per_client: bool
+  log_every_steps: int
+  progress: bool
+  tensorboard: bool
+  per_layer_norms: bool
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> 'RunSpec':
+    """Raises ValueError naming the first offending key."""
+    if config.mode not in ('federated', 'centralized'):
+      raise ValueError(f"mode must be 'federated' or 'centralized', got {config.mode!r}")
+    for key in ('batch_size', 'every_rounds'):
+      if config.eval[key] <= 0:
+        raise ValueError(f'eval.{key} must be positive, got {config.eval[key]}')
+    if config.eval.max_batches < 0:
+      raise ValueError(f'eval.max_batches must be >= 0 (0 = all), got {config.eval.max_batches}')
+    if config.log.every_steps < 0:
+      raise ValueError(f'log.every_steps must be >= 0, got {config.log.every_steps}')
+    return cls(mode=config.mode, seed=config.seed, fl=server_lib.FLConfig.from_config(config.fl),
+               faults=faults.FaultConfig.from_config(config.fl),
+               opt=optimizers.OptConfig.from_config(config.opt),
+               data=data_lib.DataConfig.from_config(config.data),
+               ckpt=checkpoint_lib.CheckpointConfig.from_config(config.ckpt),
+               mesh=sharding.MeshConfig.from_config(
+                   config.mesh, mode=config.mode, batch_size=config.data.batch_size,
+                   micro_batch_size=config.data.micro_batch_size,
+                   clients_per_round=config.fl.clients_per_round),
+               eval_batch_size=config.eval.batch_size, eval_max_batches=config.eval.max_batches,
+               eval_every_rounds=config.eval.every_rounds, eval_per_client=config.eval.per_client,
+               log_every_steps=config.log.every_steps, progress=config.log.progress,
+               tensorboard=config.log.tensorboard, per_layer_norms=config.log.per_layer_norms)

@@ -1,0 +1,162 @@
+"""Checkpoints: kill-and-resume is bit-identical, bad checkpoints fall back, workdirs are protected."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from fedjax_pt import checkpoint as checkpoint_lib
+from fedjax_pt import metrics
+from fedjax_pt import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROUNDS = 4
+FLAGS = ['--config.model.d_model=32', '--config.model.num_heads=2', '--config.data.seq_len=32',
+         '--config.data.batch_size=4', '--config.eval.max_batches=2', '--config.fl.local_steps=3',
+         '--config.fl.num_clients=2', '--config.fl.clients_per_round=2',
+         '--config.opt.warmup_steps=1', '--config.opt.schedule_steps=20',
+         '--config.log.progress=False', '--config.log.every_steps=1',
+         # Kept Adam moments make the per-client optimizer state part of what must be restored.
+         '--config.fl.reset_optimizer=False']
+TIMING = ('round_time_s', 'tokens_per_s')
+
+
+def _config(**fl):
+  config = tiny.get_config()
+  config.model.d_model, config.model.num_heads = 32, 2
+  config.data.seq_len, config.data.batch_size = 32, 4
+  config.eval.max_batches = 2
+  config.opt.warmup_steps, config.opt.schedule_steps = 1, 20
+  config.fl.num_clients = config.fl.clients_per_round = 2
+  config.fl.rounds, config.fl.local_steps = 3, 3
+  config.log.progress = False
+  config.fl.update(fl)
+  return config
+
+
+def _command(workdir):
+  return [sys.executable, '-m', 'fedjax_pt.main', f'--workdir={workdir}', *FLAGS,
+          f'--config.fl.rounds={ROUNDS}']
+
+
+def _comparable_records(workdir):
+  return [{k: v for k, v in r.items() if k not in TIMING}
+          for r in metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+def _final_params(workdir, rounds):
+  """The saved global parameters after `rounds`, restored without a template (plain arrays)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                             item_names=('state', 'meta')) as manager:
+    return manager.restore(rounds, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))['state']['params']
+
+
+def _assert_bit_identical(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  subprocess.run(_command(workdir), cwd=REPO, check=True, capture_output=True, timeout=600)
+  return workdir
+
+
+def _kill_when(workdir, condition, timeout=300):
+  process = subprocess.Popen(_command(workdir), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.time() + timeout
+  path = os.path.join(workdir, 'metrics.jsonl')
+  while time.time() < deadline and process.poll() is None:
+    if os.path.exists(path) and condition(metrics.read_jsonl(path)):
+      process.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.02)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+
+
+@pytest.mark.parametrize('when, condition', [
+    # Right after round 3's record: its checkpoint is being written (asynchronously) then, while
+    # an earlier one is complete.
+    ('during_save', lambda records: any(r['kind'] == 'round' and r['round'] == 3
+                                        for r in records)),
+    # In the middle of round 3's local steps, well after round 2's checkpoint.
+    ('mid_round', lambda records: any(r['kind'] == 'step' and r['round'] == 3 and
+                                      r['client'] == 1 for r in records)),
+])
+def test_sigkill_and_resume_is_bit_identical(uninterrupted, tmp_path, when, condition):
+  del when
+  _kill_when(tmp_path, condition)
+  resumed = subprocess.run(_command(tmp_path), cwd=REPO, capture_output=True, text=True,
+                           timeout=600, check=False)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resuming' in resumed.stderr
+  _assert_bit_identical(_final_params(tmp_path, ROUNDS), _final_params(uninterrupted, ROUNDS))
+  assert _comparable_records(tmp_path) == _comparable_records(uninterrupted)
+
+
+def _largest_file(directory):
+  files = [os.path.join(root, f) for root, _, names in os.walk(directory) for f in names]
+  return max(files, key=os.path.getsize)
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  config = _config()
+  reference = train.run(_config(), str(tmp_path / 'reference')).params
+  train.run(config, str(tmp_path / 'run'))
+  victim = _largest_file(tmp_path / 'run' / 'checkpoints' / '3' / 'state')
+  with open(victim, 'r+b') as f:
+    f.truncate(os.path.getsize(victim) // 2)
+  resumed = train.run(config, str(tmp_path / 'run'))  # falls back to round 2, redoes round 3
+  _assert_bit_identical(resumed.params, reference)
+  assert os.path.isdir(tmp_path / 'run' / 'corrupted-checkpoint-3')
+  assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['1', '2', '3']
+  assert [r['round'] for r in resumed.rounds] == [1, 2, 3]
+
+
+def test_a_finished_run_resumes_to_nothing_and_can_be_extended(tmp_path):
+  train.run(_config(), str(tmp_path))
+  again = train.run(_config(), str(tmp_path))
+  assert [r['round'] for r in again.rounds] == [1, 2, 3]
+  longer = train.run(_config(rounds=4), str(tmp_path))
+  assert [r['round'] for r in longer.rounds] == [1, 2, 3, 4]
+  rounds = [r['round'] for r in metrics.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+            if r['kind'] == 'round']
+  assert rounds == [1, 2, 3, 4]
+
+
+def test_restore_false_refuses_to_overwrite(tmp_path):
+  train.run(_config(rounds=1), str(tmp_path))
+  config = _config(rounds=1)
+  config.ckpt.restore = False
+  with pytest.raises(FileExistsError, match='ckpt.restore=False refuses to overwrite'):
+    train.run(config, str(tmp_path))
+
+
+def test_resuming_a_different_experiment_is_refused(tmp_path):
+  train.run(_config(rounds=1), str(tmp_path))
+  with pytest.raises(ValueError, match=r"fl.outer_lr: 0.7 -> 0.1"):
+    train.run(_config(rounds=2, outer_lr=0.1), str(tmp_path))
+  before = (tmp_path / 'metrics.jsonl').read_bytes()
+  assert before and json.loads(before.splitlines()[-1])['round'] == 1
+
+
+def test_metrics_without_checkpoint_are_kept_aside(tmp_path):
+  (tmp_path / 'metrics.jsonl').write_text('{"kind": "round", "round": 9}\n')
+  train.run(_config(rounds=1), str(tmp_path))
+  assert (tmp_path / 'metrics.jsonl.stale-1').read_text() == '{"kind": "round", "round": 9}\n'
+
+
+def test_checkpoint_config_errors():
+  with pytest.raises(ValueError, match='ckpt.keep must be positive'):
+    checkpoint_lib.CheckpointConfig(keep=0)

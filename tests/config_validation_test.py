@@ -1,0 +1,45 @@
+"""Every inconsistent config is reported in one line naming the key, before data or compilation."""
+
+import time
+
+import pytest
+
+from configs import tiny
+from fedjax_pt import train
+
+
+def _set(config, dotted, value):
+  *groups, name = dotted.split('.')
+  node = config
+  for group in groups:
+    node = node[group]
+  node[name] = value
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('data.micro_batch_size', 5, 'data.batch_size=16 is not divisible by data.micro_batch_size=5'),
+    ('model.max_seq_len', 64, 'data.seq_len=128 exceeds model.max_seq_len=64'),
+    ('fl.clients_per_round', 5, 'fl.clients_per_round=5 exceeds fl.num_clients=4'),
+    ('fl.num_clients', 0, 'fl.num_clients must be positive'),
+    ('fl.local_steps', -1, 'fl.local_steps must be positive'),
+    ('fl.rounds', 0, 'fl.rounds must be positive'),
+    ('data.batch_size', 0, 'data.batch_size must be a positive integer'),
+    ('data.seq_len', -8, 'data.seq_len must be a positive integer'),
+    ('model.num_layers', 0, 'model.num_layers must be positive'),
+    ('model.num_heads', 3, 'model.d_model=128 is not divisible by model.num_heads=3'),
+    ('opt.lr', -1.0, 'opt.lr must be positive'),
+    ('opt.warmup_steps', 300, 'opt.warmup_steps=300 must be smaller than opt.schedule_steps=250'),
+    ('eval.batch_size', 0, 'eval.batch_size must be positive'),
+    ('ckpt.keep', 0, 'ckpt.keep must be positive'),
+    ('mode', 'fedavg', "mode must be 'federated' or 'centralized'"),
+    ('data.tokenizer', 'missing/tokenizer.json', 'missing/tokenizer.json'),
+])
+def test_config_error_is_one_line_and_immediate(tmp_path, key, value, message):
+  config = tiny.get_config()
+  _set(config, key, value)
+  start = time.perf_counter()
+  with pytest.raises((ValueError, FileNotFoundError)) as info:
+    train.run(config, str(tmp_path / 'run'))
+  assert message in str(info.value) and '\n' not in str(info.value)
+  assert time.perf_counter() - start < 5.0  # nothing was tokenized or compiled
+  assert not (tmp_path / 'run').exists()

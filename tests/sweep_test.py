@@ -1,0 +1,351 @@
+"""Tests of experiments/sweep.py: grid expansion and naming, skip / resume / restart, results tables.
+
+Most tests drive the sweep with a fake trainer (a few lines of Python that speak fedjax_pt.main's
+command line and write its files), so skip and resume logic is checked quickly and exactly; one test
+runs the real trainer end to end, interrupts it and resumes it.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from experiments import sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Speaks `python -m fedjax_pt.main --config=... --workdir=... --config.KEY=VALUE` and writes
+# config.json and metrics.jsonl like it. FAKE_RESUME=1: continues an existing metrics.jsonl (the
+# checkpoint/resume behaviour); otherwise refuses it as fedjax_pt.main does today. FAKE_DIE_AT=r:
+# dies after logging round r-1, once (a marker file in the workdir remembers that it died).
+FAKE_TRAINER = textwrap.dedent('''\
+    import json, os, sys
+    args = dict(a[2:].split('=', 1) for a in sys.argv[1:])
+    workdir = args['workdir']
+    rounds = int(args.get('config.fl.rounds', 3))
+    metrics = os.path.join(workdir, 'metrics.jsonl')
+    done = 0
+    if os.path.exists(metrics):
+      if os.environ.get('FAKE_RESUME') != '1':
+        print(f'fedjax_pt: error: --workdir={workdir} already holds a run ({metrics}); '
+              'choose a new --workdir', file=sys.stderr)
+        sys.exit(2)
+      done = sum(1 for l in open(metrics) if '"kind": "round"' in l)
+    os.makedirs(workdir, exist_ok=True)
+    config = {'mode': args.get('config.mode', 'federated'), 'fl': {'rounds': rounds},
+              'overrides': {k: v for k, v in args.items() if k.startswith('config.')}}
+    json.dump(config, open(os.path.join(workdir, 'config.json'), 'w'))
+    die_at = int(os.environ.get('FAKE_DIE_AT', 0))
+    marker = os.path.join(workdir, 'died')
+    with open(metrics, 'a') as f:
+      for r in range(done + 1, rounds + 1):
+        if r == die_at and not os.path.exists(marker):
+          open(marker, 'w').close()
+          sys.exit(1)
+        lr = float(args.get('config.opt.lr', 1.0))
+        record = {'kind': 'round', 'round': r, 'tokens': 100 * r, 'val_loss': 1.0,
+                  'val_ppl': 10.0 / r / lr + (5 if r == rounds else 0), 'round_time_s': 0.5}
+        if 'config.bytes' in args:
+          record['bytes_sent'] = record['bytes_received'] = 1000 * r
+        f.write(json.dumps({'kind': 'step', 'round': r}) + '\\n')
+        f.write(json.dumps(record) + '\\n')
+    print('done')
+    ''')
+
+
+@pytest.fixture
+def fake(tmp_path):
+  (tmp_path / 'fake_main.py').write_text(FAKE_TRAINER)
+  return tmp_path
+
+
+def _spec(tmp_path, spec, name='spec.json'):
+  # JSON is YAML: the sweep reads it with yaml.safe_load.
+  path = tmp_path / name.replace('.json', '.yaml')
+  path.write_text(json.dumps(spec))
+  return str(path)
+
+
+def _sweep(spec_path, root, *flags, cwd, env=None):
+  return subprocess.run(
+      [sys.executable, os.path.join(REPO, 'experiments', 'sweep.py'), spec_path, f'--root={root}',
+       '--module=fake_main', f'--cwd={cwd}', *flags],
+      capture_output=True, text=True, timeout=120, check=False,
+      env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+def _results(root):
+  with open(os.path.join(root, 'results.csv'), encoding='utf-8') as f:
+    return {row['run']: row for row in csv.DictReader(f)}
+
+
+def _attempts(root, name):
+  with open(os.path.join(root, name, sweep.STATE_FILE), encoding='utf-8') as f:
+    return json.load(f)['attempts']
+
+
+# --- expansion and naming --------------------------------------------------------------------------
+
+def test_product_zip_variants_and_groups():
+  spec = {
+      'config': 'configs/tiny.py',
+      'base': {'data.seq_len': 32, 'fl.rounds': 5},
+      'grid': [
+          {'model.d_model': [32, 64]},
+          {'fl.local_steps': [10, 50], 'fl.rounds': [50, 10]},
+          [{'_name': 'nesterov'}, {'_name': 'fedavg', 'fl.outer_lr': 1.0, 'fl.outer_momentum': 0}],
+      ],
+      'groups': [{'name': 'central', 'base': {'mode': 'centralized'},
+                  'grid': [{'model.d_model': [32]}]}],
+  }
+  runs = sweep.expand(spec, {'eval.max_batches': 2})
+  assert [r.name for r in runs] == [
+      'd_model=32,local_steps=10,rounds=50,nesterov', 'd_model=32,local_steps=10,rounds=50,fedavg',
+      'd_model=32,local_steps=50,rounds=10,nesterov', 'd_model=32,local_steps=50,rounds=10,fedavg',
+      'd_model=64,local_steps=10,rounds=50,nesterov', 'd_model=64,local_steps=10,rounds=50,fedavg',
+      'd_model=64,local_steps=50,rounds=10,nesterov', 'd_model=64,local_steps=50,rounds=10,fedavg',
+      'central,d_model=32']
+  fedavg = runs[1]
+  assert fedavg.overrides == {'data.seq_len': 32, 'fl.rounds': 50, 'eval.max_batches': 2,
+                              'model.d_model': 32, 'fl.local_steps': 10, 'fl.outer_lr': 1.0,
+                              'fl.outer_momentum': 0}
+  assert fedavg.command('W', python='py') == [
+      'py', '-m', 'fedjax_pt.main', '--config=configs/tiny.py', '--workdir=W',
+      '--config.data.seq_len=32', '--config.fl.rounds=50', '--config.eval.max_batches=2',
+      '--config.model.d_model=32', '--config.fl.local_steps=10', '--config.fl.outer_lr=1.0',
+      '--config.fl.outer_momentum=0']
+  assert runs[-1].overrides['mode'] == 'centralized' and runs[-1].overrides['fl.rounds'] == 5
+
+
+def test_set_wins_over_the_grid_and_values_format_for_config_flags():
+  runs = sweep.expand({'config': 'c.py', 'grid': [{'fl.rounds': [5, 6]}]},
+                      sweep.parse_set(['fl.rounds=2', 'fl.reset_optimizer=false', 'opt.lr=1e-3',
+                                       'data.path=/a/b.jsonl']))
+  assert [r.name for r in runs] == ['rounds=5', 'rounds=6']
+  assert runs[0].command('W')[5:] == [
+      '--config.fl.rounds=2', '--config.fl.reset_optimizer=False', '--config.opt.lr=0.001',
+      '--config.data.path=/a/b.jsonl']
+
+
+def test_names_disambiguate_keys_shorten_paths_and_stay_short():
+  assert sweep.run_name([('data.batch_size', 8), ('eval.batch_size', 4)]) == (
+      'data.batch_size=8,eval.batch_size=4')
+  assert sweep.run_name([('data.path', '/x/y/c4 sample.jsonl')]) == 'path=c4_sample.jsonl'
+  assert sweep.run_name([]) == 'base'
+  long = sweep.run_name([(f'k{i}', 'v' * 20) for i in range(20)])
+  assert len(long) == 120 and long != sweep.run_name([(f'k{i}', 'w' * 20) for i in range(20)])
+
+
+@pytest.mark.parametrize('spec, message', [
+    ({'grid': [{'fl.rounds': [1]}]}, 'config .* is required'),
+    ({'config': 'c', 'grid': [{'fl.rounds': [1, 2], 'fl.local_steps': [1]}]}, 'equal length'),
+    ({'config': 'c', 'grid': [{'fl.rounds': 3}]}, 'non-empty list'),
+    ({'config': 'c', 'grid': [[{'_name': 'a'}, {'_name': 'a', 'seed': 1}]]}, 'share the workdir'),
+    ({'config': 'c', 'base': {'fl rounds': 1}}, 'is not a config key'),
+    ({'config': 'c', 'grids': []}, r'unknown key\(s\) grids'),
+])
+def test_bad_specs_name_the_culprit(spec, message):
+  with pytest.raises(sweep.SpecError, match=message):
+    sweep.expand(spec)
+
+
+def test_python_spec(tmp_path):
+  path = tmp_path / 'spec.py'
+  path.write_text("SPEC = {'config': 'c.py', 'grid': [{'seed': [0, 1]}]}\n")
+  assert [r.name for r in sweep.expand(sweep.load_spec(str(path)))] == ['seed=0', 'seed=1']
+
+
+# --- status and results ---------------------------------------------------------------------------
+
+def _fake_run(workdir, rounds_total, rounds_done, torn=False, **extra):
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump({'mode': 'federated', 'fl': {'rounds': rounds_total}}, f)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w', encoding='utf-8') as f:
+    for r in range(1, rounds_done + 1):
+      f.write(json.dumps({'kind': 'round', 'round': r, 'tokens': 10 * r,
+                          'val_ppl': [9.0, 4.0, 6.0, float('nan')][r - 1], **extra}) + '\n')
+    if torn:
+      f.write('{"kind": "round", "rou')
+
+
+def test_status_reads_config_rounds_and_tolerates_a_torn_line(tmp_path):
+  assert sweep.status(str(tmp_path / 'none')) == 'new'
+  _fake_run(tmp_path / 'a', 3, 3)
+  _fake_run(tmp_path / 'b', 3, 2, torn=True)
+  assert sweep.status(str(tmp_path / 'a')) == 'finished'
+  assert sweep.status(str(tmp_path / 'b')) == 'unfinished'
+
+
+def test_summary_final_best_and_blank_for_missing_keys(tmp_path):
+  _fake_run(tmp_path / 'a', 4, 4)
+  _fake_run(tmp_path / 'b', 4, 2, bytes_sent=5, bytes_received=7)
+  rows = [sweep.summarize(sweep.Run(n, 'c', {}, {}), str(tmp_path / n)) for n in 'ab']
+  assert rows[0]['final_val_ppl'] == 6.0  # the last evaluated round (round 4 was not)
+  assert (rows[0]['best_val_ppl'], rows[0]['best_round']) == (4.0, 2)
+  assert rows[0]['bytes_sent'] is None and rows[0]['tokens'] == 40
+  assert rows[1]['status'] == 'unfinished' and rows[1]['bytes_received'] == 7
+  csv_path, md_path = sweep.write_results(rows, str(tmp_path))
+  with open(csv_path, encoding='utf-8') as f:
+    got = list(csv.DictReader(f))
+  assert got[0]['bytes_sent'] == '' and got[1]['bytes_sent'] == '5'
+  with open(md_path, encoding='utf-8') as f:
+    table = f.read()
+  assert '| `a` | finished | 4/4 | 40 | 6.00 | 4.00 (2) |  |' in table
+  assert '| `b` | unfinished | 2/4 | 20 | 4.00 | 4.00 (2) | 0.0 |' in table
+
+
+def test_study_report_tables_crossings_and_figure(tmp_path):
+  from experiments import study_report  # pylint: disable=import-outside-toplevel
+  spec = _spec(tmp_path, {'config': 'c.py', 'base': {'fl.local_steps': 50},
+                          'grid': [{'model.d_model': [32]},
+                                   [{'_name': 'nesterov'}, {'_name': 'centralized'},
+                                    {'_name': 'solo'}]]})
+  curves = {'nesterov': [30, 20, 11, 9], 'centralized': [25, 15, 12, 8], 'solo': [26, 21, 14, 10]}
+  for variant, ppls in curves.items():
+    workdir = tmp_path / 'root' / f'd_model=32,{variant}'
+    workdir.mkdir(parents=True)
+    (workdir / 'config.json').write_text(json.dumps({
+        'mode': 'federated' if variant == 'nesterov' else 'centralized',
+        'fl': {'local_steps': 50, 'rounds': 4}, 'model': {'d_model': 32}, 'data': {}}))
+    (workdir / 'metrics.jsonl').write_text(''.join(
+        json.dumps({'kind': 'round', 'round': r + 1, 'tokens': 100 * (r + 1), 'val_ppl': p,
+                    'bytes_sent': 10, 'bytes_received': 10}) + '\n'
+        for r, p in enumerate(ppls)))
+  out = tmp_path / 'out'
+  assert study_report.main([f'--root={tmp_path / "root"}', f'--spec={spec}', f'--out={out}']) == 0
+  table = (out / 'study.md').read_text()
+  assert '| `d_model=32,nesterov` | k | 50 | 4/4 | 0.00M | 9.00 | 9.00 | +12.5% | -10.0% |' in table
+  assert ('| `d_model=32,nesterov` | `d_model=32,solo` | crosses below between steps 50 and 100 '
+          'and stays below |') in table
+  assert ('| `d_model=32,nesterov` | `d_model=32,centralized` | below at step 150 only, above '
+          'from step 200 on (last +12.5%) |') in table
+  assert (out / 'study.png').stat().st_size > 0
+  with open(out / 'study.csv', encoding='utf-8') as f:
+    assert [r['variant'] for r in csv.DictReader(f)] == ['nesterov', 'centralized', 'solo']
+
+
+# --- running with a fake trainer -------------------------------------------------------------------
+
+SPEC = {'config': 'configs/tiny.py', 'base': {'fl.rounds': 3, 'bytes': 1},
+        'grid': [{'opt.lr': [1.0, 2.0]}, [{'_name': 'fed'}, {'_name': 'central',
+                                                            'mode': 'centralized'}]]}
+NAMES = ['lr=1.0,fed', 'lr=1.0,central', 'lr=2.0,fed', 'lr=2.0,central']
+
+
+def test_clean_root_runs_everything_then_skips_finished_runs(fake):
+  spec, root = _spec(fake, SPEC), str(fake / 'root')
+  result = _sweep(spec, root, '--parallel=2', cwd=fake)
+  assert result.returncode == 0, result.stderr
+  rows = _results(root)
+  assert list(rows) == NAMES
+  assert all(r['status'] == 'finished' and r['rounds'] == '3' for r in rows.values())
+  assert rows['lr=2.0,fed']['final_val_ppl'] == str(10 / 3 / 2 + 5)
+  assert rows['lr=2.0,fed']['best_val_ppl'] == '2.5' and rows['lr=2.0,fed']['best_round'] == '2'
+  assert rows['lr=1.0,central']['mode'] == 'centralized'
+  assert rows['lr=1.0,fed']['bytes_sent'] == '3000' and rows['lr=1.0,fed']['train_time_s'] == '1.5'
+  with open(os.path.join(root, 'lr=1.0,central', 'config.json'), encoding='utf-8') as f:
+    assert json.load(f)['overrides']['config.mode'] == 'centralized'
+  assert '| `lr=1.0,fed` | finished | 3/3 | 300 |' in open(os.path.join(root, 'results.md')).read()
+
+  again = _sweep(spec, root, cwd=fake)
+  assert again.returncode == 0, again.stderr
+  assert again.stdout.count('finished, skipped') == 4
+  assert all(len(_attempts(root, n)) == 1 for n in NAMES)
+
+
+def test_unresumable_run_is_moved_aside_and_restarted(fake):
+  spec, root = _spec(fake, SPEC), str(fake / 'root')
+  first = _sweep(spec, root, '--only=lr=1.0,fed', cwd=fake, env={'FAKE_DIE_AT': '3'})
+  assert first.returncode == 1 and 'not finished: lr=1.0,fed' in first.stderr
+  assert _results(root)['lr=1.0,fed']['status'] == 'unfinished'
+  second = _sweep(spec, root, '--only=lr=1.0,fed', cwd=fake)
+  assert second.returncode == 0, second.stderr
+  assert 'cannot resume it; moved aside' in second.stdout
+  assert _results(root)['lr=1.0,fed']['status'] == 'finished'
+  aside = os.path.join(root, 'lr=1.0,fed.incomplete-1')
+  assert len(sweep.read_rounds(aside)) == 2  # the partial run is kept, not deleted
+  assert [a['refused'] for a in _attempts(root, 'lr=1.0,fed')] == [False]
+
+
+def test_resumable_run_is_continued_in_place(fake):
+  spec, root = _spec(fake, SPEC), str(fake / 'root')
+  env = {'FAKE_RESUME': '1'}
+  _sweep(spec, root, '--only=lr=2.0', cwd=fake, env={**env, 'FAKE_DIE_AT': '2'})
+  assert {r['status'] for r in _results(root).values()} == {'unfinished'}
+  result = _sweep(spec, root, '--only=lr=2.0', cwd=fake, env=env)
+  assert result.returncode == 0, result.stderr
+  rows = _results(root)
+  assert [rows[n]['status'] for n in NAMES[2:]] == ['finished', 'finished']
+  assert [r['round'] for r in sweep.read_rounds(os.path.join(root, 'lr=2.0,fed'))] == [1, 2, 3]
+  assert [a['resumed'] for a in _attempts(root, 'lr=2.0,fed')] == [False, True]
+  assert not [d for d in os.listdir(root) if 'incomplete' in d]
+
+
+def test_restart_mode_moves_aside_first_and_changed_spec_is_refused(fake):
+  spec, root = _spec(fake, SPEC), str(fake / 'root')
+  _sweep(spec, root, '--only=lr=1.0,central', cwd=fake, env={'FAKE_DIE_AT': '2'})
+  result = _sweep(spec, root, '--only=lr=1.0,central', '--resume=restart', cwd=fake)
+  assert result.returncode == 0 and os.path.isdir(os.path.join(root, 'lr=1.0,central.incomplete-1'))
+  changed = _sweep(spec, root, '--only=lr=1.0,central', '--set=fl.rounds=4', cwd=fake)
+  assert changed.returncode == 2
+  assert 'was run with other values of fl.rounds' in changed.stderr
+
+
+def test_dry_run_prints_commands_and_runs_nothing(fake):
+  result = _sweep(_spec(fake, SPEC), str(fake / 'root'), '--dry-run', cwd=fake)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.count('-m fake_main --config=configs/tiny.py') == 4
+  assert not os.path.exists(fake / 'root')
+
+
+# --- the real trainer ------------------------------------------------------------------------------
+
+def test_real_sweep_from_clean_root_interrupted_and_resumed(tmp_path):
+  """Two tiny fedjax_pt runs; the sweep is interrupted during the second and then completed.
+
+  Until fedjax_pt can resume a workdir, the interrupted run is moved aside and restarted; once it
+  can, it is continued in place. Either way nothing is lost and every run ends finished.
+  """
+  small = {'model.d_model': 32, 'model.num_heads': 2, 'data.seq_len': 32, 'data.batch_size': 4,
+           'eval.max_batches': 1, 'fl.local_steps': 2, 'fl.num_clients': 2,
+           'fl.clients_per_round': 2, 'opt.warmup_steps': 1, 'opt.schedule_steps': 400,
+           'log.progress': False}
+  spec = _spec(tmp_path, {'config': 'configs/tiny.py', 'base': small,
+                          'grid': [[{'_name': 'short', 'fl.rounds': 2},
+                                    {'_name': 'long', 'fl.rounds': 25}]]})
+  root = tmp_path / 'root'
+  command = [sys.executable, os.path.join(REPO, 'experiments', 'sweep.py'), spec,
+             f'--root={root}']
+  proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 240
+  # A few rounds in, so that a trainer that checkpoints every round has something to resume from.
+  while len(sweep.read_rounds(str(root / 'long'))) < 3 and proc.poll() is None:
+    assert time.time() < deadline, 'the long run logged too few rounds in time'
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=60)
+  assert sweep.status(str(root / 'short')) == 'finished', out + err
+  if sweep.status(str(root / 'long')) == 'finished':
+    pytest.skip('the long run finished before the interrupt reached it')
+  assert proc.returncode == 130, out + err
+
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  assert 'short: finished, skipped' in result.stdout
+  rows = _results(root)
+  assert rows['long']['status'] == 'finished' and rows['long']['rounds'] == '25'
+  assert float(rows['long']['final_val_ppl']) > 1
+  aside = [d for d in os.listdir(root) if d.startswith('long.incomplete-')]
+  if aside:  # restarted: the interrupted run's rounds are kept beside it
+    assert sweep.read_rounds(str(root / aside[0]))
+  else:  # resumed in place: every round logged once
+    assert [r['round'] for r in sweep.read_rounds(str(root / 'long'))] == list(range(1, 26))
