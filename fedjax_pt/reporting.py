@@ -2,7 +2,6 @@
 
 from typing import Any
 
-from absl import logging
 import tqdm
 
 
@@ -17,7 +16,6 @@ class Progress:
   """tqdm bar over all local steps of the run, with the current round/client, ETA and latest loss."""
 
   def __init__(self, total_steps: int, enabled: bool, initial: int = 0):
-    self._enabled = enabled
     self._bar = tqdm.tqdm(total=total_steps, initial=initial, unit='step', disable=not enabled,
                           mininterval=1.0, dynamic_ncols=True, smoothing=0.1)
 
@@ -31,10 +29,7 @@ class Progress:
     self._bar.set_postfix(loss=f'{value:.3f}', refresh=False)
 
   def write(self, text: str) -> None:
-    if self._enabled:
-      self._bar.write(text)  # above the bar, which is redrawn below it
-    else:
-      logging.info('%s', text)
+    self._bar.write(text)
 
   def close(self) -> None:
     self._bar.close()
