@@ -29,6 +29,7 @@ class Progress:
     self._bar.set_postfix(loss=f'{value:.3f}', refresh=False)
 
   def write(self, text: str) -> None:
+    # Printed even when the bar is disabled: with log.progress=False a run shows one line per round.
     self._bar.write(text)
 
   def close(self) -> None:
