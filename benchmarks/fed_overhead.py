@@ -16,6 +16,7 @@ import jax
 from ml_collections import config_flags
 
 from benchmarks import harness
+from fedjax_pt import aggregation
 from fedjax_pt import optimizers
 from fedjax_pt import server as server_lib
 
@@ -53,7 +54,7 @@ def main(argv):
     return [trainer.init(state.params, 0) for _ in range(groups)]
 
   def aggregate():
-    average = server_lib.RunningAverage()
+    average = aggregation.RunningAverage()
     for k in range(fl.clients_per_round):
       average.add(client_params[k], 1.0)
     return average.result()

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fedjax_pt import build as build_lib
 from fedjax_pt import client as client_lib
-from fedjax_pt import data as data_lib
 from fedjax_pt import model as model_lib
 from fedjax_pt import optimizers
 from fedjax_pt import sharding
@@ -32,19 +32,16 @@ class Setup:
 
 
 def build(config: ml_collections.ConfigDict) -> Setup:
-  """The model, mesh and sharded trainer of `config`, on every local device; no data is read."""
-  vocab_size = config.model.vocab_size or data_lib.padded_vocab_size(
-      data_lib.load_tokenizer(config.data.tokenizer).vocab_size)
-  model_cfg = model_lib.ModelConfig.from_config(config.model, vocab_size=vocab_size,
-                                                seq_len=config.data.seq_len)
+  """The model, mesh and sharded trainer of `config` (the run's own assembly, `fedjax_pt.build`),
+  on every local device; no data is read."""
+  model_cfg = build_lib.model_config(config)
   opt_cfg = optimizers.OptConfig.from_config(config.opt)
+  # Benchmarks time one group of mesh.clients clients, whatever fl.clients_per_round says.
   mesh = sharding.MeshConfig.from_config(
       config.mesh, mode='federated', batch_size=config.data.batch_size,
       micro_batch_size=config.data.micro_batch_size, clients_per_round=config.mesh.clients)
-  layout = sharding.Layout.create(mesh)
-  trainer = client_lib.Trainer(model_cfg, opt_cfg, layout, config.data.micro_batch_size)
-  params = sharding.init_params(model_cfg, jax.random.key(0), layout)
-  return Setup(config, model_cfg, opt_cfg, layout, trainer, params)
+  model = build_lib.build_model(model_cfg, opt_cfg, mesh, config.data.micro_batch_size)
+  return Setup(config, model_cfg, opt_cfg, model.layout, model.trainer, model.params)
 
 
 def synthetic_batch(setup: Setup) -> np.ndarray:

@@ -5,12 +5,15 @@
 Expected: 4 clients x 10 rounds x 25 local steps of a 0.4M-parameter byte-level decoder; validation
 perplexity falls every round (from about 250 at initialisation towards about 5; see README.md).
 Centralized baseline on the same data: add --config.mode=centralized.
+
+`--config=configs/tiny.py:test` is the few-second variant that the test suite builds on: a
+d_model 32 decoder on 32-byte sequences, 2 rounds of 3 local steps.
 """
 
 from configs import base
 
 
-def get_config():
+def get_config(variant: str = ''):
   c = base.get_config()
   c.model.d_model = 128
   c.model.num_layers = 2
@@ -31,4 +34,13 @@ def get_config():
   c.data.batch_size = 16
   c.eval.max_batches = 8
   c.log.every_steps = 5
+  if variant == 'test':
+    c.model.d_model, c.model.num_heads = 32, 2
+    c.data.seq_len, c.data.batch_size = 32, 4
+    c.eval.max_batches = 2
+    c.opt.warmup_steps, c.opt.schedule_steps = 1, 20
+    c.fl.rounds, c.fl.local_steps = 2, 3
+    c.log.progress = False
+  elif variant:
+    raise ValueError(f"configs/tiny.py has the variants '' and 'test', got {variant!r}")
   return c

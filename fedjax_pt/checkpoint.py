@@ -37,10 +37,37 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class Totals:
+  """Cumulative counts of a run, carried across sessions."""
+  tokens: int = 0
+  bytes_sent: int = 0
+  bytes_received: int = 0
+
+
+@dataclasses.dataclass
+class RunMeta:
+  """The JSON item of a checkpoint: what is not an array."""
+  round: int
+  totals: Totals
+  iterators: list[dict[str, Any]]  # every data iterator's position (grain state)
+  kept_clients: list[int] = dataclasses.field(default_factory=list)  # whose Adam state is saved
+  metrics_bytes: int = 0  # the length of metrics.jsonl at this round
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, obj: dict[str, Any]) -> 'RunMeta':
+    return cls(round=obj['round'], totals=Totals(**obj['totals']),
+               iterators=list(obj['iterators']), kept_clients=list(obj.get('kept_clients', [])),
+               metrics_bytes=obj.get('metrics_bytes', 0))
+
+
+@dataclasses.dataclass
 class Restored:
   round: int
   state: Any
-  meta: dict[str, Any]
+  meta: RunMeta
 
 
 class Checkpointer:
@@ -59,15 +86,15 @@ class Checkpointer:
     every = self._cfg.every_rounds
     return bool(every) and (round_idx % every == 0 or round_idx == last_round)
 
-  def save(self, round_idx: int, state: Any, meta: dict[str, Any]) -> None:
+  def save(self, round_idx: int, state: Any, meta: RunMeta) -> None:
     """Starts saving; with async_save the files are written while the next round trains."""
     self._manager.save(round_idx, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta.to_json())))
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def restore_latest(self, abstract_state: Callable[[dict[str, Any]], Any]) -> Restored | None:
+  def restore_latest(self, abstract_state: Callable[[RunMeta], Any]) -> Restored | None:
     """The newest checkpoint that loads; unreadable newer ones are moved aside with a warning.
 
     `abstract_state(meta)` gives the structure to restore into (it can depend on the meta, e.g. on
@@ -76,7 +103,7 @@ class Checkpointer:
     for step in reversed(self.steps()):
       try:
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        meta = dict(meta['meta'])
+        meta = RunMeta.from_json(dict(meta['meta']))
         target = abstract(abstract_state(meta))
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target)))
@@ -109,6 +136,7 @@ class Checkpointer:
 
 
 def abstract(tree: Any) -> Any:
-  """Shapes, dtypes and shardings of `tree`: what a restore needs to rebuild it exactly."""
+  """Shapes, dtypes and shardings of `tree` (arrays or ShapeDtypeStructs): what a restore needs
+  to rebuild it exactly."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), tree)

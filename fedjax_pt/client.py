@@ -228,8 +228,17 @@ class Trainer:
     self._place = jax.jit(place, out_shardings=group)
     self._init_opt = jax.jit(tx.init, out_shardings=one.opt_state)
     self._opt_shardings = one.opt_state
+    param_shapes = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
+    self._opt_shapes = jax.tree.map(
+        lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
+        jax.eval_shape(tx.init, param_shapes), one.opt_state)
     self._unstack = jax.jit(lambda state: [jax.tree.map(lambda x: x[i], state)
                                            for i in range(parallel)], out_shardings=[one] * parallel)
+
+  def opt_state_shapes(self) -> Any:
+    """One client's Adam state as shapes, dtypes and shardings, allocating nothing: what a kept
+    state is restored into."""
+    return self._opt_shapes
 
   def init(self, params, step: int, opt_states: Sequence[Any | None] | None = None) -> LocalState:
     """The state of a group starting from `params` at global step `step`: fresh Adam moments, or

@@ -67,6 +67,15 @@ def injected_fault(cfg: FaultConfig, seed: int, round_idx: int, client: int,
   return None
 
 
+def verdict(params, elapsed_s: float, cfg: FaultConfig) -> str | None:
+  """Why the server leaves out parameters it received, or None to average them."""
+  if not bool(all_finite(params)):
+    return 'non-finite parameters'
+  if cfg.round_timeout_s and elapsed_s > cfg.round_timeout_s:
+    return f'late: {elapsed_s:.1f}s > fl.round_timeout_s={cfg.round_timeout_s:g}'
+  return None
+
+
 @jax.jit
 def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))

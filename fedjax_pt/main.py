@@ -18,15 +18,16 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fedjax_pt import errors
 from fedjax_pt import train
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'tiny.py'
 
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = errors.EXIT_BAD_INPUT) -> None:
   print(f'fedjax_pt: error: {message}', file=sys.stderr)
-  sys.exit(2)
+  sys.exit(code)
 
 
 def _define_config_flag():
@@ -56,7 +57,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(str(e).splitlines()[0])
   except Exception as e:  # pylint: disable=broad-except
     _fail(f'bad flags: {" ".join(str(e).split())}')
-  config_file = config_flags.get_config_filename(flags.FLAGS['config'])
+  config_file = _config_file()
   if not os.path.isfile(config_file):
     _fail(f'--config={config_file}: no such config file')
   try:
@@ -64,6 +65,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except Exception as e:  # pylint: disable=broad-except
     _fail(f'--config={config_file} does not load: {" ".join(str(e).split())}')
   return rest
+
+
+def _config_file() -> str:
+  # `--config=configs/tiny.py:test` names the file and an argument of its get_config.
+  return config_flags.get_config_filename(flags.FLAGS['config']).split(':')[0]
 
 
 def _default_workdir(config_path: str) -> str:
@@ -80,15 +86,17 @@ def main(argv):
   logging.get_absl_handler().addFilter(_quiet_orbax)
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  workdir = _WORKDIR.value or _default_workdir(config_flags.get_config_filename(flags.FLAGS['config']))
+  workdir = _WORKDIR.value or _default_workdir(_config_file())
   logging.info('workdir: %s', workdir)
   try:
     result = train.run(_CONFIG.value, workdir)
+  except errors.WorkdirRefused as e:
+    _fail(' '.join(str(e).split()), errors.EXIT_WORKDIR_REFUSED)
   except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
     # Bad input: one line naming the culprit, no traceback.
     _fail(' '.join(str(e).split()))
   last = result.last_round
-  print(f"done: {last['round']} rounds, val_ppl {last['val_ppl']:.2f}, results in {workdir}")
+  print(f'done: {last.round} rounds, val_ppl {last.val_ppl:.2f}, results in {workdir}')
 
 
 if __name__ == '__main__':

@@ -1,48 +1,97 @@
-"""What a run measures: held-out loss, L2 norms, bytes communicated, and the writers that record them.
+"""What a run measures: held-out loss of the server model, L2 norms, bytes of a model.
 
-Record names are the public `metrics.jsonl` contract (DESIGN.md; README.md lists every key).
+The records these numbers go into, and their writers, are in `fedjax_pt.records`.
 """
 
-import json
 import math
-import os
 from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from fedjax_pt import model as model_lib
+from fedjax_pt import sharding
 
 
-def make_eval_step(model_cfg: model_lib.ModelConfig):
-  """Jitted `eval_step(params, batch) -> (sum of token losses, token count)`."""
+def make_eval_step(model_cfg: model_lib.ModelConfig, layout: sharding.Layout | None = None):
+  """Jitted `eval_step(params, batch_BxL1, mask_B) -> (sum of token losses, token count)`.
+
+  Only sequences with mask 1 count: batches are padded to a size every device takes evenly. With
+  a layout, the step is jitted with the training step's shardings of parameters and batches.
+  """
   decoder = model_lib.Decoder(model_cfg)
 
-  @jax.jit
-  def eval_step(params, batch_BxL1):
-    logits = decoder.apply({'params': params}, batch_BxL1[:, :-1])
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch_BxL1[:, 1:])
-    return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+  def eval_step(params, batch_BxL1, mask_B):
+    logits_BxLxV = decoder.apply({'params': params}, batch_BxL1[:, :-1])
+    losses_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch_BxL1[:, 1:])
+    return (losses_BxL * mask_B[:, None]).sum(), mask_B.sum() * losses_BxL.shape[1]
 
-  return eval_step
+  if layout is None:
+    return jax.jit(eval_step)
+
+  def sharded_step(params, batch_BxL1, mask_B):
+    with layout.activate():
+      return eval_step(params, batch_BxL1, mask_B)
+
+  return jax.jit(sharded_step,
+                 in_shardings=(layout.params(model_cfg), layout.batch(), layout.named(('batch',))),
+                 out_shardings=layout.replicated())
+
+
+EvalBatch = tuple[np.ndarray, np.ndarray]  # tokens [B, L+1] int32, mask [B] float32
+
+
+def padded(batches: list[np.ndarray], multiple: int) -> list[EvalBatch]:
+  """Batches padded with masked-out rows to one size, a multiple of `multiple` (the devices that
+  split a batch), so that every batch has the same shape and compiles once."""
+  size = max(len(b) for b in batches)
+  size = -(-size // multiple) * multiple
+  out = []
+  for batch in batches:
+    pad = size - len(batch)
+    tokens = np.concatenate([batch, np.zeros((pad, batch.shape[1]), batch.dtype)])
+    mask = np.concatenate([np.ones(len(batch), np.float32), np.zeros(pad, np.float32)])
+    out.append((tokens, mask))
+  return out
 
 
 def perplexity(loss: float) -> float:
   return math.exp(min(loss, 700.0))  # exp overflows float64 past ~709
 
 
-def evaluate(eval_step, params, batches: list[np.ndarray]) -> dict[str, float]:
+def evaluate(eval_step, params, batches: list[EvalBatch]) -> dict[str, float]:
   """Token-weighted mean loss over all batches and its perplexity."""
   total_loss, total_tokens = 0.0, 0.0
-  for batch in batches:
-    loss_sum, count = eval_step(params, batch)
+  for tokens, mask in batches:
+    loss_sum, count = eval_step(params, tokens, mask)
     total_loss += float(loss_sum)
     total_tokens += float(count)
   loss = total_loss / total_tokens
   return {'loss': loss, 'ppl': perplexity(loss)}
+
+
+class Evaluator:
+  """The server model's held-out loss every `every_rounds` rounds (and at the last), on the global
+  validation set and, when `client_batches` are given, on each client's own."""
+
+  def __init__(self, eval_step, batches: list[EvalBatch], client_batches: list[list[EvalBatch]],
+               every_rounds: int, last_round: int):
+    self._step, self._batches, self._client_batches = eval_step, batches, client_batches
+    self._every, self._last = every_rounds, last_round
+
+  def __call__(self, params, round_idx: int) -> dict[str, Any]:
+    """Record keys: val_loss and val_ppl (None when this round is not evaluated), and per client."""
+    if round_idx % self._every and round_idx != self._last:
+      return {'val_loss': None, 'val_ppl': None}
+    result = evaluate(self._step, params, self._batches)
+    out = {'val_loss': result['loss'], 'val_ppl': result['ppl']}
+    if self._client_batches:
+      per_client = [evaluate(self._step, params, b) for b in self._client_batches]
+      out['client_val_loss'] = {k: r['loss'] for k, r in enumerate(per_client)}
+      out['client_val_ppl'] = {k: r['ppl'] for k, r in enumerate(per_client)}
+    return out
 
 
 @jax.jit
@@ -74,79 +123,3 @@ def outer_momentum_norm(opt_state) -> float:
 def tree_bytes(tree) -> int:
   """Bytes needed to send every leaf of `tree` as stored (float32 parameters: 4 per value)."""
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def _jsonable(value: Any) -> Any:
-  if isinstance(value, dict):
-    return {str(k): _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
-  if isinstance(value, (np.generic, np.ndarray, jax.Array)):
-    return _jsonable(np.asarray(value).tolist())
-  if isinstance(value, float) and not math.isfinite(value):
-    return None  # JSON has no NaN/Inf; null keeps every line parseable by any JSON reader
-  return value
-
-
-def _scalars(record: dict[str, Any], prefix: str = ''):
-  """Flattens nested dicts of numbers into (tag, value) pairs: client_val_ppl/3."""
-  for key, value in record.items():
-    tag = f'{prefix}{key}'
-    if isinstance(value, dict):
-      yield from _scalars(value, f'{tag}/')
-    elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
-      yield tag, float(value)
-
-
-class MetricWriter:
-  """Writes each record to `metrics.jsonl` and, optionally, to TensorBoard event files.
-
-  The JSON line is flushed at every record, so a crash never leaves a half-written line and a live
-  run can be tailed or plotted. TensorBoard steps are rounds for round records and global local
-  steps for step records (under `step/`, one curve per client).
-  """
-
-  def __init__(self, workdir: str, tensorboard: bool = True):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._file = open(self.path, 'a', encoding='utf-8')
-    self._tb = None
-    if tensorboard:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
-
-  def write(self, record: dict[str, Any]) -> None:
-    self._file.write(json.dumps(_jsonable(record)) + '\n')
-    self._file.flush()
-    if self._tb is None:
-      return
-    if record['kind'] == 'round':
-      skip = {'round', 'kind', 'clients'}
-      for tag, value in _scalars({k: v for k, v in record.items() if k not in skip}):
-        self._tb.add_scalar(tag, value, record['round'])
-    else:
-      for key in ('loss', 'grad_norm', 'update_norm', 'lr'):
-        self._tb.add_scalar(f'step/{key}/client_{record["client"]}', float(record[key]),
-                            record['step'])
-
-  def tell(self) -> int:
-    """Bytes of metrics.jsonl written so far: where a resumed run cuts the file back to."""
-    return self._file.tell()
-
-  def close(self) -> None:
-    self._file.close()
-    if self._tb is not None:
-      self._tb.close()
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """Records of a metrics.jsonl; a torn last line (a run killed mid-write) is skipped and logged."""
-  records = []
-  with open(path, encoding='utf-8') as f:
-    for i, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        logging.warning('%s:%d is not valid JSON; skipped', path, i)
-  return records

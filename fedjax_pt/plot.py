@@ -22,7 +22,7 @@ matplotlib.use('Agg')  # files only: works on headless nodes and in tests
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from fedjax_pt import metrics as metrics_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fedjax_pt import records as records_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @dataclasses.dataclass
@@ -30,8 +30,8 @@ class Run:
   workdir: str
   label: str
   config: dict[str, Any]
-  rounds: list[dict[str, Any]]
-  steps: list[dict[str, Any]]
+  rounds: list[records_lib.RoundRecord]
+  steps: list[records_lib.StepRecord]
 
   @property
   def federated(self) -> bool:
@@ -61,14 +61,12 @@ def load_run(workdir: str, label: str | None = None) -> Run:
   for path in paths:
     if not os.path.isfile(path):
       raise FileNotFoundError(f'{path} not found: is --workdir={workdir} a fedjax_pt run?')
-  records = metrics_lib.read_jsonl(paths[0])
+  records = records_lib.read_records(paths[0])
   with open(paths[1], encoding='utf-8') as f:
     config = json.load(f)
-  rounds = [r for r in records if r.get('kind') == 'round']
-  if not rounds:
+  if not records.rounds:
     raise ValueError(f'{paths[0]} has no round record yet')
-  steps = [r for r in records if r.get('kind') == 'step']
-  return Run(workdir, label or run_label(config), config, rounds, steps)
+  return Run(workdir, label or run_label(config), config, records.rounds, records.steps)
 
 
 def _unique_labels(runs: Sequence[Run]) -> None:
@@ -79,31 +77,31 @@ def _unique_labels(runs: Sequence[Run]) -> None:
 
 
 def _round_x(run: Run, x: str) -> np.ndarray:
-  return np.array([r['tokens'] if x == 'tokens' else r['round'] for r in run.rounds], float)
+  return np.array([r.tokens if x == 'tokens' else r.round for r in run.rounds], float)
 
 
-def _step_x(run: Run, steps: list[dict[str, Any]], x: str) -> np.ndarray:
+def _step_x(run: Run, steps: list[records_lib.StepRecord], x: str) -> np.ndarray:
   """Step records on the round axis: round r, local step t sits at r - 1 + t / tau."""
   tau = run.config['fl']['local_steps']
-  position = np.array([s['round'] - 1 + s['local_step'] / tau for s in steps], float)
+  position = np.array([s.round - 1 + s.local_step / tau for s in steps], float)
   return position * tau * run.tokens_per_local_step if x == 'tokens' else position
 
 
-def _series(records: list[dict[str, Any]], key: str) -> np.ndarray:
-  return np.array([np.nan if r.get(key) is None else r[key] for r in records], float)
+def _series(records: Sequence[Any], key: str) -> np.ndarray:
+  return np.array([np.nan if getattr(r, key) is None else getattr(r, key) for r in records], float)
 
 
 def _per_client(run: Run, key: str) -> dict[str, np.ndarray]:
   """{client: values over rounds} for a per-client dict-valued key (NaN where not sampled)."""
-  clients = sorted({c for r in run.rounds for c in r.get(key, {})}, key=int)
-  return {c: np.array([r.get(key, {}).get(c, np.nan) for r in run.rounds], float)
+  clients = sorted({c for r in run.rounds for c in getattr(r, key) or {}}, key=int)
+  return {c: np.array([(getattr(r, key) or {}).get(c, np.nan) for r in run.rounds], float)
           for c in clients}
 
 
-def _steps_by_client(run: Run) -> dict[int, list[dict[str, Any]]]:
-  by_client: dict[int, list[dict[str, Any]]] = {}
+def _steps_by_client(run: Run) -> dict[int, list[records_lib.StepRecord]]:
+  by_client: dict[int, list[records_lib.StepRecord]] = {}
   for s in run.steps:
-    by_client.setdefault(s['client'], []).append(s)
+    by_client.setdefault(s.client, []).append(s)
   return by_client
 
 

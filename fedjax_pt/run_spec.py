@@ -43,6 +43,9 @@ class RunSpec:
       raise ValueError(f'eval.max_batches must be >= 0 (0 = all), got {config.eval.max_batches}')
     if config.log.every_steps < 0:
       raise ValueError(f'log.every_steps must be >= 0, got {config.log.every_steps}')
+    if config.data.only_client >= 0 and config.mode != 'centralized':
+      raise ValueError(f'data.only_client={config.data.only_client} trains one client alone: it '
+                       f'needs mode=centralized, got {config.mode!r} (-1 turns it off)')
     return cls(mode=config.mode, seed=config.seed, fl=server_lib.FLConfig.from_config(config.fl),
                faults=faults.FaultConfig.from_config(config.fl),
                opt=optimizers.OptConfig.from_config(config.opt),

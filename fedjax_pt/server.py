@@ -1,18 +1,16 @@
-"""Server side of a round: client sampling, weighted averaging, pseudo-gradient, outer step."""
+"""The server's state and its outer step: the outer optimizer applied to the pseudo-gradient."""
 
-from collections.abc import Sequence
 import dataclasses
 from typing import Any
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from fedjax_pt import aggregation
 from fedjax_pt import optimizers
 from fedjax_pt import sharding
 
@@ -43,8 +41,9 @@ class FLConfig:
     if self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
       raise ValueError(f'fl.outer_lr must be > 0 and fl.outer_momentum in [0, 1), got '
                        f'{self.outer_lr} and {self.outer_momentum}')
-    if self.weighting not in ('tokens', 'uniform'):
-      raise ValueError(f"fl.weighting must be 'tokens' or 'uniform', got {self.weighting!r}")
+    if self.weighting not in aggregation.WEIGHTINGS:
+      raise ValueError(f'fl.weighting must be one of {aggregation.WEIGHTINGS}, got '
+                       f'{self.weighting!r}')
 
   @classmethod
   def from_config(cls, fl: ml_collections.ConfigDict) -> 'FLConfig':
@@ -74,78 +73,6 @@ def _replicated(shardings: Any) -> NamedSharding:
   return NamedSharding(jax.tree.leaves(shardings)[0].mesh, PartitionSpec())
 
 
-def client_groups(clients: Sequence[int], size: int) -> list[list[int]]:
-  """The sampled clients in groups of `size` (mesh.clients) that train at the same time."""
-  if len(clients) % size:
-    raise ValueError(f'fl.clients_per_round={len(clients)} is not divisible by mesh.clients={size}')
-  return [list(clients[i:i + size]) for i in range(0, len(clients), size)]
-
-
-def sample_clients(num_clients: int, clients_per_round: int, seed: int, round_idx: int,
-                   attempt: int = 0) -> np.ndarray:
-  """Uniform sample without replacement, a pure function of (seed, round, attempt): reproducible on
-  resume; a retried round (attempt > 0) draws afresh."""
-  if clients_per_round == num_clients:
-    return np.arange(num_clients)
-  rng = np.random.default_rng([seed, round_idx] + ([attempt] if attempt else []))
-  return np.sort(rng.choice(num_clients, size=clients_per_round, replace=False))
-
-
-def client_weights(num_tokens: Sequence[int], weighting: str) -> np.ndarray:
-  """Normalised aggregation weights: w_k ∝ n_k ('tokens') or 1/K ('uniform')."""
-  n = np.asarray(num_tokens, np.float64)
-  w = n if weighting == 'tokens' else np.ones_like(n)
-  return w / w.sum()
-
-
-def weighted_average(client_params: Sequence[Any], weights: Sequence[float]) -> Any:
-  """sum_k w_k theta_k (weights must already sum to one)."""
-  return jax.tree.map(lambda *xs: sum(w * x for w, x in zip(weights, xs)), *client_params)
-
-
-@jax.jit
-def _scaled(params, weight):
-  return jax.tree.map(lambda p: weight * p.astype(jnp.float32), params)
-
-
-@jax.jit
-def _add_scaled(acc, params, weight):
-  return jax.tree.map(lambda a, p: a + weight * p.astype(a.dtype), acc, params)
-
-
-class RunningAverage:
-  """Weighted mean of client parameters accumulated one client at a time.
-
-  Memory stays at one extra copy of the model whatever the number of clients, which matters at
-  1.3B parameters x 8 clients.
-  """
-
-  def __init__(self):
-    self._sum = None
-    self._total_weight = 0.0
-    self.count = 0
-
-  def add(self, params, weight: float) -> None:
-    # The sum starts from the first client's scaled copy, so it is split over the devices exactly
-    # like the clients' parameters (a zeros tree would sit whole on one device).
-    if self._sum is None:
-      self._sum = _scaled(params, jnp.float32(weight))
-    else:
-      self._sum = _add_scaled(self._sum, params, jnp.float32(weight))
-    self._total_weight += float(weight)
-    self.count += 1
-
-  def result(self):
-    if self._sum is None:
-      raise ValueError('no client was added to the average')
-    return jax.tree.map(lambda s: s / self._total_weight, self._sum)
-
-
-def pseudo_gradient(global_params, mean_client_params):
-  """Delta = theta - sum_k w_k theta_k: the direction the clients moved, negated."""
-  return jax.tree.map(jnp.subtract, global_params, mean_client_params)
-
-
 def make_server_update(tx: optax.GradientTransformation, like: ServerState | None = None):
   """Returns `apply(state, mean_params) -> (state, metrics)`: the jitted outer step.
 
@@ -154,7 +81,7 @@ def make_server_update(tx: optax.GradientTransformation, like: ServerState | Non
   """
 
   def server_update(params, opt_state, mean_client_params):
-    delta = pseudo_gradient(params, mean_client_params)
+    delta = aggregation.pseudo_gradient(params, mean_client_params)
     updates, opt_state = tx.update(delta, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     metrics = {

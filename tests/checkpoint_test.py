@@ -9,34 +9,28 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from configs import tiny
 from fedjax_pt import checkpoint as checkpoint_lib
-from fedjax_pt import metrics
+from fedjax_pt import errors
+from fedjax_pt import optimizers
 from fedjax_pt import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = 4
-FLAGS = ['--config.model.d_model=32', '--config.model.num_heads=2', '--config.data.seq_len=32',
-         '--config.data.batch_size=4', '--config.eval.max_batches=2', '--config.fl.local_steps=3',
-         '--config.fl.num_clients=2', '--config.fl.clients_per_round=2',
-         '--config.opt.warmup_steps=1', '--config.opt.schedule_steps=20',
-         '--config.log.progress=False', '--config.log.every_steps=1',
+FLAGS = ['--config=configs/tiny.py:test', '--config.fl.num_clients=2',
+         '--config.fl.clients_per_round=2', '--config.log.every_steps=1',
          # Kept Adam moments make the per-client optimizer state part of what must be restored.
          '--config.fl.reset_optimizer=False']
 TIMING = ('round_time_s', 'tokens_per_s')
 
 
 def _config(**fl):
-  config = tiny.get_config()
-  config.model.d_model, config.model.num_heads = 32, 2
-  config.data.seq_len, config.data.batch_size = 32, 4
-  config.eval.max_batches = 2
-  config.opt.warmup_steps, config.opt.schedule_steps = 1, 20
+  config = tiny.get_config('test')
   config.fl.num_clients = config.fl.clients_per_round = 2
-  config.fl.rounds, config.fl.local_steps = 3, 3
-  config.log.progress = False
+  config.fl.rounds = 3
   config.fl.update(fl)
   return config
 
@@ -46,9 +40,13 @@ def _command(workdir):
           f'--config.fl.rounds={ROUNDS}']
 
 
+def _json_records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.endswith('\n')]
+
+
 def _comparable_records(workdir):
-  return [{k: v for k, v in r.items() if k not in TIMING}
-          for r in metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))]
+  return [{k: v for k, v in r.items() if k not in TIMING} for r in _json_records(workdir)]
 
 
 def _final_params(workdir, rounds):
@@ -77,7 +75,7 @@ def _kill_when(workdir, condition, timeout=300):
   deadline = time.time() + timeout
   path = os.path.join(workdir, 'metrics.jsonl')
   while time.time() < deadline and process.poll() is None:
-    if os.path.exists(path) and condition(metrics.read_jsonl(path)):
+    if os.path.exists(path) and condition(_json_records(workdir)):
       process.send_signal(signal.SIGKILL)
       break
     time.sleep(0.02)
@@ -121,17 +119,16 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
   _assert_bit_identical(resumed.params, reference)
   assert os.path.isdir(tmp_path / 'run' / 'corrupted-checkpoint-3')
   assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['1', '2', '3']
-  assert [r['round'] for r in resumed.rounds] == [1, 2, 3]
+  assert [r.round for r in resumed.rounds] == [1, 2, 3]
 
 
 def test_a_finished_run_resumes_to_nothing_and_can_be_extended(tmp_path):
   train.run(_config(), str(tmp_path))
   again = train.run(_config(), str(tmp_path))
-  assert [r['round'] for r in again.rounds] == [1, 2, 3]
+  assert [r.round for r in again.rounds] == [1, 2, 3]
   longer = train.run(_config(rounds=4), str(tmp_path))
-  assert [r['round'] for r in longer.rounds] == [1, 2, 3, 4]
-  rounds = [r['round'] for r in metrics.read_jsonl(str(tmp_path / 'metrics.jsonl'))
-            if r['kind'] == 'round']
+  assert [r.round for r in longer.rounds] == [1, 2, 3, 4]
+  rounds = [r['round'] for r in _json_records(tmp_path) if r['kind'] == 'round']
   assert rounds == [1, 2, 3, 4]
 
 
@@ -139,7 +136,7 @@ def test_restore_false_refuses_to_overwrite(tmp_path):
   train.run(_config(rounds=1), str(tmp_path))
   config = _config(rounds=1)
   config.ckpt.restore = False
-  with pytest.raises(FileExistsError, match='ckpt.restore=False refuses to overwrite'):
+  with pytest.raises(errors.WorkdirRefused, match='ckpt.restore=False refuses to overwrite'):
     train.run(config, str(tmp_path))
 
 
@@ -160,3 +157,26 @@ def test_metrics_without_checkpoint_are_kept_aside(tmp_path):
 def test_checkpoint_config_errors():
   with pytest.raises(ValueError, match='ckpt.keep must be positive'):
     checkpoint_lib.CheckpointConfig(keep=0)
+
+
+def test_resume_allocates_no_adam_state_to_learn_its_shape(tmp_path, monkeypatch):
+  """Kept Adam states are restored into shapes from jax.eval_shape: at 1.3B parameters a real
+  template would cost two more copies of the model. Here every Adam init must be traced (jit or
+  eval_shape), never run eagerly on concrete parameters."""
+  train.run(_config(rounds=2, reset_optimizer=False), str(tmp_path))
+  real_local_optimizer = optimizers.local_optimizer
+
+  def traced_only(cfg):
+    tx = real_local_optimizer(cfg)
+
+    def init(params):
+      if any(not isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
+        raise AssertionError('an Adam state was allocated eagerly')
+      return tx.init(params)
+
+    return optax.GradientTransformation(init, tx.update)
+
+  monkeypatch.setattr(optimizers, 'local_optimizer', traced_only)
+  resumed = train.run(_config(rounds=3, reset_optimizer=False), str(tmp_path))
+  assert [r.round for r in resumed.rounds] == [1, 2, 3]
+  assert not list(tmp_path.glob('corrupted-checkpoint-*'))  # resumed, not started over

@@ -12,14 +12,10 @@ from fedjax_pt import train
 
 
 def _config(rounds=3, **fl):
-  config = tiny.get_config()
-  config.model.d_model, config.model.num_heads = 32, 2
-  config.data.seq_len, config.data.batch_size = 32, 4
-  config.eval.max_batches = 2
+  config = tiny.get_config('test')
   config.opt.warmup_steps, config.opt.schedule_steps = 2, 60
-  config.fl.num_clients = config.fl.clients_per_round = 4
-  config.fl.rounds, config.fl.local_steps = rounds, 3
-  config.log.progress, config.log.every_steps = False, 0
+  config.fl.rounds = rounds
+  config.log.every_steps = 0
   config.ckpt.every_rounds = 0
   for key, value in fl.items():
     if key.startswith('fault_'):
@@ -59,12 +55,12 @@ def test_twenty_rounds_with_failures_and_nan_updates(fault_free, tmp_path):
   faulty = train.run(_config(rounds=20, fault_failure_prob=0.2, fault_nan_prob=0.05),
                      str(tmp_path))
   assert _finite(faulty.params)
-  failures = [reason for r in faulty.rounds for reason in r['failed_clients'].values()]
+  failures = [reason for r in faulty.rounds for reason in r.failed_clients.values()]
   assert any('injected failure' in f for f in failures)
   assert any('non-finite' in f for f in failures)
   for r in faulty.rounds:
-    assert math.isfinite(r['val_ppl']) and r['num_aggregated'] >= 1 and not r['skipped']
-  clean_ppl, faulty_ppl = fault_free.last_round['val_ppl'], faulty.last_round['val_ppl']
+    assert math.isfinite(r.val_ppl) and r.num_aggregated >= 1 and not r.skipped
+  clean_ppl, faulty_ppl = fault_free.last_round.val_ppl, faulty.last_round.val_ppl
   print(f'val_ppl after 20 rounds: fault-free {clean_ppl:.3f}, with faults {faulty_ppl:.3f}')
   assert abs(faulty_ppl - clean_ppl) / clean_ppl < 0.1
 
@@ -72,7 +68,7 @@ def test_twenty_rounds_with_failures_and_nan_updates(fault_free, tmp_path):
 def test_too_few_clients_skips_the_round_and_keeps_the_model(tmp_path):
   result = train.run(_config(rounds=2, fault_failure_prob=1.0, min_clients=1,
                              on_too_few_clients='skip'), str(tmp_path / 'skip'))
-  assert all(r['skipped'] and r['num_aggregated'] == 0 for r in result.rounds)
+  assert all(r.skipped and r.num_aggregated == 0 for r in result.rounds)
   untrained = train.run(_config(rounds=1, fault_failure_prob=1.0, on_too_few_clients='skip'),
                         str(tmp_path / 'one'))
   jax.tree.map(np.testing.assert_array_equal, result.params, untrained.params)
@@ -81,8 +77,8 @@ def test_too_few_clients_skips_the_round_and_keeps_the_model(tmp_path):
 def test_too_few_clients_retries_with_fresh_draws(tmp_path):
   result = train.run(_config(rounds=4, fault_failure_prob=0.5, min_clients=4,
                              max_round_retries=3), str(tmp_path))
-  assert any(r['retries'] > 0 for r in result.rounds)
-  assert any('@' in str(k) for r in result.rounds for k in r['failed_clients'])
+  assert any(r.retries > 0 for r in result.rounds)
+  assert any('@' in str(k) for r in result.rounds for k in r.failed_clients)
   assert _finite(result.params)
 
 
@@ -90,9 +86,9 @@ def test_late_clients_are_left_out(tmp_path):
   result = train.run(_config(rounds=1, round_timeout_s=1e-6, on_too_few_clients='skip'),
                      str(tmp_path))
   record = result.rounds[0]
-  assert record['skipped'] and all(f.startswith('late') for f in record['failed_clients'].values())
+  assert record.skipped and all(f.startswith('late') for f in record.failed_clients.values())
   # The server received the late clients' parameters before rejecting them.
-  assert record['bytes_received'] == record['bytes_sent']
+  assert record.bytes_received == record.bytes_sent
 
 
 @pytest.mark.parametrize('overrides, message', [

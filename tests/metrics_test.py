@@ -1,16 +1,17 @@
-"""Norms, bytes and writers against hand-computed values."""
+"""Norms, bytes and evaluation against hand-computed values."""
 
-import json
 import math
-import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fedjax_pt import metrics
+from fedjax_pt import model as model_lib
 from fedjax_pt import optimizers
-from fedjax_pt import reporting
+from fedjax_pt import sharding
 
 TREE = {'wte': {'embedding': jnp.array([[3.0, 0.0], [0.0, 4.0]])},  # norm 5
         'block_0': {'scale': jnp.array([1.0, 2.0, 2.0])}}  # norm 3
@@ -51,30 +52,32 @@ def test_perplexity_does_not_overflow():
   assert math.isfinite(metrics.perplexity(1e6))
 
 
-def test_writer_writes_parseable_json_and_tensorboard(tmp_path):
-  writer = metrics.MetricWriter(str(tmp_path))
-  writer.write({'kind': 'round', 'round': 1, 'tokens': 10, 'val_loss': float('nan'),
-                'val_ppl': None, 'client_train_loss': {3: np.float32(1.5)}, 'clients': [3]})
-  writer.write({'kind': 'step', 'round': 1, 'client': 3, 'step': 2, 'local_step': 2, 'loss': 1.0,
-                'grad_norm': 2.0, 'update_norm': 0.1, 'lr': 1e-3})
-  writer.close()
-  with open(tmp_path / 'metrics.jsonl', encoding='utf-8') as f:
-    lines = [json.loads(line) for line in f]  # strict JSON: NaN is written as null
-  assert lines[0]['val_loss'] is None and lines[0]['client_train_loss'] == {'3': 1.5}
-  events = os.listdir(tmp_path / 'tensorboard')
-  assert len(events) == 1 and os.path.getsize(tmp_path / 'tensorboard' / events[0]) > 0
+def test_padded_batches_are_masked_and_of_one_size():
+  batches = [np.ones((5, 4), np.int32), np.ones((2, 4), np.int32)]
+  out = metrics.padded(batches, multiple=4)
+  assert [t.shape for t, _ in out] == [(8, 4), (8, 4)]
+  np.testing.assert_array_equal(out[1][1], [1, 1, 0, 0, 0, 0, 0, 0])
+  assert out[1][0][2:].sum() == 0
 
 
-def test_read_jsonl_skips_a_torn_last_line(tmp_path):
-  path = tmp_path / 'metrics.jsonl'
-  path.write_text('{"kind": "round", "round": 1}\n{"kind": "ro')
-  assert metrics.read_jsonl(str(path)) == [{'kind': 'round', 'round': 1}]
-
-
-def test_summary_table():
-  rounds = [{'round': 1, 'val_ppl': 30.0, 'tokens': 100, 'bytes_sent': 2e6, 'bytes_received': 2e6},
-            {'round': 2, 'val_ppl': 20.0, 'tokens': 200, 'bytes_sent': 4e6, 'bytes_received': 4e6},
-            {'round': 3, 'val_ppl': None, 'tokens': 300, 'bytes_sent': 6e6, 'bytes_received': 6e6}]
-  table = reporting.summary_table(rounds, 12.0)
-  assert 'best val_ppl                        20.000 (round 2)' in table
-  assert '6.00 MB' in table and '300' in table
+def test_sharded_evaluation_equals_one_device_and_ignores_padding():
+  """The eval step on 8 devices (padded, masked batches) gives the one-device loss over the real
+  sequences only. float32 sums in another order: rtol 1e-6."""
+  model_cfg = model_lib.ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=2,
+                                    mlp_ratio=4, max_seq_len=8)
+  layout = sharding.Layout.create(sharding.MeshConfig(fsdp=8))
+  params = sharding.init_params(model_cfg, jax.random.key(0), layout)
+  rng = np.random.default_rng(0)
+  batches = [rng.integers(0, 64, (5, 9), dtype=np.int32), rng.integers(0, 64, (3, 9),
+                                                                       dtype=np.int32)]
+  sharded = metrics.evaluate(metrics.make_eval_step(model_cfg, layout), params,
+                             metrics.padded(batches, 8))
+  single = metrics.evaluate(metrics.make_eval_step(model_cfg), jax.device_get(params),
+                            metrics.padded(batches, 1))
+  assert sharded['loss'] == pytest.approx(single['loss'], rel=1e-6)
+  # By hand: the mean of every real token's cross-entropy.
+  decoder = model_lib.Decoder(model_cfg)
+  tokens = np.concatenate(batches)
+  logits = decoder.apply({'params': jax.device_get(params)}, tokens[:, :-1])
+  expected = float(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean())
+  assert single['loss'] == pytest.approx(expected, rel=1e-6)

@@ -1,49 +1,17 @@
-"""Server: sampling, weighting, averaging and the outer step against hand-computed numbers."""
+"""Server: the outer step against hand-computed numbers, and the fl.* config checks."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_pt import aggregation
 from fedjax_pt import optimizers
 from fedjax_pt import server
 
 
 def _tree(a, b):
   return {'w': jnp.asarray(a, jnp.float32), 'block': {'b': jnp.asarray(b, jnp.float32)}}
-
-
-def test_client_weights_tokens_and_uniform():
-  np.testing.assert_allclose(server.client_weights([100, 300], 'tokens'), [0.25, 0.75])
-  np.testing.assert_allclose(server.client_weights([100, 300], 'uniform'), [0.5, 0.5])
-
-
-def test_weighted_average_hand_computed():
-  mean = server.weighted_average([_tree([1., 2.], 4.), _tree([3., 6.], 8.)], [0.25, 0.75])
-  np.testing.assert_allclose(mean['w'], [2.5, 5.0])
-  np.testing.assert_allclose(mean['block']['b'], 7.0)
-
-
-def test_running_average_matches_weighted_average():
-  rng = np.random.default_rng(0)
-  clients = [_tree(rng.normal(size=3), rng.normal()) for _ in range(3)]
-  tokens = [10, 30, 60]
-  acc = server.RunningAverage()
-  for params, n in zip(clients, tokens):
-    acc.add(params, n)
-  expected = server.weighted_average(clients, server.client_weights(tokens, 'tokens'))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), acc.result(), expected)
-
-
-def test_running_average_without_clients_is_an_error():
-  with pytest.raises(ValueError, match='no client'):
-    server.RunningAverage().result()
-
-
-def test_pseudo_gradient_is_global_minus_mean():
-  delta = server.pseudo_gradient(_tree([1., 1.], 0.), _tree([0.5, 2.], -1.))
-  np.testing.assert_allclose(delta['w'], [0.5, -1.0])
-  np.testing.assert_allclose(delta['block']['b'], 1.0)
 
 
 def _run_outer(tx, theta0, means):
@@ -106,22 +74,13 @@ def test_outer_adam_first_step_moves_by_lr():
 def test_lr_one_momentum_zero_is_fedavg(name):
   rng = np.random.default_rng(2)
   clients = [_tree(rng.normal(size=5), rng.normal()) for _ in range(3)]
-  weights = server.client_weights([1, 2, 5], 'tokens')
-  mean = server.weighted_average(clients, weights)
+  weights = aggregation.normalized_weights([1, 2, 5])
+  mean = aggregation.weighted_average(clients, weights)
   tx = optimizers.outer_optimizer(name, lr=1.0, momentum=0.0)
   state = server.init_server_state(_tree(rng.normal(size=5), rng.normal()), tx)
   state, _ = server.make_server_update(tx)(state, mean)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
                state.params, mean)
-
-
-def test_sample_clients_is_seeded_subset():
-  a = server.sample_clients(10, 4, seed=3, round_idx=7)
-  assert len(set(a.tolist())) == 4 and all(0 <= k < 10 for k in a)
-  np.testing.assert_array_equal(a, server.sample_clients(10, 4, seed=3, round_idx=7))
-  draws = {tuple(server.sample_clients(10, 4, seed=3, round_idx=r)) for r in range(20)}
-  assert len(draws) > 10
-  np.testing.assert_array_equal(server.sample_clients(8, 8, seed=0, round_idx=1), np.arange(8))
 
 
 @pytest.mark.parametrize('overrides, message', [

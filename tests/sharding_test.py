@@ -20,9 +20,11 @@ from jax.sharding import PartitionSpec as P
 
 from configs import base
 from configs import tiny
+from fedjax_pt import aggregation
 from fedjax_pt import client as client_lib
 from fedjax_pt import model as model_lib
 from fedjax_pt import optimizers
+from fedjax_pt import sampling
 from fedjax_pt import server as server_lib
 from fedjax_pt import sharding
 from fedjax_pt import train
@@ -70,12 +72,12 @@ def _round(layout_kwargs: tuple, model: model_lib.ModelConfig = MODEL, micro_bat
   state = server_lib.init_server_state(params, OUTER, layout.params(model))
   server_update = server_lib.make_server_update(OUTER, like=state)
   iterators = [_batches(k) for k in range(CLIENTS)]
-  groups = server_lib.client_groups(list(range(CLIENTS)), trainer.parallel)
+  groups = sampling.client_groups(list(range(CLIENTS)), trainer.parallel)
   opt_states = [None] * CLIENTS
   if kept:
     opt_states = [r.state.opt_state for g in groups for r in trainer.train(
         state.params, 0, [iterators[k] for k in g], [None] * len(g), 1)]
-  average, results = server_lib.RunningAverage(), []
+  average, results = aggregation.RunningAverage(), []
   for group in groups:
     for k, result in zip(group, trainer.train(state.params, 5, [iterators[k] for k in group],
                                               [opt_states[k] for k in group], STEPS, log_every=1)):
@@ -204,15 +206,12 @@ def test_parameters_that_the_mesh_cannot_split_are_an_error():
 
 
 def _run_config(**mesh):
-  config = tiny.get_config()
+  config = tiny.get_config('test')
   config.seed = 2  # round 1: client 0 crashes, client 1 returns NaN, clients 2 and 3 are fine
-  config.model.d_model, config.model.num_heads = 32, 2
-  config.data.seq_len, config.data.batch_size = 32, 4
   config.eval.max_batches = 1
-  config.fl.num_clients = config.fl.clients_per_round = 4
   config.fl.rounds, config.fl.local_steps = 1, 2
   config.fl.fault.failure_prob, config.fl.fault.nan_prob = 0.2, 0.2
-  config.log.progress, config.log.tensorboard, config.ckpt.every_rounds = False, False, 0
+  config.log.tensorboard, config.ckpt.every_rounds = False, 0
   config.mesh.update(mesh)
   return config
 
@@ -223,9 +222,9 @@ def test_round_loop_with_parallel_clients_and_faults_matches_sequential(tmp_path
   sequential = train.run(_run_config(fsdp=4), str(tmp_path / 'sequential'))
   parallel = train.run(_run_config(clients=2, fsdp=4), str(tmp_path / 'parallel'))
   for run in (sequential, parallel):
-    assert sorted(run.last_round['failed_clients']) == [0, 1]
-    assert run.last_round['num_aggregated'] == 2
-  np.testing.assert_allclose(parallel.last_round['train_loss'], sequential.last_round['train_loss'],
+    assert sorted(run.last_round.failed_clients) == [0, 1]
+    assert run.last_round.num_aggregated == 2
+  np.testing.assert_allclose(parallel.last_round.train_loss, sequential.last_round.train_loss,
                              rtol=RTOL)
   _assert_close(jax.device_get(parallel.params), jax.device_get(sequential.params))
 

@@ -15,9 +15,7 @@ from configs import tiny
 from fedjax_pt import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ['--config.model.d_model=32', '--config.model.num_heads=2', '--config.data.seq_len=32',
-         '--config.data.batch_size=4', '--config.eval.max_batches=2', '--config.fl.local_steps=3',
-         '--config.opt.warmup_steps=1', '--config.opt.schedule_steps=20', '--config.log.progress=False']
+TEST_CONFIG = '--config=configs/tiny.py:test'
 
 
 def _main(workdir, *flags, timeout=300):
@@ -31,7 +29,7 @@ def _records(workdir, kind):
 
 
 def test_tiny_config_two_rounds_through_main(tmp_path):
-  result = _main(tmp_path, *SMALL, '--config.fl.rounds=2', '--config.fl.num_clients=2',
+  result = _main(tmp_path, TEST_CONFIG, '--config.fl.num_clients=2',
                  '--config.fl.clients_per_round=2')
   assert result.returncode == 0, result.stderr[-3000:]
   rounds = _records(tmp_path, 'round')
@@ -51,13 +49,7 @@ def test_tiny_config_two_rounds_through_main(tmp_path):
 
 
 def _config(**overrides):
-  config = tiny.get_config()
-  config.model.d_model, config.model.num_heads = 32, 2
-  config.data.seq_len, config.data.batch_size = 32, 4
-  config.eval.max_batches = 2
-  config.opt.warmup_steps, config.opt.schedule_steps = 1, 20
-  config.log.progress = False
-  config.fl.rounds, config.fl.local_steps = 2, 3
+  config = tiny.get_config('test')
   for key, value in overrides.items():
     group, name = key.split('__')
     if group == 'mode':
@@ -107,3 +99,45 @@ def test_empty_corpus_exits_with_one_line(tmp_path):
   assert result.returncode != 0
   assert 'Traceback' not in result.stderr
   assert str(empty) in result.stderr.strip().splitlines()[-1]
+
+
+# Round 1 of `configs/tiny.py:test` (4 clients x 3 local AdamW steps, then one outer Nesterov step),
+# measured when the round object was introduced. Update these numbers only on purpose: when a
+# change is meant to alter the algorithm, its initialisation, data order or loss.
+GOLDEN_TRAIN_LOSS = 5.889157772064209  # mean of the clients' mean loss over their 3 steps
+GOLDEN_VAL_LOSS = 5.641477823257446  # the server model after the outer step
+# Another CPU (AVX-512 vs AVX2, FMA) or device split rounds float32 differently; over 3 small steps
+# that moves these losses by a few 1e-7 relative (sharded vs one device: 2.3e-7, sharding_test).
+# Any change to the recipe moves them by far more (measured): local lr x1.01 by 4.4e-4 relative,
+# outer lr 0.7 -> 0.69 by 5.9e-4, another seed by 1.5e-2, one more local step by 2.4e-2.
+GOLDEN_RTOL = 1e-5
+
+
+def test_golden_losses_of_the_test_config(tmp_path):
+  record = train.run(_config(fl__rounds=1), str(tmp_path)).last_round
+  assert record.train_loss == pytest.approx(GOLDEN_TRAIN_LOSS, rel=GOLDEN_RTOL), (
+      'the tiny test config no longer gives its golden losses; if the change is meant to alter '
+      'the algorithm, update GOLDEN_* in tests/train_test.py')
+  assert record.val_loss == pytest.approx(GOLDEN_VAL_LOSS, rel=GOLDEN_RTOL)
+
+
+def test_an_error_before_the_first_round_leaves_the_workdir_usable(tmp_path):
+  """data.only_client is for the centralized solo baseline: refused in one line, before anything
+  is written, and the corrected command then runs in the same workdir."""
+  result = _main(tmp_path, TEST_CONFIG, '--config.data.only_client=0')
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr and 'NoneType' not in result.stderr
+  assert 'data.only_client=0 trains one client alone: it needs mode=centralized' in result.stderr
+  assert not os.path.exists(tmp_path / 'config.json')
+  fixed = _main(tmp_path, TEST_CONFIG, '--config.data.only_client=0',
+                '--config.mode=centralized', '--config.fl.rounds=1')
+  assert fixed.returncode == 0, fixed.stderr[-2000:]
+
+
+def test_a_workdir_whose_run_failed_before_round_one_accepts_another_config(tmp_path):
+  # A run that wrote config.json but never finished a round (killed while compiling) holds no run.
+  (tmp_path / 'config.json').write_text('{"mode": "federated", "fl": {"outer_lr": 123.0}}')
+  (tmp_path / 'metrics.jsonl').write_text('')
+  train.run(_config(fl__rounds=1), str(tmp_path))
+  with open(tmp_path / 'config.json', encoding='utf-8') as f:
+    assert json.load(f)['fl']['outer_lr'] == 0.7

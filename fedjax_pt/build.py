@@ -1,0 +1,105 @@
+"""Assembly: everything a run (or a benchmark, or a notebook) builds from a config, and nothing else.
+
+No function here touches a workdir: `fedjax_pt.workdir` decides what a directory means for a run,
+`fedjax_pt.train` wires the two together.
+
+    spec = RunSpec.from_config(config)
+    model_cfg = build.model_config(config)         # reads only the tokenizer
+    parts = build.build(spec, model_cfg)           # reads the data, creates the sharded model
+"""
+
+import dataclasses
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+
+from fedjax_pt import client as client_lib
+from fedjax_pt import data as data_lib
+from fedjax_pt import federation
+from fedjax_pt import metrics
+from fedjax_pt import model as model_lib
+from fedjax_pt import optimizers
+from fedjax_pt import sharding
+from fedjax_pt import simulation
+from fedjax_pt.run_spec import RunSpec
+
+
+def model_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
+  """The model of `config`, its vocabulary and positions derived from the tokenizer and data."""
+  tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
+  return model_lib.ModelConfig.from_config(
+      config.model, vocab_size=data_lib.padded_vocab_size(tokenizer.vocab_size),
+      seq_len=config.data.seq_len)
+
+
+def resolved_config(config: ml_collections.ConfigDict,
+                    model_cfg: model_lib.ModelConfig) -> dict[str, Any]:
+  """The config as a run records it (config.json): with the model's derived values."""
+  resolved = config.to_dict()
+  resolved['model'] = dataclasses.asdict(model_cfg)
+  return resolved
+
+
+@dataclasses.dataclass
+class Model:
+  """The model on the devices: mesh layout, sharded initial parameters, compiled local training."""
+  cfg: model_lib.ModelConfig
+  layout: sharding.Layout
+  params: Any
+  param_shardings: Any
+  trainer: client_lib.Trainer
+
+
+def build_model(model_cfg: model_lib.ModelConfig, opt_cfg: optimizers.OptConfig,
+                mesh_cfg: sharding.MeshConfig, micro_batch_size: int = 0, seed: int = 0) -> Model:
+  layout = sharding.Layout.create(mesh_cfg)
+  logging.info('mesh: %s', dict(layout.mesh.shape))
+  return Model(
+      cfg=model_cfg, layout=layout,
+      params=sharding.init_params(model_cfg, jax.random.key(seed), layout),
+      param_shardings=layout.params(model_cfg),
+      trainer=client_lib.Trainer(model_cfg, opt_cfg, layout, micro_batch_size))
+
+
+@dataclasses.dataclass
+class Parts:
+  spec: RunSpec
+  model: Model
+  data: data_lib.FederatedData
+  evaluator: metrics.Evaluator
+  lr_schedule: Any
+
+
+def build(spec: RunSpec, model_cfg: model_lib.ModelConfig) -> Parts:
+  """Reads, tokenizes and partitions the data, then builds the model and its compiled steps."""
+  data = data_lib.build_federated_data(spec.data, num_clients=spec.fl.num_clients, seed=spec.seed)
+  logging.info('model: %s parameters (%s)', f'{model_lib.param_count(model_cfg):,}', model_cfg)
+  logging.info('data: %d clients, tokenizer %s (vocab %d, model vocab %d)', data.num_clients,
+               data.tokenizer.name, data.tokenizer.vocab_size, model_cfg.vocab_size)
+  model = build_model(model_cfg, spec.opt, spec.mesh, spec.data.micro_batch_size, spec.seed)
+  ways = spec.mesh.data * spec.mesh.fsdp
+
+  def val_set(client=None):
+    return metrics.padded(data.val_batches(spec.eval_batch_size, spec.eval_max_batches, client),
+                          ways)
+
+  per_client = spec.eval_per_client and spec.mode == 'federated'
+  evaluator = metrics.Evaluator(
+      metrics.make_eval_step(model_cfg, model.layout), val_set(),
+      [val_set(k) for k in range(data.num_clients)] if per_client else [],
+      spec.eval_every_rounds, spec.fl.rounds)
+  return Parts(spec, model, data, evaluator, optimizers.lr_schedule(spec.opt))
+
+
+def round_object(parts: Parts, progress) -> tuple[Any, Any]:
+  """The run's algorithm and the clients it drives: federated over simulated clients, or the
+  centralized baseline over the union of their data."""
+  spec, model = parts.spec, parts.model
+  if spec.mode == 'centralized':
+    return (federation.CentralizedAlgorithm(model.trainer),
+            simulation.CentralizedClient(spec, model.trainer, parts.data, progress))
+  algorithm = federation.FederatedAlgorithm(spec.fl, spec.faults, spec.seed, model.param_shardings,
+                                            spec.per_layer_norms)
+  return algorithm, simulation.SimulatedClients(spec, model.trainer, parts.data, progress)

@@ -1,0 +1,86 @@
+"""Records: typed round and step records to JSON and TensorBoard and back, summaries, crossings."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fedjax_pt import records
+from fedjax_pt import reporting
+
+
+def test_writer_writes_parseable_json_and_tensorboard(tmp_path):
+  writer = records.RecordWriter(str(tmp_path))
+  writer.write(records.RoundRecord(round=1, tokens=10, val_loss=float('nan'),
+                                   client_train_loss={3: np.float32(1.5)}, clients=[3]))
+  writer.write(records.StepRecord(round=1, client=3, step=2, local_step=2, loss=1.0,
+                                  grad_norm=2.0, update_norm=0.1, lr=1e-3))
+  writer.close()
+  with open(tmp_path / 'metrics.jsonl', encoding='utf-8') as f:
+    lines = [json.loads(line) for line in f]  # strict JSON: NaN is written as null
+  assert lines[0]['kind'] == 'round' and lines[1]['kind'] == 'step'
+  assert lines[0]['val_loss'] is None and lines[0]['client_train_loss'] == {'3': 1.5}
+  # Keys of the other mode are absent, not null; the validation keys are always there.
+  assert 'grad_norm' not in lines[0] and 'val_ppl' in lines[0]
+  events = os.listdir(tmp_path / 'tensorboard')
+  assert len(events) == 1 and os.path.getsize(tmp_path / 'tensorboard' / events[0]) > 0
+
+
+def test_records_round_trip(tmp_path):
+  record = records.RoundRecord(round=2, tokens=20, val_ppl=3.5, clients=[0, 1],
+                               client_norm={0: 1.0, 1: 2.0}, failed_clients={'1@1': 'late'})
+  step = records.StepRecord(round=2, client=-1, step=7, local_step=3, loss=1.5, grad_norm=0.5,
+                            update_norm=0.25, lr=1e-3)
+  writer = records.RecordWriter(str(tmp_path), tensorboard=False)
+  writer.write(step)
+  writer.write(record)
+  writer.close()
+  read = records.read_records(str(tmp_path))
+  assert read.steps == [step]
+  assert read.rounds[0].val_ppl == 3.5 and read.rounds[0].client_norm == {'0': 1.0, '1': 2.0}
+  assert read.rounds[0].grad_norm is None
+
+
+def test_reader_skips_a_torn_last_line_and_unknown_keys(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"kind": "round", "round": 1, "tokens": 5, "future_key": 1}\n{"kind": "ro')
+  read = records.read_records(str(path))
+  assert [(r.round, r.tokens) for r in read.rounds] == [(1, 5)] and not read.steps
+
+
+def _rounds(ppls):
+  return [records.RoundRecord(round=i + 1, tokens=100 * (i + 1), val_ppl=p, round_time_s=2.0,
+                              bytes_sent=2_000_000 * (i + 1), bytes_received=2_000_000 * (i + 1))
+          for i, p in enumerate(ppls)]
+
+
+def test_summarize_and_summary_table():
+  rounds = _rounds([30.0, 20.0, None])
+  summary = records.summarize(rounds)
+  assert (summary.rounds, summary.final_val_ppl, summary.best_val_ppl, summary.best_round) == (
+      3, 20.0, 20.0, 2)
+  assert summary.tokens == 300 and summary.bytes_communicated == 12_000_000
+  assert summary.train_time_s == 6.0
+  table = reporting.summary_table(rounds, 12.0)
+  assert 'best val_ppl                        20.000 (round 2)' in table
+  assert '6.00 MB' in table and '300' in table
+  empty = records.summarize([])
+  assert empty.rounds is None and empty.bytes_communicated is None
+
+
+@pytest.mark.parametrize('a, b, text', [
+    ([1, 1, 1], [2, 2, 2], 'below at every evaluation (from step 1; last -50.0%)'),
+    ([3, 3, 3], [2, 2, 2], 'above at every evaluation, up to step 3 (last +50.0%)'),
+    ([3, 1, 1], [2, 2, 2], 'crosses below between step 1 and step 2 and stays below'),
+    ([1, 3, 3], [2, 2, 2], 'below at step 1 only, above from step 2 on (last +50.0%)'),
+])
+def test_crossing(a, b, text):
+  curve_a = records.curve(_rounds(a))
+  curve_b = records.curve(_rounds(b))
+  assert records.crossing(curve_a, curve_b).describe('step ') == text
+
+
+def test_curve_scales_x_and_skips_missing_values():
+  assert records.curve(_rounds([5.0, None, 4.0]), scale=50) == [(50, 5.0), (150, 4.0)]
+  assert records.crossing([(1, 1.0)], [(2, 1.0)]).describe() == 'no common evaluation'
