@@ -28,9 +28,12 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 from matplotlib import ticker  # pylint: disable=wrong-import-position
 
-from experiments import sweep  # pylint: disable=wrong-import-position
+from experiments import sweep_report  # pylint: disable=wrong-import-position
+from experiments import sweep_runner  # pylint: disable=wrong-import-position
+from experiments import sweep_spec  # pylint: disable=wrong-import-position
 from fedjax_pt import model as model_lib  # pylint: disable=wrong-import-position
 from fedjax_pt import plot  # pylint: disable=wrong-import-position
+from fedjax_pt import records  # pylint: disable=wrong-import-position
 
 SIZES = (32, 64, 128)
 VARIANTS = ('nesterov', 'centralized', 'solo', 'fedavg', 'tau10', 'tau200', 'kept_opt')
@@ -39,9 +42,9 @@ VARIANTS = ('nesterov', 'centralized', 'solo', 'fedavg', 'tau10', 'tau200', 'kep
 def load(root: str, spec_path: str) -> dict[tuple[int, str], plot.Run]:
   """{(d_model, variant): run} of every study run that has logged a round."""
   runs = {}
-  for spec_run in sweep.expand(sweep.load_spec(spec_path)):
+  for spec_run in sweep_spec.expand(sweep_spec.load_spec(spec_path)):
     workdir = os.path.join(root, spec_run.name)
-    if not sweep.read_rounds(workdir):
+    if not sweep_runner.read_rounds(workdir):
       continue
     run = plot.load_run(workdir, label=spec_run.name)
     variant = spec_run.name.split(',')[-1]
@@ -51,32 +54,12 @@ def load(root: str, spec_path: str) -> dict[tuple[int, str], plot.Run]:
 
 def steps_of(run: plot.Run) -> list[tuple[int, float]]:
   """(local steps per client, val_ppl) of every evaluated round."""
-  tau = run.config['fl']['local_steps']
-  return [(r['round'] * tau, r['val_ppl']) for r in run.rounds
-          if isinstance(r.get('val_ppl'), (int, float)) and math.isfinite(r['val_ppl'])]
+  return records.curve(run.rounds, scale=run.config['fl']['local_steps'])
 
 
 def crossing(fed: plot.Run, other: plot.Run) -> str:
   """Where the federated curve is below `other`'s, at the steps both evaluated."""
-  a, b = dict(steps_of(fed)), dict(steps_of(other))
-  common = sorted(set(a) & set(b))
-  if not common:
-    return 'no common evaluation'
-  return describe_crossing(common, [a[s] < b[s] for s in common],
-                           a[common[-1]] / b[common[-1]] - 1)
-
-
-def describe_crossing(steps: Sequence[int], below: Sequence[bool], last_gap: float) -> str:
-  if all(below):
-    return f'below at every evaluation (from step {steps[0]}; last {last_gap:+.1%})'
-  if not any(below):
-    return f'above at every evaluation, up to step {steps[-1]} (last {last_gap:+.1%})'
-  if below[-1]:
-    i = max(j for j, x in enumerate(below) if not x)
-    return f'crosses below between steps {steps[i]} and {steps[i + 1]} and stays below'
-  i = max(j for j, x in enumerate(below) if x)
-  at = ', '.join(str(s) for s, x in zip(steps, below) if x)
-  return f'below at step {at} only, above from step {steps[i + 1]} on (last {last_gap:+.1%})'
+  return records.crossing(steps_of(fed), steps_of(other)).describe('step ')
 
 
 def params_of(run: plot.Run) -> int | None:
@@ -100,8 +83,8 @@ def rows(runs: Mapping[tuple[int, str], plot.Run], root: str) -> list[dict[str, 
   out = []
   for (d, variant), run in sorted(runs.items(), key=lambda kv: (kv[0][0],
                                                                  VARIANTS.index(kv[0][1]))):
-    summary = sweep.summarize(sweep.Run(os.path.basename(run.workdir), '', {}, {}),
-                              os.path.join(root, os.path.basename(run.workdir)))
+    summary = sweep_report.summarize(sweep_spec.Run(os.path.basename(run.workdir), '', {}, {}),
+                                     os.path.join(root, os.path.basename(run.workdir)))
     fl = run.config['fl']
     federated = run.config['mode'] == 'federated'
     sent = (summary['bytes_sent'] or 0) + (summary['bytes_received'] or 0)

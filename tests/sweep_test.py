@@ -1,4 +1,4 @@
-"""Tests of experiments/sweep.py: grid expansion and naming, skip / resume / restart, results tables.
+"""Tests of experiments/sweep*.py: grid expansion and naming, skip / resume / restart, results tables.
 
 Most tests drive the sweep with a fake trainer (a few lines of Python that speak fedjax_pt.main's
 command line and write its files), so skip and resume logic is checked quickly and exactly; one test
@@ -16,13 +16,17 @@ import time
 
 import pytest
 
-from experiments import sweep
+from experiments import sweep_report
+from experiments import sweep_runner
+from experiments import sweep_spec
+from fedjax_pt import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Speaks `python -m fedjax_pt.main --config=... --workdir=... --config.KEY=VALUE` and writes
 # config.json and metrics.jsonl like it. FAKE_RESUME=1: continues an existing metrics.jsonl (the
-# checkpoint/resume behaviour); otherwise refuses it as fedjax_pt.main does today. FAKE_DIE_AT=r:
+# checkpoint/resume behaviour); otherwise refuses it as fedjax_pt.main refuses a workdir it cannot
+# continue (exit code errors.EXIT_WORKDIR_REFUSED). FAKE_DIE_AT=r:
 # dies after logging round r-1, once (a marker file in the workdir remembers that it died).
 FAKE_TRAINER = textwrap.dedent('''\
     import json, os, sys
@@ -33,9 +37,8 @@ FAKE_TRAINER = textwrap.dedent('''\
     done = 0
     if os.path.exists(metrics):
       if os.environ.get('FAKE_RESUME') != '1':
-        print(f'fedjax_pt: error: --workdir={workdir} already holds a run ({metrics}); '
-              'choose a new --workdir', file=sys.stderr)
-        sys.exit(2)
+        print(f'fedjax_pt: error: --workdir={workdir} holds another run', file=sys.stderr)
+        sys.exit(REFUSED)
       done = sum(1 for l in open(metrics) if '"kind": "round"' in l)
     os.makedirs(workdir, exist_ok=True)
     config = {'mode': args.get('config.mode', 'federated'), 'fl': {'rounds': rounds},
@@ -56,7 +59,7 @@ FAKE_TRAINER = textwrap.dedent('''\
         f.write(json.dumps({'kind': 'step', 'round': r}) + '\\n')
         f.write(json.dumps(record) + '\\n')
     print('done')
-    ''')
+    ''').replace('REFUSED', str(errors.EXIT_WORKDIR_REFUSED))
 
 
 @pytest.fixture
@@ -86,7 +89,7 @@ def _results(root):
 
 
 def _attempts(root, name):
-  with open(os.path.join(root, name, sweep.STATE_FILE), encoding='utf-8') as f:
+  with open(os.path.join(root, name, sweep_runner.STATE_FILE), encoding='utf-8') as f:
     return json.load(f)['attempts']
 
 
@@ -104,7 +107,7 @@ def test_product_zip_variants_and_groups():
       'groups': [{'name': 'central', 'base': {'mode': 'centralized'},
                   'grid': [{'model.d_model': [32]}]}],
   }
-  runs = sweep.expand(spec, {'eval.max_batches': 2})
+  runs = sweep_spec.expand(spec, {'eval.max_batches': 2})
   assert [r.name for r in runs] == [
       'd_model=32,local_steps=10,rounds=50,nesterov', 'd_model=32,local_steps=10,rounds=50,fedavg',
       'd_model=32,local_steps=50,rounds=10,nesterov', 'd_model=32,local_steps=50,rounds=10,fedavg',
@@ -124,8 +127,8 @@ def test_product_zip_variants_and_groups():
 
 
 def test_set_wins_over_the_grid_and_values_format_for_config_flags():
-  runs = sweep.expand({'config': 'c.py', 'grid': [{'fl.rounds': [5, 6]}]},
-                      sweep.parse_set(['fl.rounds=2', 'fl.reset_optimizer=false', 'opt.lr=1e-3',
+  runs = sweep_spec.expand({'config': 'c.py', 'grid': [{'fl.rounds': [5, 6]}]},
+                      sweep_spec.parse_set(['fl.rounds=2', 'fl.reset_optimizer=false', 'opt.lr=1e-3',
                                        'data.path=/a/b.jsonl']))
   assert [r.name for r in runs] == ['rounds=5', 'rounds=6']
   assert runs[0].command('W')[5:] == [
@@ -134,12 +137,12 @@ def test_set_wins_over_the_grid_and_values_format_for_config_flags():
 
 
 def test_names_disambiguate_keys_shorten_paths_and_stay_short():
-  assert sweep.run_name([('data.batch_size', 8), ('eval.batch_size', 4)]) == (
+  assert sweep_spec.run_name([('data.batch_size', 8), ('eval.batch_size', 4)]) == (
       'data.batch_size=8,eval.batch_size=4')
-  assert sweep.run_name([('data.path', '/x/y/c4 sample.jsonl')]) == 'path=c4_sample.jsonl'
-  assert sweep.run_name([]) == 'base'
-  long = sweep.run_name([(f'k{i}', 'v' * 20) for i in range(20)])
-  assert len(long) == 120 and long != sweep.run_name([(f'k{i}', 'w' * 20) for i in range(20)])
+  assert sweep_spec.run_name([('data.path', '/x/y/c4 sample.jsonl')]) == 'path=c4_sample.jsonl'
+  assert sweep_spec.run_name([]) == 'base'
+  long = sweep_spec.run_name([(f'k{i}', 'v' * 20) for i in range(20)])
+  assert len(long) == 120 and long != sweep_spec.run_name([(f'k{i}', 'w' * 20) for i in range(20)])
 
 
 @pytest.mark.parametrize('spec, message', [
@@ -151,14 +154,14 @@ def test_names_disambiguate_keys_shorten_paths_and_stay_short():
     ({'config': 'c', 'grids': []}, r'unknown key\(s\) grids'),
 ])
 def test_bad_specs_name_the_culprit(spec, message):
-  with pytest.raises(sweep.SpecError, match=message):
-    sweep.expand(spec)
+  with pytest.raises(sweep_spec.SpecError, match=message):
+    sweep_spec.expand(spec)
 
 
 def test_python_spec(tmp_path):
   path = tmp_path / 'spec.py'
   path.write_text("SPEC = {'config': 'c.py', 'grid': [{'seed': [0, 1]}]}\n")
-  assert [r.name for r in sweep.expand(sweep.load_spec(str(path)))] == ['seed=0', 'seed=1']
+  assert [r.name for r in sweep_spec.expand(sweep_spec.load_spec(str(path)))] == ['seed=0', 'seed=1']
 
 
 # --- status and results ---------------------------------------------------------------------------
@@ -176,22 +179,22 @@ def _fake_run(workdir, rounds_total, rounds_done, torn=False, **extra):
 
 
 def test_status_reads_config_rounds_and_tolerates_a_torn_line(tmp_path):
-  assert sweep.status(str(tmp_path / 'none')) == 'new'
+  assert sweep_runner.status(str(tmp_path / 'none')) == 'new'
   _fake_run(tmp_path / 'a', 3, 3)
   _fake_run(tmp_path / 'b', 3, 2, torn=True)
-  assert sweep.status(str(tmp_path / 'a')) == 'finished'
-  assert sweep.status(str(tmp_path / 'b')) == 'unfinished'
+  assert sweep_runner.status(str(tmp_path / 'a')) == 'finished'
+  assert sweep_runner.status(str(tmp_path / 'b')) == 'unfinished'
 
 
 def test_summary_final_best_and_blank_for_missing_keys(tmp_path):
   _fake_run(tmp_path / 'a', 4, 4)
   _fake_run(tmp_path / 'b', 4, 2, bytes_sent=5, bytes_received=7)
-  rows = [sweep.summarize(sweep.Run(n, 'c', {}, {}), str(tmp_path / n)) for n in 'ab']
+  rows = [sweep_report.summarize(sweep_spec.Run(n, 'c', {}, {}), str(tmp_path / n)) for n in 'ab']
   assert rows[0]['final_val_ppl'] == 6.0  # the last evaluated round (round 4 was not)
   assert (rows[0]['best_val_ppl'], rows[0]['best_round']) == (4.0, 2)
   assert rows[0]['bytes_sent'] is None and rows[0]['tokens'] == 40
   assert rows[1]['status'] == 'unfinished' and rows[1]['bytes_received'] == 7
-  csv_path, md_path = sweep.write_results(rows, str(tmp_path))
+  csv_path, md_path = sweep_report.write_results(rows, str(tmp_path))
   with open(csv_path, encoding='utf-8') as f:
     got = list(csv.DictReader(f))
   assert got[0]['bytes_sent'] == '' and got[1]['bytes_sent'] == '5'
@@ -222,8 +225,8 @@ def test_study_report_tables_crossings_and_figure(tmp_path):
   assert study_report.main([f'--root={tmp_path / "root"}', f'--spec={spec}', f'--out={out}']) == 0
   table = (out / 'study.md').read_text()
   assert '| `d_model=32,nesterov` | k | 50 | 4/4 | 0.00M | 9.00 | 9.00 | +12.5% | -10.0% |' in table
-  assert ('| `d_model=32,nesterov` | `d_model=32,solo` | crosses below between steps 50 and 100 '
-          'and stays below |') in table
+  assert ('| `d_model=32,nesterov` | `d_model=32,solo` | crosses below between step 50 and step '
+          '100 and stays below |') in table
   assert ('| `d_model=32,nesterov` | `d_model=32,centralized` | below at step 150 only, above '
           'from step 200 on (last +12.5%) |') in table
   assert (out / 'study.png').stat().st_size > 0
@@ -270,7 +273,7 @@ def test_unresumable_run_is_moved_aside_and_restarted(fake):
   assert 'cannot resume it; moved aside' in second.stdout
   assert _results(root)['lr=1.0,fed']['status'] == 'finished'
   aside = os.path.join(root, 'lr=1.0,fed.incomplete-1')
-  assert len(sweep.read_rounds(aside)) == 2  # the partial run is kept, not deleted
+  assert len(sweep_runner.read_rounds(aside)) == 2  # the partial run is kept, not deleted
   assert [a['refused'] for a in _attempts(root, 'lr=1.0,fed')] == [False]
 
 
@@ -283,7 +286,7 @@ def test_resumable_run_is_continued_in_place(fake):
   assert result.returncode == 0, result.stderr
   rows = _results(root)
   assert [rows[n]['status'] for n in NAMES[2:]] == ['finished', 'finished']
-  assert [r['round'] for r in sweep.read_rounds(os.path.join(root, 'lr=2.0,fed'))] == [1, 2, 3]
+  assert [r.round for r in sweep_runner.read_rounds(os.path.join(root, 'lr=2.0,fed'))] == [1, 2, 3]
   assert [a['resumed'] for a in _attempts(root, 'lr=2.0,fed')] == [False, True]
   assert not [d for d in os.listdir(root) if 'incomplete' in d]
 
@@ -293,9 +296,25 @@ def test_restart_mode_moves_aside_first_and_changed_spec_is_refused(fake):
   _sweep(spec, root, '--only=lr=1.0,central', cwd=fake, env={'FAKE_DIE_AT': '2'})
   result = _sweep(spec, root, '--only=lr=1.0,central', '--resume=restart', cwd=fake)
   assert result.returncode == 0 and os.path.isdir(os.path.join(root, 'lr=1.0,central.incomplete-1'))
-  changed = _sweep(spec, root, '--only=lr=1.0,central', '--set=fl.rounds=4', cwd=fake)
+  changed = _sweep(spec, root, '--only=lr=1.0,central', '--set=fl.local_steps=7', cwd=fake)
   assert changed.returncode == 2
-  assert 'was run with other values of fl.rounds' in changed.stderr
+  assert 'was run with other values of fl.local_steps' in changed.stderr
+
+
+def test_raising_rounds_continues_a_finished_run(fake):
+  """fl.rounds may change between sessions: a finished run asked for more rounds is resumed."""
+  spec, root = _spec(fake, SPEC), str(fake / 'root')
+  env = {'FAKE_RESUME': '1'}
+  assert _sweep(spec, root, '--only=lr=1.0,fed', cwd=fake, env=env).returncode == 0
+  longer = _sweep(spec, root, '--only=lr=1.0,fed', '--set=fl.rounds=5', cwd=fake, env=env)
+  assert longer.returncode == 0, longer.stderr
+  assert 'finished, skipped' not in longer.stdout
+  workdir = os.path.join(root, 'lr=1.0,fed')
+  assert [r.round for r in sweep_runner.read_rounds(workdir)] == [1, 2, 3, 4, 5]
+  assert _results(root)['lr=1.0,fed']['rounds_total'] == '5'
+  # The requested rounds, not config.json's, decide: a run asked for more is unfinished.
+  assert sweep_runner.status(workdir, 5) == 'finished'
+  assert sweep_runner.status(workdir, 6) == 'unfinished'
 
 
 def test_dry_run_prints_commands_and_runs_nothing(fake):
@@ -327,13 +346,13 @@ def test_real_sweep_from_clean_root_interrupted_and_resumed(tmp_path):
                           text=True)
   deadline = time.time() + 240
   # A few rounds in, so that a trainer that checkpoints every round has something to resume from.
-  while len(sweep.read_rounds(str(root / 'long'))) < 3 and proc.poll() is None:
+  while len(sweep_runner.read_rounds(str(root / 'long'))) < 3 and proc.poll() is None:
     assert time.time() < deadline, 'the long run logged too few rounds in time'
     time.sleep(0.05)
   proc.send_signal(signal.SIGINT)
   out, err = proc.communicate(timeout=60)
-  assert sweep.status(str(root / 'short')) == 'finished', out + err
-  if sweep.status(str(root / 'long')) == 'finished':
+  assert sweep_runner.status(str(root / 'short')) == 'finished', out + err
+  if sweep_runner.status(str(root / 'long')) == 'finished':
     pytest.skip('the long run finished before the interrupt reached it')
   assert proc.returncode == 130, out + err
 
@@ -346,6 +365,6 @@ def test_real_sweep_from_clean_root_interrupted_and_resumed(tmp_path):
   assert float(rows['long']['final_val_ppl']) > 1
   aside = [d for d in os.listdir(root) if d.startswith('long.incomplete-')]
   if aside:  # restarted: the interrupted run's rounds are kept beside it
-    assert sweep.read_rounds(str(root / aside[0]))
+    assert sweep_runner.read_rounds(str(root / aside[0]))
   else:  # resumed in place: every round logged once
-    assert [r['round'] for r in sweep.read_rounds(str(root / 'long'))] == list(range(1, 26))
+    assert [r.round for r in sweep_runner.read_rounds(str(root / 'long'))] == list(range(1, 26))

@@ -1,0 +1,90 @@
+"""The results of a sweep: ROOT/results.csv (every column) and ROOT/results.md (a readable table).
+
+One row per run, condensed from its round records by `fedjax_pt.records.summarize` (final and best
+validation perplexity, tokens, bytes communicated, time); blank where a run has not logged it.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from experiments import sweep_runner
+from experiments.sweep_spec import Run, format_value
+from fedjax_pt import records
+from fedjax_pt import reporting
+
+COLUMNS = ('run', 'status', 'mode', 'rounds', 'rounds_total', 'tokens', 'final_val_ppl',
+           'best_val_ppl', 'best_round', 'bytes_sent', 'bytes_received', 'train_time_s', 'wall_s',
+           'overrides')
+
+
+def summarize(run: Run, workdir: str, rounds_total: int | None = None) -> dict[str, Any]:
+  """One row of the results table; `rounds_total` is what the run asks for (default: the fl.rounds
+  of its config.json)."""
+  config = sweep_runner.read_config(workdir)
+  rounds_total = rounds_total if rounds_total is not None else sweep_runner.total_rounds(config)
+  s = records.summarize(sweep_runner.read_rounds(workdir))
+  return {
+      'run': run.name,
+      'status': sweep_runner.status(workdir, rounds_total),
+      'mode': config.get('mode', run.overrides.get('mode')),
+      'rounds': s.rounds,
+      'rounds_total': rounds_total,
+      'tokens': s.tokens,
+      'final_val_ppl': s.final_val_ppl,
+      'best_val_ppl': s.best_val_ppl,
+      'best_round': s.best_round,
+      'bytes_sent': s.bytes_sent,
+      'bytes_received': s.bytes_received,
+      'train_time_s': s.train_time_s,
+      'wall_s': sweep_runner.read_state(workdir).get('wall_s'),
+      'overrides': ' '.join(f'{k}={format_value(v)}' for k, v in run.varying.items()),
+  }
+
+
+def write_results(rows: Sequence[Mapping[str, Any]], root: str) -> tuple[str, str]:
+  """ROOT/results.csv and ROOT/results.md; returns their paths."""
+  os.makedirs(root, exist_ok=True)
+  csv_path, md_path = os.path.join(root, 'results.csv'), os.path.join(root, 'results.md')
+  with open(csv_path, 'w', encoding='utf-8', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: '' if row.get(k) is None else row[k] for k in COLUMNS})
+  with open(md_path, 'w', encoding='utf-8') as f:
+    f.write(markdown_table(rows) + '\n')
+  return csv_path, md_path
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  header = ['run', 'status', 'rounds', 'tokens', 'final val ppl', 'best val ppl (round)',
+            'MB communicated', 'train time', 'wall time']
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for r in rows:
+    sent, received = r.get('bytes_sent'), r.get('bytes_received')
+    comm = ((sent or 0) + (received or 0) if records.finite(sent) or records.finite(received)
+            else None)
+    rounds = '' if r.get('rounds') is None else f"{r['rounds']}/{r.get('rounds_total') or '?'}"
+    best = '' if r.get('best_val_ppl') is None else f"{r['best_val_ppl']:.2f} ({r['best_round']})"
+    cells = [f"`{r['run']}`", r.get('status') or '', rounds, _tokens(r.get('tokens')),
+             _num(r.get('final_val_ppl'), '.2f'), best, _num(comm and comm / 1e6, '.1f'),
+             _duration(r.get('train_time_s')), _duration(r.get('wall_s'))]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def _num(value: Any, fmt: str) -> str:
+  return format(value, fmt) if records.finite(value) else ''
+
+
+def _tokens(n: Any) -> str:
+  return reporting.format_tokens(n) if records.finite(n) else ''
+
+
+def _duration(seconds: Any) -> str:
+  if not records.finite(seconds):
+    return ''
+  return f'{seconds / 60:.1f} min' if seconds >= 120 else f'{seconds:.0f} s'
