@@ -11,6 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = 'federated'  # 'federated' | 'centralized'
   c.seed = 0
+  c.dry_run = False  # print the model's size, FLOPs per token and memory estimate, then exit
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 0  # 0: the tokenizer's vocabulary padded to a multiple of 128.
@@ -86,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('vocab', None), ('pos', None),
                   ('heads', None), ('mlp', None), ('norm', None))
   c.mesh.offload_optimizer = False  # keep Adam's moments in pinned host memory between steps
+  c.mesh.memory_check = True  # refuse, before any work, a run that cannot fit the devices' memory
 
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_rounds = 1  # 0: never (the last round is always saved otherwise)

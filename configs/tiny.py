@@ -2,9 +2,10 @@
 
   python -m fedjax_pt.main --config=configs/tiny.py --workdir=runs/tiny
 
-Expected: 4 clients x 10 rounds x 25 local steps of a 0.4M-parameter byte-level decoder; validation
-perplexity falls every round (from about 250 at initialisation towards about 5; see README.md).
-Centralized baseline on the same data: add --config.mode=centralized.
+Expected: 4 clients x 10 rounds x 25 local steps of a 0.46M-parameter byte-level decoder; the
+validation perplexity falls every round, from about 250 at initialisation (round 0) to 35.4 after
+round 1 and 18.6 after round 10 (`done: 10 rounds, val_ppl 18.59`), in about 3 to 5 minutes on 2
+CPU cores. Centralized baseline on the same data: add --config.mode=centralized.
 
 `--config=configs/tiny.py:test` is the few-second variant that the test suite builds on: a
 d_model 32 decoder on 32-byte sequences, 2 rounds of 3 local steps.

@@ -10,6 +10,7 @@ resumed by invoking the same command on the same workdir; if the trainer refuses
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import itertools
 import json
 import os
@@ -171,12 +172,15 @@ class Runner:
         if self.stopping:
           return False
         proc = subprocess.Popen(command, cwd=self.cwd, env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
         self._procs.add(proc)
       code = proc.wait()
       with self._lock:
         self._procs.discard(proc)
     elapsed = time.perf_counter() - start
+    # A refused workdir holds another run: it may be moved aside. A busy one (another live trainer
+    # holds its lock) never is.
     refused = code == errors.EXIT_WORKDIR_REFUSED
     attempt.update(returncode=code, wall_s=round(elapsed, 3), refused=refused)
     state['wall_s'] = round(state.get('wall_s', 0.0) + elapsed, 3)
@@ -207,6 +211,15 @@ class Runner:
         proc.wait(timeout=max(0.0, deadline - time.time()))
       except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _die_with_parent() -> None:
+  """In the trainer's process, before it starts: the kernel sends it SIGTERM (which it turns into
+  a clean stop at the next step) when the sweep dies, even by SIGKILL, so no orphaned trainer
+  keeps writing beside a re-run sweep's."""
+  if sys.platform.startswith('linux'):
+    pr_set_pdeathsig = 1
+    ctypes.CDLL('libc.so.6', use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def run_all(runs: Sequence[Run], runner: Runner, parallel: int = 1) -> dict[str, str]:

@@ -59,8 +59,12 @@ def load_spec(path: str) -> dict[str, Any]:
       except yaml.YAMLError as e:
         raise SpecError(f'{path}: not valid YAML ({" ".join(str(e).split())})') from e
   elif path.endswith('.py'):
-    namespace = runpy.run_path(path)
-    spec = namespace['get_spec']() if 'get_spec' in namespace else namespace.get('SPEC')
+    try:
+      namespace = runpy.run_path(path)
+      spec = namespace['get_spec']() if 'get_spec' in namespace else namespace.get('SPEC')
+    except Exception as e:  # pylint: disable=broad-except  (a syntax error, a bad import, ...)
+      raise SpecError(f'{path} does not load: {type(e).__name__}: '
+                      f'{" ".join(str(e).split())}') from e
   else:
     raise SpecError(f'{path}: a spec is a .yaml, .yml or .py file')
   if not isinstance(spec, dict):

@@ -17,6 +17,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from fedjax_pt import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
@@ -34,6 +36,14 @@ class CheckpointConfig:
   @classmethod
   def from_config(cls, ckpt: ml_collections.ConfigDict) -> 'CheckpointConfig':
     return cls(**ckpt.to_dict())
+
+
+class SaveFailed(OSError):
+  """A checkpoint could not be written; the previous ones are intact."""
+
+
+class CheckpointMismatch(errors.WorkdirRefused):
+  """The workdir's checkpoints hold arrays of another shape or structure than this config's."""
 
 
 @dataclasses.dataclass
@@ -80,7 +90,25 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, create=True, enable_async_checkpointing=cfg.async_save),
-        item_names=('state', 'meta'))
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
+
+  def check(self) -> None:
+    """Waits for the save in flight and raises its error (a full disk): the run stops there,
+    before it records another round, with its last complete checkpoint intact. A round takes
+    longer than its save, so the wait is usually nothing."""
+    try:
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise SaveFailed(self._failure_message(e)) from e
+
+  def _failure_message(self, error: Exception) -> str:
+    steps = self.steps()
+    last = f'round {steps[-1]}' if steps else 'none'
+    return (f'a checkpoint could not be written to {self.directory} ({type(error).__name__}: '
+            f'{_shortened(str(error))}); the last complete checkpoint is {last}, and re-running '
+            'the same command resumes from it')
 
   def should_save(self, round_idx: int, last_round: int) -> bool:
     every = self._cfg.every_rounds
@@ -88,33 +116,54 @@ class Checkpointer:
 
   def save(self, round_idx: int, state: Any, meta: RunMeta) -> None:
     """Starts saving; with async_save the files are written while the next round trains."""
-    self._manager.save(round_idx, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta.to_json())))
+    try:
+      self._manager.save(round_idx, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta.to_json())))
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises a disk error as it can)
+      raise SaveFailed(self._failure_message(e)) from e
 
   def steps(self) -> list[int]:
-    return sorted(self._manager.all_steps())
+    """Rounds with a complete checkpoint (orbax renames a save into place only when complete)."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
 
   def restore_latest(self, abstract_state: Callable[[RunMeta], Any]) -> Restored | None:
     """The newest checkpoint that loads; unreadable newer ones are moved aside with a warning.
 
     `abstract_state(meta)` gives the structure to restore into (it can depend on the meta, e.g. on
-    which clients kept optimizer state).
+    which clients kept optimizer state). A checkpoint that reads fine but holds other arrays (the
+    config changed: another model size) is not corrupt: that raises `CheckpointMismatch` and
+    touches nothing.
     """
     for step in reversed(self.steps()):
       try:
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = RunMeta.from_json(dict(meta['meta']))
+        saved = self._manager.item_metadata(step)['state']
         target = abstract(abstract_state(meta))
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside_unreadable(step, e)
+        continue
+      mismatch = _first_difference(_arrays(saved), _arrays(target))
+      if mismatch:
+        raise CheckpointMismatch(
+            f'the checkpoint of round {step} in {self.directory} does not match this config '
+            f'({mismatch}); resume with the config that wrote it, or choose a new --workdir')
+      try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target)))
         return Restored(round=step, state=restored['state'], meta=meta)
       except Exception as e:  # pylint: disable=broad-except
-        # Any failure to read means this step is unusable; keep its files for a post-mortem.
-        aside = self._move_aside(step)
-        logging.warning('checkpoint of round %d does not load (%s: %s); moved to %s, falling back '
-                        'to the previous one', step, type(e).__name__,
-                        ' '.join(str(e).split())[:200], aside)
+        self._set_aside_unreadable(step, e)
     return None
+
+  def _set_aside_unreadable(self, step: int, error: Exception) -> None:
+    # Any failure to read means this step is unusable; keep its files for a post-mortem.
+    aside = self._move_aside(step)
+    logging.warning('checkpoint of round %d does not load (%s: %s); moved to %s, falling back to '
+                    'the previous one', step, type(error).__name__,
+                    _shortened(str(error)), aside)
 
   def _move_aside(self, step: int) -> str:
     source = os.path.join(self.directory, str(step))
@@ -131,7 +180,9 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the last save. After a failed one the manager is left open: closing it would
+    stop the event loop under orbax's other writers, which then print tracebacks of their own."""
+    self.check()
     self._manager.close()
 
 
@@ -140,3 +191,37 @@ def abstract(tree: Any) -> Any:
   to rebuild it exactly."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), tree)
+
+
+def _shortened(text: str, head: int = 80, tail: int = 140) -> str:
+  """A long storage error in one line: its start (what was written) and its end (the cause, such
+  as "No space left on device")."""
+  text = ' '.join(text.split())
+  return text if len(text) <= head + tail + 5 else f'{text[:head]} ... {text[-tail:]}'
+
+
+def _key_name(key: Any) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _arrays(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{'params.wte.embedding': (shape, dtype)} of a tree of arrays or array metadata."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {'.'.join(_key_name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in leaves}
+
+
+def _first_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+  # The parameters first: they say best what differs (a model size, a vocabulary).
+  for name in sorted(saved.keys() | wanted.keys(), key=lambda n: (not n.startswith('params.'), n)):
+    if name not in saved:
+      return f'{name} is not in the checkpoint'
+    if name not in wanted:
+      return f'the checkpoint has {name}, which this config does not'
+    if saved[name] != wanted[name]:
+      (s_shape, s_dtype), (w_shape, w_dtype) = saved[name], wanted[name]
+      return f'{name} is {s_dtype}{list(s_shape)} there, {w_dtype}{list(w_shape)} here'
+  return None

@@ -186,7 +186,7 @@ def _local_steps(train_step, state, next_batch: Callable[[], np.ndarray], num_st
     sums = {k: sums[k] + metrics[k] for k in _AVERAGED}
     if log_every and ((t + 1) % log_every == 0 or t + 1 == num_steps):
       logged.append((t + 1, jax.device_get(metrics)))
-    for _ in range(clients if on_step is not None else 0):
+    if on_step is not None:
       on_step(t + 1)
   means = {k: np.asarray(v) / max(num_steps, 1) for k, v in jax.device_get(sums).items()}
   last_loss = (np.asarray(metrics['loss']) if metrics is not None else
@@ -256,7 +256,8 @@ class Trainer:
             on_step: Callable[[int], None] | None = None) -> list[ClientResult]:
     """`num_steps` local steps of `parallel` clients (one batch iterator each) from `params`.
 
-    `on_step` is called once per client and step. Each result holds its client's own state.
+    `on_step` is called once per step (of the whole group). Each result holds its client's own
+    state.
     """
     if len(batches) != self.parallel:
       raise ValueError(f'a group has mesh.clients={self.parallel} clients, got {len(batches)}')

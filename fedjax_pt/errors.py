@@ -1,9 +1,27 @@
 """What a failed run tells its caller: exception types and the exit codes `fedjax_pt.main` maps them
-to, so that scripts (sweeps, schedulers) can act on the outcome without reading its output."""
+to, so that scripts (sweeps, schedulers) can act on the outcome without reading its output.
+
+Every one of these ends the run with a single line on stderr that names the culprit.
+"""
 
 EXIT_BAD_INPUT = 2  # a bad flag, config value, data file or checkpoint: fix the command
 EXIT_WORKDIR_REFUSED = 3  # --workdir holds another experiment (or ckpt.restore=False): move it
+EXIT_TRAINING_FAILED = 4  # the run diverged, or no round could update the model
+EXIT_WORKDIR_BUSY = 5  # another process is writing to --workdir right now
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: the same command resumes
 
 
 class WorkdirRefused(ValueError):
   """The workdir holds a run that this command must not continue."""
+
+
+class WorkdirBusy(RuntimeError):
+  """Another live process holds the workdir's lock."""
+
+
+class TrainingFailed(RuntimeError):
+  """The run ended without a usable model: it diverged, or every round was skipped."""
+
+
+class Interrupted(RuntimeError):
+  """SIGINT or SIGTERM: the run stopped at a round boundary or mid-round, checkpoints intact."""

@@ -4,6 +4,9 @@ r"""Federated (or centralized) pre-training from one command.
       [--config.fl.outer_lr=0.7 ...]
 
 With no flags it trains the tiny config on the built-in offline corpus, on CPU, in a few minutes.
+`--config.dry_run=True` prints the model's size, FLOPs per token and memory estimate, and exits.
+Exit codes (fedjax_pt/errors.py): 0 done, 2 bad input, 3 workdir holds another experiment,
+4 training failed (diverged, or no round aggregated), 5 workdir in use, 130 interrupted.
 """
 
 import datetime
@@ -11,7 +14,9 @@ import logging as std_logging
 import os
 import pathlib
 import re
+import signal
 import sys
+import threading
 
 from absl import app
 from absl import flags
@@ -19,28 +24,37 @@ from absl import logging
 from ml_collections import config_flags
 
 from fedjax_pt import errors
+from fedjax_pt import plan
 from fedjax_pt import train
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'tiny.py'
-
+_HELP_FLAGS = ('--help', '-h', '--helpshort', '--helpfull', '-?')
 
 
 def _fail(message: str, code: int = errors.EXIT_BAD_INPUT) -> None:
-  print(f'fedjax_pt: error: {message}', file=sys.stderr)
+  print(f'fedjax_pt: error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
+  # The line above is the report. What background threads (orbax's writers, after a failed save)
+  # print while the interpreter shuts down would only bury it.
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, sys.stderr.fileno())
   sys.exit(code)
+
+
+def _unknown_key(error: Exception) -> None:
+  overrides = [a.split('=')[0] for a in sys.argv[1:] if a.startswith('--config.')]
+  hint = re.search(r'Did you mean "([^"]+)"', str(error))
+  _fail(f'unknown config key among {", ".join(overrides)}' +
+        (f' (did you mean "{hint.group(1)}"?)' if hint else ''))
 
 
 def _define_config_flag():
   # config_flags reads the --config.KEY overrides from sys.argv right here, at definition time:
-  # an override naming no key of the (locked) config fails now, before absl's parser runs.
+  # an override naming no key of the (locked) default config fails now, before absl's parser runs.
   try:
     return config_flags.DEFINE_config_file(
         'config', str(_DEFAULT_CONFIG), 'Path to a config file (configs/*.py).', lock_config=True)
   except (AttributeError, KeyError) as e:
-    overrides = [a.split('=')[0] for a in sys.argv[1:] if a.startswith('--config.')]
-    hint = re.search(r'Did you mean "([^"]+)"', str(e))
-    _fail(f'unknown config key among {", ".join(overrides)}' +
-          (f' (did you mean "{hint.group(1)}"?)' if hint else ''))
+    _unknown_key(e)
 
 
 _CONFIG = _define_config_flag()
@@ -51,19 +65,27 @@ _WORKDIR = flags.DEFINE_string(
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, with every flag or config error reduced to one line that names the culprit."""
+  if any(a in _HELP_FLAGS for a in argv[1:]):
+    print(__doc__)
+    app.usage(shorthelp=True, writeto_stdout=True)
+    sys.exit(0)
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
     _fail(str(e).splitlines()[0])
+  except (AttributeError, KeyError) as e:  # an override of a key that a --config= file lacks
+    _unknown_key(e)
   except Exception as e:  # pylint: disable=broad-except
-    _fail(f'bad flags: {" ".join(str(e).split())}')
+    _fail(f'bad flags: {e}')
   config_file = _config_file()
   if not os.path.isfile(config_file):
     _fail(f'--config={config_file}: no such config file')
   try:
     _CONFIG.value  # pylint: disable=pointless-statement
+  except (AttributeError, KeyError) as e:
+    _unknown_key(e)
   except Exception as e:  # pylint: disable=broad-except
-    _fail(f'--config={config_file} does not load: {" ".join(str(e).split())}')
+    _fail(f'--config={config_file} does not load: {e}')
   return rest
 
 
@@ -77,24 +99,65 @@ def _default_workdir(config_path: str) -> str:
   return os.path.join('runs', f'{pathlib.Path(config_path).stem}-{stamp}')
 
 
-def _quiet_orbax(record) -> bool:
-  # orbax logs every step of every save at INFO; keep its warnings, drop the chatter.
-  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+def _quiet(record) -> bool:
+  """Drops orbax's INFO lines about every step of every save, its tracebacks of a failed
+  background save (the run stops on it with one line of its own), and JAX's INFO line that it
+  found no TPU (on every machine without one); keeps every other warning and error."""
+  if '/orbax/' in record.pathname:
+    return record.levelno >= std_logging.WARNING and not record.exc_info
+  if record.name == 'asyncio' and 'never retrieved' in str(record.msg):
+    return False  # the same failed save, reported again as the interpreter exits
+  return record.levelno >= std_logging.WARNING or 'Unable to initialize backend' not in str(
+      record.msg)
+
+
+def _quiet_unraisable(hook):
+  """After a failed save, orbax's remaining writers call back into an event loop that is gone;
+  Python reports each as an unraisable 'Event loop is closed'. The run reports the save itself."""
+
+  def quieted(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and
+            'Event loop is closed' in str(unraisable.exc_value)):
+      hook(unraisable)
+
+  return quieted
+
+
+def _raise_interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt  # SIGTERM (a scheduler, a sweep) stops the run like Ctrl-C
 
 
 def main(argv):
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logging.get_absl_handler().addFilter(_quiet)
+  sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+  threading.excepthook = _quiet_unraisable(threading.excepthook)
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  config = _CONFIG.value
+  if config.dry_run:
+    try:
+      print(plan.describe(config))
+    except (ValueError, OSError, ImportError) as e:
+      _fail(e)
+    return
   workdir = _WORKDIR.value or _default_workdir(_config_file())
   logging.info('workdir: %s', workdir)
+  signal.signal(signal.SIGTERM, _raise_interrupt)
   try:
-    result = train.run(_CONFIG.value, workdir)
+    result = train.run(config, workdir)
   except errors.WorkdirRefused as e:
-    _fail(' '.join(str(e).split()), errors.EXIT_WORKDIR_REFUSED)
-  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-    # Bad input: one line naming the culprit, no traceback.
-    _fail(' '.join(str(e).split()))
+    _fail(e, errors.EXIT_WORKDIR_REFUSED)
+  except errors.WorkdirBusy as e:
+    _fail(e, errors.EXIT_WORKDIR_BUSY)
+  except errors.TrainingFailed as e:
+    _fail(e, errors.EXIT_TRAINING_FAILED)
+  except errors.Interrupted as e:
+    _fail(e, errors.EXIT_INTERRUPTED)
+  except (ValueError, OSError, ImportError) as e:
+    # Bad input or an unusable workdir (not a directory, not writable, disk full): one line that
+    # names the culprit, no traceback.
+    _fail(e)
   last = result.last_round
   print(f'done: {last.round} rounds, val_ppl {last.val_ppl:.2f}, results in {workdir}')
 

@@ -81,9 +81,9 @@ class Evaluator:
     self._step, self._batches, self._client_batches = eval_step, batches, client_batches
     self._every, self._last = every_rounds, last_round
 
-  def __call__(self, params, round_idx: int) -> dict[str, Any]:
+  def __call__(self, params, round_idx: int, force: bool = False) -> dict[str, Any]:
     """Record keys: val_loss and val_ppl (None when this round is not evaluated), and per client."""
-    if round_idx % self._every and round_idx != self._last:
+    if not force and round_idx % self._every and round_idx != self._last:
       return {'val_loss': None, 'val_ppl': None}
     result = evaluate(self._step, params, self._batches)
     out = {'val_loss': result['loss'], 'val_ppl': result['ppl']}

@@ -124,6 +124,9 @@ def plot_perplexity(runs: Sequence[Run], x: str, path: str) -> None:
     if run.federated:
       ax.plot(rx, _series(run.rounds, 'val_ppl'), 'o-', color=color, lw=2,
               label=f'{run.label}: server model (test)')
+      # Like the centralized run's train curve: the round's mean training loss (of the clients).
+      ax.plot(rx, _series(run.rounds, 'train_ppl'), 'o--', color=color, lw=1.2,
+              label=f'{run.label}: clients, mean over the round (train)')
       for j, (client, steps) in enumerate(sorted(_steps_by_client(run).items())):
         ax.plot(_step_x(run, steps, x), np.exp(_series(steps, 'loss')), color=color, lw=0.6,
                 alpha=0.35, label=f'{run.label}: clients (train)' if j == 0 else None)

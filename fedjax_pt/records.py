@@ -4,6 +4,10 @@
 (`"kind": "step"`); README.md lists every key. This module is the only place that knows how a
 record is laid out on disk: the run writes `RoundRecord`/`StepRecord` objects, and plots, sweeps,
 reports and notebooks read them back with `read_records` and condense them with `summarize`.
+
+Strict JSON has no NaN or infinity: a value that is not a finite number is written as the string
+"nan", "inf" or "-inf" (a diverged loss must not look like a missing one), and `null` means "not
+measured" (a round that was not evaluated, a key that does not apply).
 """
 
 from collections.abc import Iterable, Sequence
@@ -99,9 +103,9 @@ def to_json(record: RoundRecord | StepRecord) -> dict[str, Any]:
 def from_json(obj: dict[str, Any]) -> RoundRecord | StepRecord | None:
   """The record of a JSON object; keys of other versions are ignored, unknown kinds give None."""
   if obj.get('kind') == 'round':
-    return RoundRecord(**{k: v for k, v in obj.items() if k in _ROUND_FIELDS})
+    return RoundRecord(**{k: _from_jsonable(v) for k, v in obj.items() if k in _ROUND_FIELDS})
   if obj.get('kind') == 'step':
-    return StepRecord(**{k: v for k, v in obj.items() if k in _STEP_FIELDS})
+    return StepRecord(**{k: _from_jsonable(v) for k, v in obj.items() if k in _STEP_FIELDS})
   return None
 
 
@@ -113,7 +117,18 @@ def _jsonable(value: Any) -> Any:
   if isinstance(value, (np.generic, np.ndarray, jax.Array)):
     return _jsonable(np.asarray(value).tolist())
   if isinstance(value, float) and not math.isfinite(value):
-    return None  # JSON has no NaN/Inf; null keeps every line parseable by any JSON reader
+    return _NON_FINITE[str(value)]  # 'nan', 'inf', '-inf': every line stays strict JSON
+  return value
+
+
+_NON_FINITE = {'nan': 'nan', 'inf': 'inf', '-inf': '-inf'}
+
+
+def _from_jsonable(value: Any) -> Any:
+  if isinstance(value, str) and value in _NON_FINITE:
+    return float(value)
+  if isinstance(value, dict):
+    return {k: _from_jsonable(v) for k, v in value.items()}
   return value
 
 
@@ -124,39 +139,50 @@ def _scalars(obj: dict[str, Any], prefix: str = ''):
     if isinstance(value, dict):
       yield from _scalars(value, f'{tag}/')
     elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
-      yield tag, float(value)
+      if math.isfinite(value):  # TensorBoard draws no NaN; metrics.jsonl keeps it
+        yield tag, float(value)
 
 
 class RecordWriter:
   """Appends records to `metrics.jsonl` and, optionally, to TensorBoard event files.
 
   The JSON line is flushed at every record, so a crash never leaves a half-written line and a live
-  run can be tailed or plotted. TensorBoard steps are rounds for round records and global local
-  steps for step records (under `step/`, one curve per client).
+  run can be tailed or plotted. TensorBoard has two runs: `tensorboard/` (round records, step =
+  round) and `tensorboard/steps/` (step records under `step/`, one curve per client, step = global
+  local step). A resumed run passes where it resumes (`resume_round`, `resume_step`): TensorBoard
+  then drops the events an earlier session logged from there on, as metrics.jsonl is cut back.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(self, workdir: str, tensorboard: bool = True, resume_round: int | None = None,
+               resume_step: int | None = None):
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._file = open(self.path, 'a', encoding='utf-8')
-    self._tb = None
+    self._rounds_tb = self._steps_tb = None
     if tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
+      directory = os.path.join(workdir, 'tensorboard')
+      self._rounds_tb = tensorboardX.SummaryWriter(directory, purge_step=resume_round,
+                                                   flush_secs=30)
+      self._steps_tb = tensorboardX.SummaryWriter(os.path.join(directory, 'steps'),
+                                                  purge_step=resume_step, flush_secs=30)
 
   def write(self, record: RoundRecord | StepRecord) -> None:
     obj = to_json(record)
-    self._file.write(json.dumps(obj) + '\n')
-    self._file.flush()
-    if self._tb is None:
+    try:
+      self._file.write(json.dumps(obj) + '\n')
+      self._file.flush()
+    except OSError as e:  # a full disk: say which file, not just the errno
+      raise OSError(e.errno, f'{self.path} could not be written ({e.strerror})') from e
+    if self._rounds_tb is None:
       return
     if isinstance(record, RoundRecord):
       skip = {'round', 'kind', 'clients'}
       for tag, value in _scalars({k: v for k, v in obj.items() if k not in skip}):
-        self._tb.add_scalar(tag, value, record.round)
+        self._rounds_tb.add_scalar(tag, value, record.round)
     else:
-      for key in ('loss', 'grad_norm', 'update_norm', 'lr'):
-        self._tb.add_scalar(f'step/{key}/client_{record.client}', float(getattr(record, key)),
-                            record.step)
+      for tag, value in _scalars({key: getattr(record, key) for key in
+                                  ('loss', 'grad_norm', 'update_norm', 'lr')}):
+        self._steps_tb.add_scalar(f'step/{tag}/client_{record.client}', value, record.step)
 
   def tell(self) -> int:
     """Bytes of metrics.jsonl written so far: where a resumed run cuts the file back to."""
@@ -164,8 +190,9 @@ class RecordWriter:
 
   def close(self) -> None:
     self._file.close()
-    if self._tb is not None:
-      self._tb.close()
+    for tb in (self._rounds_tb, self._steps_tb):
+      if tb is not None:
+        tb.close()
 
 
 @dataclasses.dataclass
@@ -238,10 +265,12 @@ def summarize(rounds: Sequence[RoundRecord]) -> RunSummary:
 
 
 def curve(rounds: Iterable[RoundRecord], x: str = 'round', y: str = 'val_ppl',
-          scale: float = 1.0) -> list[tuple[float, float]]:
+          scale: float = 1.0, initial: bool = False) -> list[tuple[float, float]]:
   """(x, y) of every round where y was logged and finite; x is multiplied by `scale` (e.g. the
-  local steps per round, to put runs of different tau on one axis)."""
-  return [(getattr(r, x) * scale, getattr(r, y)) for r in rounds if finite(getattr(r, y))]
+  local steps per round, to put runs of different tau on one axis). Round 0, the untrained model
+  that runs of one seed share, only with `initial` (a comparison would find a tie there)."""
+  return [(getattr(r, x) * scale, getattr(r, y)) for r in rounds
+          if finite(getattr(r, y)) and (initial or r.round > 0)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """What a person watching a run sees: the progress bar, one line per round, the final summary."""
 
+import logging as std_logging
+import sys
+
+from absl import logging
 import tqdm
 
 from fedjax_pt import records
@@ -16,23 +20,39 @@ class Progress:
   """tqdm bar over all local steps of the run, with the current round/client, ETA and latest loss.
 
   The bar appears at `begin`, once the run knows how many steps an earlier session already did.
+  While it is shown, log lines are printed above it instead of through it. It counts steps even
+  when it is not shown (log.progress=False).
   """
 
   def __init__(self, total_steps: int, enabled: bool):
-    self._total, self._enabled = total_steps, enabled
+    self.total, self.done, self._enabled = total_steps, 0, enabled
     self._bar = None
+    self._handler = None
 
   def begin(self, done: int = 0) -> None:
-    self._bar = tqdm.tqdm(total=self._total, initial=done, unit='step', disable=not self._enabled,
+    self.done = done
+    self._bar = tqdm.tqdm(total=self.total, initial=done, unit='step', disable=not self._enabled,
                           mininterval=1.0, dynamic_ncols=True, smoothing=0.1)
+    if self._enabled:
+      self._handler = _AboveTheBar(logging.get_absl_handler())
+      std_logging.getLogger().addHandler(self._handler)
+      std_logging.getLogger().removeHandler(logging.get_absl_handler())
 
   def describe(self, text: str) -> None:
     if self._bar is not None:
       self._bar.set_description(text, refresh=False)
 
-  def advance(self, _=None) -> None:
+  def advance(self, steps: int = 1) -> None:
+    self.done += steps
     if self._bar is not None:
-      self._bar.update(1)
+      self._bar.update(steps)
+
+  def add_total(self, steps: int) -> None:
+    """More steps than planned (a retried round): the bar's total and ETA follow."""
+    self.total += steps
+    if self._bar is not None:
+      self._bar.total = self.total
+      self._bar.refresh()
 
   def loss(self, value: float) -> None:
     if self._bar is not None:
@@ -43,8 +63,28 @@ class Progress:
     tqdm.tqdm.write(text)
 
   def close(self) -> None:
+    if self._handler is not None:
+      std_logging.getLogger().addHandler(self._handler.absl_handler)
+      std_logging.getLogger().removeHandler(self._handler)
+      self._handler = None
     if self._bar is not None:
       self._bar.close()
+
+
+class _AboveTheBar(std_logging.Handler):
+  """absl's log lines, formatted as absl formats them, written with tqdm.write so that they land
+  above the progress bar instead of being glued to it."""
+
+  def __init__(self, absl_handler: std_logging.Handler):
+    super().__init__(absl_handler.level)
+    self.absl_handler = absl_handler
+    self.filters = absl_handler.filters
+
+  def emit(self, record: std_logging.LogRecord) -> None:
+    try:
+      tqdm.tqdm.write(self.absl_handler.format(record), file=sys.stderr)
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
 
 
 def round_line(record: records.RoundRecord, rounds: int) -> str:

@@ -1,6 +1,8 @@
 """The typed, validated view of a whole config, built before any data is read or code compiled."""
 
 import dataclasses
+import math
+from typing import Any
 
 import ml_collections
 
@@ -34,6 +36,7 @@ class RunSpec:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'RunSpec':
     """Raises ValueError naming the first offending key."""
+    _check_finite(config.to_dict())
     if config.mode not in ('federated', 'centralized'):
       raise ValueError(f"mode must be 'federated' or 'centralized', got {config.mode!r}")
     for key in ('batch_size', 'every_rounds'):
@@ -59,3 +62,13 @@ class RunSpec:
                eval_every_rounds=config.eval.every_rounds, eval_per_client=config.eval.per_client,
                log_every_steps=config.log.every_steps, progress=config.log.progress,
                tensorboard=config.log.tensorboard, per_layer_norms=config.log.per_layer_norms)
+
+
+def _check_finite(tree: dict[str, Any], prefix: str = '') -> None:
+  """NaN or infinity is never a meaningful setting (and `x <= 0` is False for NaN, so the range
+  checks of each group would let it through): refuse it for every key at once."""
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      _check_finite(value, f'{prefix}{key}.')
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f'{prefix}{key} must be a finite number, got {value}')

@@ -58,6 +58,7 @@ class MeshConfig:
   fsdp: int = 1
   rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
   offload_optimizer: bool = False
+  memory_check: bool = True  # refuse a run whose memory estimate exceeds the device's memory
 
   @property
   def num_devices(self) -> int:

@@ -55,6 +55,8 @@ class SimulatedClients:
   def train(self, params, round_idx: int, client_ids: Sequence[int],
             attempt: int) -> Iterator[ClientReport]:
     model_bytes = metrics.tree_bytes(params)
+    if attempt:  # a retry trains more clients than the round's share of the progress bar
+      self._progress.add_total(len(client_ids) * self._spec.fl.local_steps)
     for group in sampling.client_groups(client_ids, self._trainer.parallel):
       self._progress.describe(f'round {round_idx}/{self._spec.fl.rounds} client '
                               f'{",".join(map(str, group))}')
@@ -71,6 +73,7 @@ class SimulatedClients:
     reports = {}
     for k in group:
       if fault[k] == 'fail':
+        self._progress.advance(spec.fl.local_steps)  # its share of the round, done at once
         e = faults.InjectedFailure('injected failure (fl.fault.failure_prob)')
         logging.warning('round %d: client %d raised %s: %s; left out of the average', round_idx,
                         k, type(e).__name__, e)
@@ -85,11 +88,12 @@ class SimulatedClients:
     batches = [self.iterators[k] if k is not None and k not in reports else idle for k in slots]
     opt_states = [None if spec.fl.reset_optimizer or k is None else self.kept.get(k)
                   for k in slots]
+    training = sum(1 for k in group if k not in reports)
     start = time.perf_counter()
     try:
       results = self._trainer.train(params, (round_idx - 1) * spec.fl.local_steps, batches,
                                     opt_states, spec.fl.local_steps, spec.log_every_steps,
-                                    self._progress.advance)
+                                    lambda _: self._progress.advance(training))
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('round %d: clients %s raised %s: %s; left out of the average', round_idx,
                       group, type(e).__name__, e)

@@ -7,6 +7,7 @@ Re-running the same command on the same workdir resumes from the latest good che
 """
 
 import dataclasses
+import sys
 import time
 from typing import Any
 
@@ -15,6 +16,9 @@ import ml_collections
 
 from fedjax_pt import build
 from fedjax_pt import checkpoint as checkpoint_lib
+from fedjax_pt import errors
+from fedjax_pt import faults
+from fedjax_pt import memory
 from fedjax_pt import metrics
 from fedjax_pt import records
 from fedjax_pt import reporting
@@ -35,13 +39,22 @@ class RunResult:
 def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   """Trains as `config` says, writing metrics.jsonl, TensorBoard events, config.json, checkpoints.
 
-  Every check that can fail on bad input runs before anything is written to `workdir`.
+  Every check that can fail on bad input runs before anything is written to `workdir`. Raises
+  `errors.TrainingFailed` when the global model diverges (no checkpoint of it is written) or no
+  round could aggregate an update, and `errors.Interrupted` on KeyboardInterrupt.
   """
   spec = RunSpec.from_config(config)
   model_cfg = build.model_config(config)
+  if spec.mesh.memory_check:
+    memory.check_fits(memory.estimate(spec, model_cfg))
   run_dir = workdir_lib.Workdir(workdir, spec, build.resolved_config(config, model_cfg))
-  run_dir.check()
-  parts = build.build(spec, model_cfg)
+  with run_dir.lock():
+    run_dir.check()
+    parts = build.build(spec, model_cfg)
+    return _train(spec, parts, run_dir)
+
+
+def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir) -> RunResult:
   fl = spec.fl
   steps_per_round = fl.local_steps * (fl.clients_per_round if spec.mode == 'federated' else 1)
   progress = reporting.Progress(fl.rounds * steps_per_round, spec.progress)
@@ -53,19 +66,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     return algorithm.run_state(state, {k: kept_shapes for k in meta.kept_clients})
 
   session = run_dir.open(abstract_state)
-  start = time.perf_counter()
+  start, round_idx, interrupted = time.perf_counter(), 0, False
   try:
     totals, first_round = checkpoint_lib.Totals(), 1
+    rounds = list(session.previous_rounds)
     if session.restored is not None:
       restored = session.restored
       state, kept = algorithm.from_run_state(restored.state, restored.round)
       clients.restore(restored.meta.iterators, kept)
       totals, first_round = restored.meta.totals, restored.round + 1
+    else:
+      rounds.append(_initial_record(parts, state.params))
+      session.writer.write(rounds[-1])
     progress.begin(done=(first_round - 1) * steps_per_round)
-    rounds = list(session.previous_rounds)
     for round_idx in range(first_round, fl.rounds + 1):
       round_start = time.perf_counter()
       state, result = algorithm.apply(state, round_idx, clients)
+      session.checkpointer.check()  # the previous round's save, if it failed, ends the run here
       totals.tokens += result.tokens
       totals.bytes_sent += result.bytes_sent
       totals.bytes_received += result.bytes_received
@@ -77,6 +94,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
       session.writer.write(record)
       rounds.append(record)
       progress.write(reporting.round_line(record, fl.rounds))
+      if not faults.all_finite(state.params):
+        saved = session.checkpointer.steps()
+        raise errors.TrainingFailed(
+            f'the global model is not finite after round {round_idx}: training diverged (lower '
+            'opt.lr or fl.outer_lr); this round is not checkpointed, ' +
+            (f'the last checkpoint is round {saved[-1]}' if saved else 'and no earlier one was'))
       if session.checkpointer.should_save(round_idx, fl.rounds):
         meta = checkpoint_lib.RunMeta(round_idx, dataclasses.replace(totals),
                                       clients.iterator_states(), sorted(clients.kept),
@@ -85,15 +108,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         session.checkpointer.save(round_idx, algorithm.run_state(state, clients.kept), meta)
         logging.info('checkpoint of round %d started (%.2fs blocking)', round_idx,
                      time.perf_counter() - save_start)
+  except KeyboardInterrupt:
+    interrupted = True
   finally:
     progress.close()
-    session.close()
+    session.close(failing=sys.exc_info()[0] is not None)
+  if interrupted:
+    saved = session.checkpointer.steps()
+    raise errors.Interrupted(
+        f'interrupted at round {round_idx}; re-run the same command to resume ' +
+        (f'(from the checkpoint of round {saved[-1]})' if saved else '(no round was checkpointed '
+         'yet: it starts over)'))
   summary = reporting.summary_table(rounds, time.perf_counter() - start)
   if spec.progress:
     print(summary)
   else:
-    logging.info('summary of %s:\n%s', workdir, summary)
+    logging.info('summary of %s:\n%s', run_dir.path, summary)
+  trained = [r for r in rounds if r.round > 0]
+  if spec.mode == 'federated' and trained and all(r.skipped for r in trained):
+    raise errors.TrainingFailed(
+        f'no round aggregated a client update: all {len(trained)} rounds were skipped (too few '
+        f'usable clients; see failed_clients in {run_dir.path}/metrics.jsonl)')
   return RunResult(state.params, rounds)
+
+
+def _initial_record(parts: build.Parts, params) -> records.RoundRecord:
+  """Round 0: the initial model, before any training, so every curve starts at the same point."""
+  return records.RoundRecord(round=0, tokens=0, bytes_sent=0, bytes_received=0,
+                             global_norm=float(metrics.l2_norm(params)),
+                             **parts.evaluator(params, 0, force=True))
 
 
 def _round_record(parts: build.Parts, round_idx: int, params, result,

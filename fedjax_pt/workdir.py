@@ -9,13 +9,18 @@ checkpoint to continue from is renamed, and unreadable checkpoints are moved asi
 """
 
 from collections.abc import Callable
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
+import socket
+import time
 from typing import Any
 
 from absl import logging
 
+from configs import base as base_config
 from fedjax_pt import checkpoint as checkpoint_lib
 from fedjax_pt import errors
 from fedjax_pt import records
@@ -45,15 +50,47 @@ class Session:
   restored: checkpoint_lib.Restored | None
   previous_rounds: list[records.RoundRecord]
 
-  def close(self) -> None:
-    try:
-      self.checkpointer.close()
-    finally:
-      self.writer.close()
+  def close(self, failing: bool = False) -> None:
+    """Waits for the last checkpoint and closes the files. While another error is on its way
+    out (`failing`), a second one here (the same full disk) is logged, not raised over it."""
+    first = None
+    for close in (self.checkpointer.close, self.writer.close):
+      try:
+        close()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('while stopping: %s: %s', type(e).__name__, e)
+        first = first or e
+    if first is not None and not failing:
+      raise first
 
 
 class Workdir:
   """The directory of one run, described by `resolved` (the run's config.json)."""
+
+  @contextlib.contextmanager
+  def lock(self):
+    """Holds an exclusive lock on the workdir for the whole run.
+
+    A second process on the same workdir (a forgotten run, a sweep's orphaned trainer) is refused
+    with the holder's pid instead of appending to the same metrics.jsonl. The lock is an flock on
+    `.lock`: the operating system releases it when the holder exits, however it exits.
+    """
+    os.makedirs(self.path, exist_ok=True)
+    path = os.path.join(self.path, '.lock')
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'unknown process'
+        raise errors.WorkdirBusy(f'--workdir={self.path} is in use by another run ({holder}); '
+                                 'wait for it to end or stop it') from None
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, (f'pid {os.getpid()} on {socket.gethostname()}, since '
+                     f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n').encode(), 0)
+      yield
+    finally:
+      os.close(fd)  # releases the lock
 
   def __init__(self, path: str, spec: RunSpec, resolved: dict[str, Any]):
     self.path, self._spec, self._resolved = path, spec, resolved
@@ -82,8 +119,12 @@ class Workdir:
     with open(self._config, encoding='utf-8') as f:
       saved = _flatten(json.load(f))
     current = _flatten(self._resolved)
+    # A key added to fedjax_pt after the run started is absent from its config.json: the run
+    # used what the key's default does, so the default matches it.
+    defaults = _flatten(base_config.get_config().to_dict())
     changed = sorted(k for k in saved.keys() | current.keys()
-                     if saved.get(k) != current.get(k) and not k.startswith(RESUMABLE_CHANGES))
+                     if saved.get(k, defaults.get(k)) != current.get(k) and
+                     not k.startswith(RESUMABLE_CHANGES))
     if changed:
       details = ', '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in changed[:4])
       raise errors.WorkdirRefused(
@@ -103,7 +144,10 @@ class Workdir:
       previous = self._continue_metrics(restored) if holds_run else []
       with open(self._config, 'w', encoding='utf-8') as f:
         json.dump(self._resolved, f, indent=2, sort_keys=True)
-      writer = records.RecordWriter(self.path, tensorboard=self._spec.tensorboard)
+      resume_round = restored.round + 1 if restored else None
+      writer = records.RecordWriter(
+          self.path, tensorboard=self._spec.tensorboard, resume_round=resume_round,
+          resume_step=restored.round * self._spec.fl.local_steps + 1 if restored else None)
     except BaseException:
       checkpointer.close()
       raise
@@ -118,6 +162,9 @@ class Workdir:
         aside = _set_aside(self._metrics)
         logging.warning('%s has no usable checkpoint: starting over; its old metrics are in %s',
                         self.path, aside)
+      tensorboard = os.path.join(self.path, 'tensorboard')
+      if os.path.isdir(tensorboard):
+        _set_aside(tensorboard)
       return []
     size = os.path.getsize(self._metrics) if exists else 0
     keep = restored.meta.metrics_bytes

@@ -119,17 +119,17 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
   _assert_bit_identical(resumed.params, reference)
   assert os.path.isdir(tmp_path / 'run' / 'corrupted-checkpoint-3')
   assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['1', '2', '3']
-  assert [r.round for r in resumed.rounds] == [1, 2, 3]
+  assert [r.round for r in resumed.rounds] == [0, 1, 2, 3]
 
 
 def test_a_finished_run_resumes_to_nothing_and_can_be_extended(tmp_path):
   train.run(_config(), str(tmp_path))
   again = train.run(_config(), str(tmp_path))
-  assert [r.round for r in again.rounds] == [1, 2, 3]
+  assert [r.round for r in again.rounds] == [0, 1, 2, 3]
   longer = train.run(_config(rounds=4), str(tmp_path))
-  assert [r.round for r in longer.rounds] == [1, 2, 3, 4]
+  assert [r.round for r in longer.rounds] == [0, 1, 2, 3, 4]
   rounds = [r['round'] for r in _json_records(tmp_path) if r['kind'] == 'round']
-  assert rounds == [1, 2, 3, 4]
+  assert rounds == [0, 1, 2, 3, 4]
 
 
 def test_restore_false_refuses_to_overwrite(tmp_path):
@@ -178,5 +178,38 @@ def test_resume_allocates_no_adam_state_to_learn_its_shape(tmp_path, monkeypatch
 
   monkeypatch.setattr(optimizers, 'local_optimizer', traced_only)
   resumed = train.run(_config(rounds=3, reset_optimizer=False), str(tmp_path))
-  assert [r.round for r in resumed.rounds] == [1, 2, 3]
+  assert [r.round for r in resumed.rounds] == [0, 1, 2, 3]
   assert not list(tmp_path.glob('corrupted-checkpoint-*'))  # resumed, not started over
+
+
+def _tensorboard_points(directory):
+  """{tag: [steps]} as TensorBoard shows a run directory: files in order, and a SessionLog START
+  at step s (what a resumed writer's purge_step writes) drops the points at steps >= s before it."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  points = {}
+  for name in sorted(f for f in os.listdir(directory) if f.startswith('events.')):
+    with open(os.path.join(directory, name), 'rb') as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):  # TFRecord: length (8 bytes), crc (4), payload, crc (4)
+      length = int.from_bytes(data[offset:offset + 8], 'little')
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 16 + length
+      if event.HasField('session_log') and event.session_log.status == event.session_log.START:
+        points = {tag: [s for s in steps if s < event.step] for tag, steps in points.items()}
+      for value in event.summary.value:
+        points.setdefault(value.tag, []).append(event.step)
+  return points
+
+
+def test_tensorboard_has_no_duplicate_points_after_a_resume(uninterrupted, tmp_path):
+  _kill_when(tmp_path, lambda records: any(r['kind'] == 'round' and r['round'] == 3
+                                           for r in records))
+  resumed = subprocess.run(_command(tmp_path), cwd=REPO, capture_output=True, text=True,
+                           timeout=600, check=False)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  rounds = _tensorboard_points(tmp_path / 'tensorboard')
+  assert rounds['val_loss'] == [0, 1, 2, 3, 4]
+  assert rounds == _tensorboard_points(uninterrupted / 'tensorboard')
+  steps = _tensorboard_points(tmp_path / 'tensorboard' / 'steps')
+  assert steps['step/loss/client_0'] == list(range(1, ROUNDS * 3 + 1))

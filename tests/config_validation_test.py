@@ -33,6 +33,11 @@ def _set(config, dotted, value):
     ('ckpt.keep', 0, 'ckpt.keep must be positive'),
     ('mode', 'fedavg', "mode must be 'federated' or 'centralized'"),
     ('data.tokenizer', 'missing/tokenizer.json', 'missing/tokenizer.json'),
+    # `x <= 0` is False for NaN: every key is checked for finiteness first.
+    ('opt.lr', float('nan'), 'opt.lr must be a finite number, got nan'),
+    ('opt.lr', float('inf'), 'opt.lr must be a finite number, got inf'),
+    ('fl.outer_lr', float('nan'), 'fl.outer_lr must be a finite number, got nan'),
+    ('fl.round_timeout_s', float('-inf'), 'fl.round_timeout_s must be a finite number, got -inf'),
 ])
 def test_config_error_is_one_line_and_immediate(tmp_path, key, value, message):
   config = tiny.get_config()

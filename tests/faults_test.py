@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from fedjax_pt import errors
 from fedjax_pt import faults
+from fedjax_pt import records
 from fedjax_pt import train
 
 
@@ -55,37 +57,47 @@ def test_twenty_rounds_with_failures_and_nan_updates(fault_free, tmp_path):
   faulty = train.run(_config(rounds=20, fault_failure_prob=0.2, fault_nan_prob=0.05),
                      str(tmp_path))
   assert _finite(faulty.params)
-  failures = [reason for r in faulty.rounds for reason in r.failed_clients.values()]
+  failures = [reason for r in faulty.rounds[1:] for reason in r.failed_clients.values()]
   assert any('injected failure' in f for f in failures)
   assert any('non-finite' in f for f in failures)
-  for r in faulty.rounds:
+  for r in faulty.rounds[1:]:  # round 0 is the initial model
     assert math.isfinite(r.val_ppl) and r.num_aggregated >= 1 and not r.skipped
   clean_ppl, faulty_ppl = fault_free.last_round.val_ppl, faulty.last_round.val_ppl
   print(f'val_ppl after 20 rounds: fault-free {clean_ppl:.3f}, with faults {faulty_ppl:.3f}')
   assert abs(faulty_ppl - clean_ppl) / clean_ppl < 0.1
 
 
-def test_too_few_clients_skips_the_round_and_keeps_the_model(tmp_path):
-  result = train.run(_config(rounds=2, fault_failure_prob=1.0, min_clients=1,
-                             on_too_few_clients='skip'), str(tmp_path / 'skip'))
-  assert all(r.skipped and r.num_aggregated == 0 for r in result.rounds)
-  untrained = train.run(_config(rounds=1, fault_failure_prob=1.0, on_too_few_clients='skip'),
-                        str(tmp_path / 'one'))
-  jax.tree.map(np.testing.assert_array_equal, result.params, untrained.params)
+def _rounds(workdir):
+  return records.read_records(str(workdir)).rounds
+
+
+def test_skipped_rounds_keep_the_model_and_a_run_of_only_skips_fails(tmp_path):
+  with pytest.raises(errors.TrainingFailed, match='no round aggregated a client update: all 2 '
+                     'rounds were skipped'):
+    train.run(_config(rounds=2, fault_failure_prob=1.0, min_clients=1,
+                      on_too_few_clients='skip'), str(tmp_path))
+  initial, *skipped = _rounds(tmp_path)
+  assert [r.round for r in skipped] == [1, 2]
+  assert all(r.skipped and r.num_aggregated == 0 for r in skipped)
+  assert all(r.global_norm == initial.global_norm and r.val_loss == initial.val_loss
+             for r in skipped)
 
 
 def test_too_few_clients_retries_with_fresh_draws(tmp_path):
   result = train.run(_config(rounds=4, fault_failure_prob=0.5, min_clients=4,
                              max_round_retries=3), str(tmp_path))
-  assert any(r.retries > 0 for r in result.rounds)
-  assert any('@' in str(k) for r in result.rounds for k in r.failed_clients)
+  assert any(r.retries for r in result.rounds[1:])
+  assert any('@' in str(k) for r in result.rounds[1:] for k in r.failed_clients)
+  for r in result.rounds[1:]:
+    # A retry tops the round up: every client is averaged at most once.
+    assert r.num_aggregated == len(r.client_train_loss) <= 4
   assert _finite(result.params)
 
 
 def test_late_clients_are_left_out(tmp_path):
-  result = train.run(_config(rounds=1, round_timeout_s=1e-6, on_too_few_clients='skip'),
-                     str(tmp_path))
-  record = result.rounds[0]
+  with pytest.raises(errors.TrainingFailed, match='no round aggregated'):
+    train.run(_config(rounds=1, round_timeout_s=1e-6, on_too_few_clients='skip'), str(tmp_path))
+  record = _rounds(tmp_path)[1]
   assert record.skipped and all(f.startswith('late') for f in record.failed_clients.values())
   # The server received the late clients' parameters before rejecting them.
   assert record.bytes_received == record.bytes_sent

@@ -52,10 +52,15 @@ def _records(workdir, kind):
 @pytest.mark.parametrize('mode, keys', [('federated', FEDERATED_ROUND_KEYS),
                                         ('centralized', CENTRALIZED_ROUND_KEYS)])
 def test_round_records_hold_every_metric(runs, mode, keys):
-  rounds = _records(runs / mode, 'round')
+  initial, *rounds = _records(runs / mode, 'round')
   assert [r['round'] for r in rounds] == [1, 2]
   for record in rounds:
     assert keys <= set(record), keys - set(record)
+  # Round 0, the untrained model: evaluated (on each client's set too), nothing trained yet.
+  assert initial['round'] == 0 and initial['tokens'] == 0 and initial['train_loss'] is None
+  assert initial['val_loss'] > rounds[-1]['val_loss']
+  if mode == 'federated':
+    assert set(initial['client_val_ppl']) == {'0', '1'}
   steps = _records(runs / mode, 'step')
   assert [s['local_step'] for s in steps if s['round'] == 1][:2] == [2, 4]
   for record in steps:
@@ -63,7 +68,7 @@ def test_round_records_hold_every_metric(runs, mode, keys):
 
 
 def test_federated_bytes_and_norms_are_consistent(runs):
-  rounds = _records(runs / 'federated', 'round')
+  rounds = _records(runs / 'federated', 'round')[1:]
   model_bytes = rounds[0]['client_upload_bytes']['0']
   assert model_bytes % 4 == 0  # float32 parameters
   assert rounds[1]['bytes_sent'] == rounds[1]['bytes_received'] == 2 * 2 * model_bytes

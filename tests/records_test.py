@@ -18,13 +18,27 @@ def test_writer_writes_parseable_json_and_tensorboard(tmp_path):
                                   grad_norm=2.0, update_norm=0.1, lr=1e-3))
   writer.close()
   with open(tmp_path / 'metrics.jsonl', encoding='utf-8') as f:
-    lines = [json.loads(line) for line in f]  # strict JSON: NaN is written as null
+    lines = [json.loads(line) for line in f]  # strict JSON: no bare NaN
   assert lines[0]['kind'] == 'round' and lines[1]['kind'] == 'step'
-  assert lines[0]['val_loss'] is None and lines[0]['client_train_loss'] == {'3': 1.5}
-  # Keys of the other mode are absent, not null; the validation keys are always there.
-  assert 'grad_norm' not in lines[0] and 'val_ppl' in lines[0]
-  events = os.listdir(tmp_path / 'tensorboard')
-  assert len(events) == 1 and os.path.getsize(tmp_path / 'tensorboard' / events[0]) > 0
+  # A diverged value is the string "nan"; a value not measured (val_ppl here) is null.
+  assert lines[0]['val_loss'] == 'nan' and lines[0]['val_ppl'] is None
+  assert lines[0]['client_train_loss'] == {'3': 1.5}
+  # Keys of the other mode are absent, not null.
+  assert 'grad_norm' not in lines[0]
+  rounds_events = [f for f in os.listdir(tmp_path / 'tensorboard') if f.startswith('events')]
+  steps_events = os.listdir(tmp_path / 'tensorboard' / 'steps')
+  assert len(rounds_events) == 1 and len(steps_events) == 1
+  assert os.path.getsize(tmp_path / 'tensorboard' / rounds_events[0]) > 0
+
+
+def test_non_finite_values_round_trip_and_stay_apart_from_missing_ones(tmp_path):
+  writer = records.RecordWriter(str(tmp_path), tensorboard=False)
+  writer.write(records.RoundRecord(round=1, tokens=1, val_loss=float('inf'), train_loss=None,
+                                   client_train_loss={0: float('-inf'), 1: float('nan')}))
+  writer.close()
+  record = records.read_records(str(tmp_path)).rounds[0]
+  assert record.val_loss == float('inf') and record.train_loss is None
+  assert record.client_train_loss['0'] == float('-inf') and np.isnan(record.client_train_loss['1'])
 
 
 def test_records_round_trip(tmp_path):

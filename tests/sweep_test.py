@@ -158,6 +158,17 @@ def test_bad_specs_name_the_culprit(spec, message):
     sweep_spec.expand(spec)
 
 
+def test_a_python_spec_that_does_not_load_is_one_line(tmp_path):
+  path = tmp_path / 'broken.py'
+  path.write_text("SPEC = {'config': 'c.py',\n")
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'sweep.py'),
+                           str(path), f'--root={tmp_path / "root"}'], capture_output=True,
+                          text=True, timeout=120, check=False, cwd=REPO)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().startswith(f'sweep: error: {path} does not load: SyntaxError')
+  assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_python_spec(tmp_path):
   path = tmp_path / 'spec.py'
   path.write_text("SPEC = {'config': 'c.py', 'grid': [{'seed': [0, 1]}]}\n")
@@ -317,6 +328,52 @@ def test_raising_rounds_continues_a_finished_run(fake):
   assert sweep_runner.status(workdir, 6) == 'unfinished'
 
 
+SLEEPY_TRAINER = textwrap.dedent('''\
+    import os, sys, time
+    args = dict(a[2:].split('=', 1) for a in sys.argv[1:])
+    os.makedirs(args['workdir'], exist_ok=True)
+    with open(os.path.join(args['workdir'], 'pid'), 'w') as f:
+      f.write(str(os.getpid()))
+    time.sleep(300)
+    ''')
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  with open(f'/proc/{pid}/stat', encoding='utf-8') as f:
+    return f.read().split()[2] != 'Z'  # a zombie has exited
+
+
+def test_trainers_die_with_a_killed_sweep(fake):
+  """A sweep killed with SIGKILL cannot stop its trainers itself: the kernel does (SIGTERM)."""
+  (fake / 'sleepy.py').write_text(SLEEPY_TRAINER)
+  spec, root = _spec(fake, SPEC), fake / 'root'
+  sweep = subprocess.Popen(
+      [sys.executable, os.path.join(REPO, 'experiments', 'sweep.py'), spec, f'--root={root}',
+       '--module=sleepy', f'--cwd={fake}', '--only=lr=1.0,fed'], cwd=REPO,
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  pid_file = root / 'lr=1.0,fed' / 'pid'
+  trainer = None
+  try:
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+      time.sleep(0.05)
+    trainer = int(pid_file.read_text())
+    sweep.kill()
+    sweep.wait(timeout=30)
+    deadline = time.time() + 30
+    while _alive(trainer) and time.time() < deadline:
+      time.sleep(0.05)
+    assert not _alive(trainer), 'the trainer outlived its sweep'
+  finally:
+    sweep.kill()
+    if trainer is not None and _alive(trainer):
+      os.kill(trainer, signal.SIGKILL)
+
+
 def test_dry_run_prints_commands_and_runs_nothing(fake):
   result = _sweep(_spec(fake, SPEC), str(fake / 'root'), '--dry-run', cwd=fake)
   assert result.returncode == 0, result.stderr
@@ -367,4 +424,4 @@ def test_real_sweep_from_clean_root_interrupted_and_resumed(tmp_path):
   if aside:  # restarted: the interrupted run's rounds are kept beside it
     assert sweep_runner.read_rounds(str(root / aside[0]))
   else:  # resumed in place: every round logged once
-    assert [r.round for r in sweep_runner.read_rounds(str(root / 'long'))] == list(range(1, 26))
+    assert [r.round for r in sweep_runner.read_rounds(str(root / 'long'))] == list(range(26))

@@ -33,9 +33,11 @@ def test_tiny_config_two_rounds_through_main(tmp_path):
                  '--config.fl.clients_per_round=2')
   assert result.returncode == 0, result.stderr[-3000:]
   rounds = _records(tmp_path, 'round')
-  assert [r['round'] for r in rounds] == [1, 2]
+  assert [r['round'] for r in rounds] == [0, 1, 2]  # round 0: the initial model
   tokens_per_round = 2 * 3 * 4 * 32  # clients x local steps x batch x seq_len
-  assert [r['tokens'] for r in rounds] == [tokens_per_round, 2 * tokens_per_round]
+  assert [r['tokens'] for r in rounds] == [0, tokens_per_round, 2 * tokens_per_round]
+  assert rounds[0]['val_loss'] > rounds[2]['val_loss'] and rounds[0]['train_loss'] is None
+  rounds = rounds[1:]
   for r in rounds:
     assert math.isfinite(r['val_loss']) and math.isfinite(r['train_loss'])
     np.testing.assert_allclose(r['val_ppl'], math.exp(r['val_loss']), rtol=1e-6)
@@ -82,6 +84,10 @@ def test_one_client_fedavg_without_reset_equals_centralized(tmp_path):
     (['--config.data.source=jsonl', '--config.data.path=/nonexistent/c4-*.jsonl'],
      "'/nonexistent/c4-*.jsonl' matches no file"),
     (['--config=configs/nope.py'], 'configs/nope.py: no such config file'),
+    # With an explicit --config= the override is applied at parse time: the same clean line.
+    (['--config=configs/tiny.py', '--config.fl.outer_lrr=1'],
+     'unknown config key among --config.fl.outer_lrr (did you mean "outer_lr"?)'),
+    (['--config.opt.lr=nan'], 'opt.lr must be a finite number, got nan'),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, flags, message):
   result = _main(tmp_path / 'run', *flags)
