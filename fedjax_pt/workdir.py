@@ -16,6 +16,7 @@ from typing import Any
 
 from absl import logging
 
+from configs import base as base_config
 from fedjax_pt import checkpoint as checkpoint_lib
 from fedjax_pt import errors
 from fedjax_pt import records
@@ -82,8 +83,12 @@ class Workdir:
     with open(self._config, encoding='utf-8') as f:
       saved = _flatten(json.load(f))
     current = _flatten(self._resolved)
+    # A key that an older run's config.json lacks was added since; its default reproduces what
+    # that run did, so the run resumes unless the key is now set to something else.
+    defaults = _flatten(base_config.get_config().to_dict())
     changed = sorted(k for k in saved.keys() | current.keys()
-                     if saved.get(k) != current.get(k) and not k.startswith(RESUMABLE_CHANGES))
+                     if saved.get(k, defaults.get(k)) != current.get(k) and
+                     not k.startswith(RESUMABLE_CHANGES))
     if changed:
       details = ', '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in changed[:4])
       raise errors.WorkdirRefused(
