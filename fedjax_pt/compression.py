@@ -7,7 +7,8 @@
 Codecs (`fl.compression.upload` / `download`), for a value x of a block whose largest magnitude
 is m:
   'none'  float32 as it is: exact, 4 bytes a value.
-  'bf16'  rounded to bfloat16 (8-bit significand, to nearest): |x - x^| <= 2^-8 |x|, 2 bytes a value.
+  'bf16'  rounded to bfloat16 (8-bit significand, to nearest): |x - x^| <= 2^-8 |x|, 2 bytes a
+          value.
   'int8'  blockwise absmax: q = round(x / s) in [-127, 127] with s = m / 127, one float32 s per
           `block_size` values: |x - q s| <= s / 2 = m / 254, 1 byte a value + 4 per block.
   'int4'  the same with q in [-7, 7] (s = m / 7), two values a byte: |x - q s| <= m / 14.

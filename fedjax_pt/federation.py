@@ -10,8 +10,8 @@ real federation. Everything between "the server holds θ" and "the server holds 
 in `apply`, each step in the module named after it: which clients train (`sampling`), which parts
 of the model are synchronised when (`fragments`), how the clients' deltas travel (`compression`:
 the server decodes them here), which updates are left out (`faults`), how the rest are weighted
-and averaged (`aggregation`) and the outer optimizer step (`server`). The centralized baseline is a `CentralizedAlgorithm` with the same
-`init`/`apply`, so the run has one loop for both modes.
+and averaged (`aggregation`) and the outer optimizer step (`server`). The centralized baseline
+is a `CentralizedAlgorithm` with the same `init`/`apply`, so the run has one loop for both modes.
 """
 
 from collections.abc import Iterator, Sequence

@@ -7,7 +7,7 @@ server updates it. Every parameter is still synchronised once per tau steps, but
 carries 1/F of the model, so the peak traffic of a synchronisation drops F-fold. The clients keep
 their model between segments and across rounds: fragments not being synchronised keep training.
 When fragment f comes back from the server, a client takes
-    alpha * (its own fragment) + (1 - alpha) * (the global fragment)      (alpha = fl.fragment_mixing)
+    alpha * (its own fragment) + (1 - alpha) * (the global fragment),  alpha = fl.fragment_mixing
 alpha = 0 replaces it, as DiLoCo does for the whole model; with F = 1 and alpha = 0 this is plain
 federated training.
 
@@ -39,7 +39,8 @@ def schedule(local_steps: int, fragments: int) -> list[Segment]:
 
 
 def _depth(path) -> tuple:
-  """Order of a parameter in the forward pass: embeddings, blocks by index, the rest (final norm)."""
+  """Order of a parameter in the forward pass: embeddings, blocks by index, the rest (the final
+  norm)."""
   top = str(getattr(path[0], 'key', path[0]))
   block = re.fullmatch(r'block_(\d+)', top)
   rank = {'wte': 0, 'wpe': 1}.get(top, 2 if block else 3)

@@ -2,8 +2,8 @@
 
 `SimulatedClients` implements the round object's client interface (`federation.Clients`): client k
 trains `fl.local_steps` AdamW steps from the global model on its own batches and reports its
-encoded delta, `mesh.clients` clients at a time in one compiled program. It also simulates what goes wrong
-in a real federation (`fl.fault.*`: crashes and diverged models, seeded). `CentralizedClient` is
+encoded delta, `mesh.clients` clients at a time in one compiled program. It also simulates what
+goes wrong in a real federation (`fl.fault.*`: crashes and diverged models, seeded). `CentralizedClient` is
 the baseline's single learner over the union of the clients' data.
 """
 
@@ -173,7 +173,9 @@ class SimulatedClients:
         continue
       if fault[k] == 'nan':
         result.state = result.state.replace(params=faults.poisoned(result.state.params))
-      update, upload_uncompressed = self._message(k, result.state.params, broadcast, segment)
+      finite = bool(faults.all_finite(result.state.params))
+      update, upload_uncompressed = self._message(k, result.state.params, finite, broadcast,
+                                                  segment)
       self._progress.loss(result.last_loss)
       reports[k] = _report(
           result, round_idx, k, fl.local_steps, segment.start, update=update,
@@ -181,38 +183,35 @@ class SimulatedClients:
           download_bytes=received[k]['download_bytes'],
           upload_bytes=compression.payload_bytes(update),
           uncompressed_bytes=received[k]['uncompressed_bytes'] + upload_uncompressed)
-      self._keep(k, result.state)
+      self._keep(k, result.state, finite)
     return [reports[k] for k in group]
 
-  def _message(self, k: int, params, broadcast: _Broadcast,
+  def _message(self, k: int, params, finite: bool, broadcast: _Broadcast,
                segment: fragments.Segment) -> tuple[Any, int]:
     """Client k's encoded delta of the segment's fragment (updating its residual), and the delta's
     size as float32."""
     comp = self._spec.fl.compression
     residuals = self.carried['residual']
-    residual = None
+    whole = None
     if comp.error_feedback:
-      residual = self._fragment(residuals.get(k, jax.tree.map(jnp.zeros_like, params)),
-                                segment.fragment)
-    update, residual_part = compression.compress_delta(
+      whole = residuals[k] if k in residuals else jax.tree.map(jnp.zeros_like, params)
+    update, residual = compression.compress_delta(
         self._fragment(params, segment.fragment),
-        self._fragment(broadcast.received, segment.fragment), residual, comp.upload,
+        self._fragment(broadcast.received, segment.fragment),
+        None if whole is None else self._fragment(whole, segment.fragment), comp.upload,
         comp.block_size)
     if comp.error_feedback:
-      if bool(faults.all_finite(params)):
-        whole = residuals.get(k, jax.tree.map(jnp.zeros_like, params))
-        residuals[k] = (residual_part if self._spec.fl.fragments == 1 else
-                        fragments.replace(whole, residual_part, self._assignment,
-                                          segment.fragment))
+      if finite:
+        residuals[k] = (residual if self._spec.fl.fragments == 1 else
+                        fragments.replace(whole, residual, self._assignment, segment.fragment))
       else:  # a diverged client starts afresh, as after a restart
         residuals.pop(k, None)
     return update, compression.raw_bytes(update)
 
-  def _keep(self, k: int, state: client_lib.LocalState) -> None:
+  def _keep(self, k: int, state: client_lib.LocalState, finite: bool) -> None:
     """What client k keeps after training: its Adam state and, with streaming fragments or
     mixing, its model; a diverged client keeps neither and starts again from the global model."""
     fl = self._spec.fl
-    finite = bool(faults.all_finite(state.params))
     if not fl.reset_optimizer:
       if finite:
         self.kept[k] = state.opt_state
