@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 CODECS = ('none', 'bf16', 'int8', 'int4')
 _QMAX = {'int8': 127, 'int4': 7}
@@ -139,6 +141,53 @@ def compress_delta(local: Any, received: Any, residual: Any, codec: str,
   delta = jax.tree.map(jnp.add, delta, residual)
   payload = encode(delta, codec, block_size)
   return payload, jax.tree.map(jnp.subtract, delta, decode(payload))
+
+
+def _mesh_axes(spec: PartitionSpec) -> tuple[str, ...]:
+  return tuple(axis for entry in spec if entry is not None
+               for axis in (entry if isinstance(entry, tuple) else (entry,)))
+
+
+def _place(encoded: EncodedArray, where: NamedSharding) -> EncodedArray:
+  """Where a payload array of an array laid out as `where` goes: float32/bf16 values like the
+  array; int8/int4 blocks and scales split along the blocks over the mesh axes that split the
+  array (so every device holds about its share), replicated when those do not divide them."""
+  if encoded.scales is None:
+    return encoded.replace(values=where)
+  axes = _mesh_axes(where.spec)
+  ways = math.prod(where.mesh.shape[a] for a in axes)
+  spec = PartitionSpec(axes) if axes and encoded.values.shape[0] % ways == 0 else PartitionSpec()
+  blocks = NamedSharding(where.mesh, spec)
+  return encoded.replace(values=blocks, scales=blocks)
+
+
+class Codec:
+  """`encode`, `decode` and `compress_delta` for trees laid out like `like` (arrays or
+  ShapeDtypeStructs with NamedShardings: the parameters, or a fragment of them), jitted so that
+  payloads stay split over the devices that hold the arrays and decoded trees land where the
+  arrays are. Without NamedShardings (one device) they are the plain functions."""
+
+  def __init__(self, codec: str, block_size: int, like: Any):
+    self.codec, self.block_size = codec, block_size
+    shardings = [getattr(x, 'sharding', None) for x in jax.tree.leaves(like)]
+    encode_fn = functools.partial(encode, codec=codec, block_size=block_size)
+    delta_fn = functools.partial(compress_delta, codec=codec, block_size=block_size)
+    if not shardings or not all(isinstance(s, NamedSharding) for s in shardings):
+      self.encode, self.decode, self._delta = encode_fn, decode, delta_fn
+      self._delta_ef = delta_fn
+      return
+    tree = jax.tree.map(lambda x: x.sharding, like)
+    payload = jax.tree.map(_place, jax.eval_shape(encode_fn, like), tree, is_leaf=_is_encoded)
+    self.encode = jax.jit(encode_fn, out_shardings=payload)
+    self.decode = jax.jit(decode, out_shardings=tree)
+    self._delta = jax.jit(delta_fn, out_shardings=(payload, None))
+    self._delta_ef = jax.jit(delta_fn, out_shardings=(payload, tree))
+
+  def compress_delta(self, local: Any, received: Any, residual: Any) -> tuple[Any, Any]:
+    """`compress_delta` of this codec (error feedback when `residual` is not None)."""
+    if residual is None:
+      return self._delta(local, received, None)
+    return self._delta_ef(local, received, residual)
 
 
 def _named(payload: Any) -> list[tuple[str, EncodedArray]]:

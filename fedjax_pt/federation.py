@@ -131,9 +131,9 @@ class FederatedAlgorithm:
                               for f in fragment_ids]
       # The server decodes a delta straight into the parameters' layout, where the average and
       # the outer step expect it.
-      self._decoders = [compression.decode if self._param_shardings is None else
-                        jax.jit(compression.decode, out_shardings=self._fragment(
-                            self._param_shardings, f)) for f in range(fl.fragments)]
+      self._decoders = [compression.Codec(fl.compression.upload, fl.compression.block_size,
+                                          self._fragment(params, f)).decode
+                        for f in range(fl.fragments)]
     return state
 
   def _fragment(self, tree, fragment: int):

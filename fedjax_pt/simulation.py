@@ -78,11 +78,18 @@ class SimulatedClients:
     self._segment_opt: dict[int, Any] = {}  # Adam states between the segments of a round
     self._merged: dict[int, tuple[int, int]] = {}  # (round, segment start) a client last merged
     self._assignment = None
+    self._download = None  # compression.Codec of the broadcast
+    self._upload = []  # compression.Codec of each fragment's deltas
 
   def train(self, params, round_idx: int, client_ids: Sequence[int], attempt: int,
             segment: fragments.Segment) -> Iterator[ClientReport]:
     if self._assignment is None:
-      self._assignment = fragments.partition(params, self._spec.fl.fragments)
+      fl = self._spec.fl
+      comp = fl.compression
+      self._assignment = fragments.partition(params, fl.fragments)
+      self._download = compression.Codec(comp.download, comp.block_size, params)
+      self._upload = [compression.Codec(comp.upload, comp.block_size, self._fragment(params, f))
+                      for f in range(fl.fragments)]
     broadcast = self._broadcast(params, segment)
     for group in sampling.client_groups(client_ids, self._trainer.parallel):
       self._progress.describe(f'round {round_idx}/{self._spec.fl.rounds} client '
@@ -94,12 +101,11 @@ class SimulatedClients:
             fragments.select(tree, self._assignment, fragment))
 
   def _broadcast(self, params, segment: fragments.Segment) -> _Broadcast:
-    comp = self._spec.fl.compression
-    payload = compression.encode(params, comp.download, comp.block_size)
+    payload = self._download.encode(params)
     # The fragment synchronised at the end of the previous segment (of this or the last round).
     previous = (segment.fragment - 1) % self._spec.fl.fragments
     part = self._fragment(payload, previous)
-    return _Broadcast(compression.decode(payload), compression.payload_bytes(payload),
+    return _Broadcast(self._download.decode(payload), compression.payload_bytes(payload),
                       compression.payload_bytes(part), compression.raw_bytes(payload),
                       compression.raw_bytes(part))
 
@@ -195,11 +201,10 @@ class SimulatedClients:
     whole = None
     if comp.error_feedback:
       whole = residuals[k] if k in residuals else jax.tree.map(jnp.zeros_like, params)
-    update, residual = compression.compress_delta(
+    update, residual = self._upload[segment.fragment].compress_delta(
         self._fragment(params, segment.fragment),
         self._fragment(broadcast.received, segment.fragment),
-        None if whole is None else self._fragment(whole, segment.fragment), comp.upload,
-        comp.block_size)
+        None if whole is None else self._fragment(whole, segment.fragment))
     if comp.error_feedback:
       if finite:
         residuals[k] = (residual if self._spec.fl.fragments == 1 else

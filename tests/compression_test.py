@@ -9,6 +9,7 @@ import pytest
 from fedjax_pt import aggregation
 from fedjax_pt import compression
 from fedjax_pt import model as model_lib
+from fedjax_pt import sharding
 
 U = 2.0 ** -24  # float32 unit roundoff (round to nearest)
 MODEL = model_lib.ModelConfig(vocab_size=384, d_model=32, num_layers=2, num_heads=2, mlp_ratio=4,
@@ -146,6 +147,31 @@ def test_delta_form_matches_the_model_form_within_float32_rounding():
     assert np.all(np.abs(np.asarray(old) - np.asarray(new)) <= bound)
 
   jax.tree.map(check, old, new, theta, *clients)
+
+
+@pytest.mark.parametrize('codec', ['none', 'int8'])
+def test_codec_keeps_payloads_split_like_the_parameters(codec):
+  """On 8 devices (FSDP): float32 payloads are laid out like the parameters; int8 blocks are split
+  over the devices that split the parameter; decoded trees and residuals land where the
+  parameters are."""
+  layout = sharding.Layout.create(sharding.MeshConfig(1, 1, 8))
+  params = sharding.init_params(MODEL, jax.random.key(0), layout)
+  codec_fn = compression.Codec(codec, 64, params)
+  payload = codec_fn.encode(params)
+  received = codec_fn.decode(payload)
+  update, residual = codec_fn.compress_delta(params, received, jax.tree.map(jnp.zeros_like,
+                                                                            params))
+
+  def check(p, e, r, d):
+    assert r.sharding == p.sharding and d.sharding == p.sharding
+    if codec == 'none':
+      assert e.values.sharding == p.sharding
+    elif 'fsdp' in p.sharding.spec:
+      assert e.values.sharding.spec == jax.sharding.PartitionSpec(('fsdp',))
+      assert e.scales.sharding.spec == jax.sharding.PartitionSpec(('fsdp',))
+
+  jax.tree.map(check, params, update, residual, received,
+               is_leaf=lambda x: isinstance(x, compression.EncodedArray))
 
 
 @pytest.mark.parametrize('values, message', [
