@@ -142,6 +142,29 @@ def test_one_fragment_is_plain_federated_training(tmp_path, monkeypatch, fl):
   assert _records(tmp_path / 'streaming') == _records(tmp_path / 'plain')
 
 
+@pytest.mark.parametrize('count, local_steps', [(3, 3), (2, 4)])
+def test_one_client_fedavg_with_fragments_trains_as_if_alone(tmp_path, count, local_steps):
+  """One client, FedAvg (outer SGD lr 1, no momentum), alpha = 0: each sync sets the global
+  fragment to the client's own and gives it back, so the segments, their learning rates, data
+  and kept Adam moments must add up to the client training alone: the same loss at every step,
+  up to the rounding of theta + (theta_k - theta) at each sync (tolerance of
+  train_test.test_one_client_fedavg_without_reset_equals_centralized). The global model is not
+  the client's: a fragment synced earlier in the round lags by the steps since."""
+  one = dict(num_clients=1, clients_per_round=1, local_steps=local_steps, reset_optimizer=False)
+  config = _config(**one)
+  config.mode = 'centralized'
+  config.log.every_steps = 1
+  train.run(config, str(tmp_path / 'centralized'))
+  config = _config(**one, fragments=count, outer_optimizer='sgd', outer_lr=1.0,
+                   outer_momentum=0.0)
+  config.log.every_steps = 1
+  train.run(config, str(tmp_path / 'federated'))
+  alone, federated = ([(r['step'], r['loss']) for r in _records(tmp_path / name)
+                       if r['kind'] == 'step'] for name in ('centralized', 'federated'))
+  assert [s for s, _ in federated] == [s for s, _ in alone] == list(range(1, 3 * local_steps + 1))
+  np.testing.assert_allclose([l for _, l in federated], [l for _, l in alone], rtol=1e-5)
+
+
 def test_fragments_divide_the_peak_traffic(tmp_path):
   one = train.run(_config(), str(tmp_path / 'one'))
   three = train.run(_config(fragments=3), str(tmp_path / 'three'))
