@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.fl.compression.error_feedback = False  # clients add what earlier messages lost to the next
   # Streaming fragments (fedjax_pt/fragments.py, Streaming DiLoCo): the model in F fragments of
   # consecutive layers; fragment f syncs at local steps f * local_steps / F + k * local_steps.
-  c.fl.fragments = 1  # F; local_steps must be divisible by it; F > 1 needs all clients per round
+  c.fl.fragments = 1  # F (at most local_steps); F > 1 needs every client in every round
   c.fl.fragment_mixing = 0.0  # alpha: a client takes alpha * own + (1 - alpha) * global fragment
 
   c.data = ml_collections.ConfigDict()

@@ -1,9 +1,9 @@
 """Streaming fragments (Streaming DiLoCo, Douillard et al. 2025): the model synchronised in parts.
 
 `fl.fragments = F` cuts the parameters into F fragments of consecutive layers, of about equal size.
-Fragment f is synchronised at local steps f * tau / F + k * tau: a round of tau local steps is F
-segments of tau / F steps, and after segment j (j = 1..F) the clients send fragment j mod F and the
-server updates it. Every parameter is still synchronised once per tau steps, but each message
+Fragment f is synchronised at local steps f * tau / F + k * tau (rounded down): a round of tau
+local steps is F segments of about tau / F steps, and after segment j (j = 1..F) the clients send
+fragment j mod F and the server updates it. Every parameter is still synchronised once per tau steps, but each message
 carries 1/F of the model, so the peak traffic of a synchronisation drops F-fold. The clients keep
 their model between segments and across rounds: fragments not being synchronised keep training.
 When fragment f comes back from the server, a client takes
@@ -32,10 +32,12 @@ class Segment:
 
 
 def schedule(local_steps: int, fragments: int) -> list[Segment]:
-  """The segments of a round: fragment f syncs at local step f * tau / F (mod tau), so the round's
-  last segment syncs fragment 0, at the round boundary."""
-  steps = local_steps // fragments
-  return [Segment(j % fragments, (j - 1) * steps, steps) for j in range(1, fragments + 1)]
+  """The segments of a round: fragment f syncs at local step floor(f * tau / F) (mod tau), so the
+  round's last segment syncs fragment 0, at the round boundary. When F does not divide tau the
+  segments differ by one step."""
+  ends = [j * local_steps // fragments for j in range(fragments + 1)]
+  return [Segment(j % fragments, ends[j - 1], ends[j] - ends[j - 1])
+          for j in range(1, fragments + 1)]
 
 
 def _depth(path) -> tuple:

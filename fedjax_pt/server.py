@@ -57,9 +57,9 @@ class FLConfig:
                        f'{self.weighting!r}')
     if not isinstance(self.fragments, int) or self.fragments < 1:
       raise ValueError(f'fl.fragments must be a positive integer, got {self.fragments!r}')
-    if self.local_steps % self.fragments:
-      raise ValueError(f'fl.local_steps={self.local_steps} is not divisible by '
-                       f'fl.fragments={self.fragments} (a fragment syncs every tau / F steps)')
+    if self.fragments > self.local_steps:
+      raise ValueError(f'fl.fragments={self.fragments} exceeds fl.local_steps='
+                       f'{self.local_steps} (a fragment syncs every tau / F steps)')
     if not 0 <= self.fragment_mixing < 1:
       raise ValueError(f'fl.fragment_mixing must be in [0, 1), got {self.fragment_mixing}')
     if self.keeps_client_models and self.clients_per_round != self.num_clients:

@@ -34,7 +34,7 @@ def _set(config, dotted, value):
     ('mode', 'fedavg', "mode must be 'federated' or 'centralized'"),
     ('fl.compression.upload', 'fp8', "fl.compression.upload must be one of ('none', 'bf16', "),
     ('fl.compression.block_size', 7, 'fl.compression.block_size must be an even integer'),
-    ('fl.fragments', 2, 'fl.local_steps=25 is not divisible by fl.fragments=2'),
+    ('fl.fragments', 26, 'fl.fragments=26 exceeds fl.local_steps=25'),
     ('fl.fragment_mixing', 1.0, 'fl.fragment_mixing must be in [0, 1)'),
     ('data.tokenizer', 'missing/tokenizer.json', 'missing/tokenizer.json'),
 ])

@@ -25,6 +25,9 @@ def test_schedule_staggers_the_fragments():
       fragments.Segment(fragment=1, start=0, steps=3), fragments.Segment(2, 3, 3),
       fragments.Segment(3, 6, 3), fragments.Segment(0, 9, 3)]
   assert fragments.schedule(5, 1) == [fragments.Segment(0, 0, 5)]
+  # tau = 50, F = 4: syncs at steps 12, 25, 37 and 50 (f * 12.5 rounded down).
+  assert [(s.fragment, s.start, s.steps) for s in fragments.schedule(50, 4)] == [
+      (1, 0, 12), (2, 12, 13), (3, 25, 12), (0, 37, 13)]
 
 
 def _tree(sizes):
