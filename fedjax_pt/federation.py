@@ -122,6 +122,9 @@ class FederatedAlgorithm:
   def init(self, params) -> server_lib.ServerState:
     fl = self.fl
     self._assignment = fragments_lib.partition(params, fl.fragments)
+    if fl.fragments > 1:
+      logging.info('fl.fragments=%d: %s parameters per fragment', fl.fragments,
+                   fragments_lib.fragment_sizes(params, self._assignment, fl.fragments))
     state = server_lib.init_server_state(params, self.tx, self._param_shardings,
                                          self._assignment, fl.fragments)
     if self._server_updates is None:

@@ -3,9 +3,10 @@
 `fl.fragments = F` cuts the parameters into F fragments of consecutive layers, of about equal size.
 Fragment f is synchronised at local steps f * tau / F + k * tau (rounded down): a round of tau
 local steps is F segments of about tau / F steps, and after segment j (j = 1..F) the clients send
-fragment j mod F and the server updates it. Every parameter is still synchronised once per tau steps, but each message
-carries 1/F of the model, so the peak traffic of a synchronisation drops F-fold. The clients keep
-their model between segments and across rounds: fragments not being synchronised keep training.
+fragment j mod F and the server updates it. Every parameter is still synchronised once per tau
+steps, but each message carries 1/F of the model, so the peak traffic of a synchronisation drops
+F-fold. The clients keep their model between segments and across rounds: fragments not being
+synchronised keep training.
 When fragment f comes back from the server, a client takes
     alpha * (its own fragment) + (1 - alpha) * (the global fragment),  alpha = fl.fragment_mixing
 alpha = 0 replaces it, as DiLoCo does for the whole model; with F = 1 and alpha = 0 this is plain

@@ -3,8 +3,8 @@
 `SimulatedClients` implements the round object's client interface (`federation.Clients`): client k
 trains `fl.local_steps` AdamW steps from the global model on its own batches and reports its
 encoded delta, `mesh.clients` clients at a time in one compiled program. It also simulates what
-goes wrong in a real federation (`fl.fault.*`: crashes and diverged models, seeded). `CentralizedClient` is
-the baseline's single learner over the union of the clients' data.
+goes wrong in a real federation (`fl.fault.*`: crashes and diverged models, seeded).
+`CentralizedClient` is the baseline's single learner over the union of the clients' data.
 """
 
 from collections.abc import Iterator, Sequence
