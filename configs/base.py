@@ -56,6 +56,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.fl.fault = ml_collections.ConfigDict()  # seeded fault injection, for testing robustness
   c.fl.fault.failure_prob = 0.0  # a sampled client crashes
   c.fl.fault.nan_prob = 0.0  # a sampled client returns NaN parameters
+  # Communication (fedjax_pt/compression.py): clients send their delta theta_k - theta, the server
+  # broadcasts theta; each direction is encoded with a codec, with exact wire sizes in the records.
+  c.fl.compression = ml_collections.ConfigDict()
+  c.fl.compression.upload = 'none'  # 'none' (float32) | 'bf16' | 'int8' | 'int4': clients' deltas
+  c.fl.compression.download = 'none'  # the same codecs for the global model sent to clients
+  c.fl.compression.block_size = 64  # values sharing one float32 absmax scale (int8, int4); even
+  c.fl.compression.error_feedback = False  # clients add what earlier messages lost to the next
+  # Streaming fragments (fedjax_pt/fragments.py, Streaming DiLoCo): the model in F fragments of
+  # consecutive layers; fragment f syncs at local steps f * local_steps / F + k * local_steps.
+  c.fl.fragments = 1  # F (at most local_steps); F > 1 needs every client in every round
+  c.fl.fragment_mixing = 0.0  # alpha: a client takes alpha * own + (1 - alpha) * global fragment
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'builtin'  # 'builtin' | 'jsonl' | 'text' | 'tfds'

@@ -100,6 +100,10 @@ def round_object(parts: Parts, progress) -> tuple[Any, Any]:
   if spec.mode == 'centralized':
     return (federation.CentralizedAlgorithm(model.trainer),
             simulation.CentralizedClient(spec, model.trainer, parts.data, progress))
+  if spec.fl.keeps_client_models and model.trainer.parallel > 1:
+    raise ValueError(f'fl.fragments={spec.fl.fragments} / fl.fragment_mixing='
+                     f'{spec.fl.fragment_mixing} give every client a model of its own: they need '
+                     f'mesh.clients=1, got {model.trainer.parallel}')
   algorithm = federation.FederatedAlgorithm(spec.fl, spec.faults, spec.seed, model.param_shardings,
                                             spec.per_layer_norms)
   return algorithm, simulation.SimulatedClients(spec, model.trainer, parts.data, progress)

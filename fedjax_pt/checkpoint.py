@@ -62,6 +62,8 @@ class RunMeta:
   iterators: list[dict[str, Any]]  # every data iterator's position (grain state)
   kept_clients: list[int] = dataclasses.field(default_factory=list)  # whose Adam state is saved
   metrics_bytes: int = 0  # the length of metrics.jsonl at this round
+  # Whose model / error-feedback residual is saved ({'model': [0, 1], 'residual': [0, 1]}).
+  carried: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -70,7 +72,7 @@ class RunMeta:
   def from_json(cls, obj: dict[str, Any]) -> 'RunMeta':
     return cls(round=obj['round'], totals=Totals(**obj['totals']),
                iterators=list(obj['iterators']), kept_clients=list(obj.get('kept_clients', [])),
-               metrics_bytes=obj.get('metrics_bytes', 0))
+               metrics_bytes=obj.get('metrics_bytes', 0), carried=dict(obj.get('carried', {})))
 
 
 @dataclasses.dataclass

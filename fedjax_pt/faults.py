@@ -53,13 +53,15 @@ class FaultConfig:
     return cfg
 
 
-def injected_fault(cfg: FaultConfig, seed: int, round_idx: int, client: int,
-                   attempt: int) -> str | None:
-  """'fail', 'nan' or None for this client in this round, reproducibly."""
+def injected_fault(cfg: FaultConfig, seed: int, round_idx: int, client: int, attempt: int,
+                   fragment: int = 0) -> str | None:
+  """'fail', 'nan' or None for this client in this round (at the sync of this fragment, with
+  streaming fragments), reproducibly."""
   if not cfg.failure_prob and not cfg.nan_prob:
     return None
   # A stream of its own (the trailing 7) so faults never shift client sampling or data order.
-  draw = np.random.default_rng([seed, round_idx, client, attempt, 7]).random()
+  key = [seed, round_idx, client, attempt, 7] + ([fragment] if fragment else [])
+  draw = np.random.default_rng(key).random()
   if draw < cfg.failure_prob:
     return 'fail'
   if draw < cfg.failure_prob + cfg.nan_prob:

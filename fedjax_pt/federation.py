@@ -4,25 +4,30 @@
     state = algorithm.init(params)
     state, result = algorithm.apply(state, round_idx, clients)
 
-`clients` is anything with `train(params, round_idx, client_ids, attempt)` that yields one
-`ClientReport` per client: the in-process simulation (`fedjax_pt.simulation`), or nodes of a real
-federation. Everything between "the server holds θ" and "the server holds the next θ" happens in
-`apply`, each step in the module named after it: which clients train (`sampling`), which updates
-are left out (`faults`), how the rest are weighted and averaged (`aggregation`) and the outer
-optimizer step (`server`). The centralized baseline is a `CentralizedAlgorithm` with the same
-`init`/`apply`, so the run has one loop for both modes.
+`clients` is anything with `train(params, round_idx, client_ids, attempt, segment)` that yields
+one `ClientReport` per client: the in-process simulation (`fedjax_pt.simulation`), or nodes of a
+real federation. Everything between "the server holds θ" and "the server holds the next θ" happens
+in `apply`, each step in the module named after it: which clients train (`sampling`), which parts
+of the model are synchronised when (`fragments`), how the clients' deltas travel (`compression`:
+the server decodes them here), which updates are left out (`faults`), how the rest are weighted
+and averaged (`aggregation`) and the outer optimizer step (`server`). The centralized baseline
+is a `CentralizedAlgorithm` with the same `init`/`apply`, so the run has one loop for both modes.
 """
 
 from collections.abc import Iterator, Sequence
 import dataclasses
+import math
 from typing import Any, Protocol
 
 from absl import logging
 import flax.struct
+import jax
 
 from fedjax_pt import aggregation
 from fedjax_pt import client as client_lib
+from fedjax_pt import compression
 from fedjax_pt import faults as faults_lib
+from fedjax_pt import fragments as fragments_lib
 from fedjax_pt import metrics
 from fedjax_pt import optimizers
 from fedjax_pt import records
@@ -32,14 +37,16 @@ from fedjax_pt import server as server_lib
 
 @dataclasses.dataclass
 class ClientReport:
-  """What the server learns from one client in one round.
+  """What the server learns from one client in one synchronisation (a round, or with streaming
+  fragments one segment of it).
 
-  `params` is θ_k as the server received it (None when nothing arrived: the client crashed or
-  never answered); `failure` is the client's own error, if it reported one.
+  `update` is the client's message as the server received it: its delta theta_k - theta (of the
+  segment's fragment), encoded by `fedjax_pt.compression`; None when nothing arrived (the client
+  crashed or never answered). `failure` is the client's own error, if it reported one.
   """
   client: int
-  params: Any | None
-  num_tokens: int = 0  # tokens the client trained on this round
+  update: Any | None
+  num_tokens: int = 0  # tokens the client trained on
   num_examples: int = 0  # the size of its training set, in tokens
   mean_loss: float | None = None
   last_loss: float | None = None
@@ -49,16 +56,18 @@ class ClientReport:
   failure: str | None = None
   injected: bool = False  # the failure was injected on purpose (fl.fault.*)
   elapsed_s: float = 0.0  # from sending the model to receiving the report
-  download_bytes: int = 0  # server -> client
-  upload_bytes: int = 0  # client -> server
+  download_bytes: int = 0  # server -> client, as encoded on the wire
+  upload_bytes: int = 0  # client -> server, as encoded on the wire
+  uncompressed_bytes: int = 0  # the same messages, both ways, as plain float32 arrays
 
 
 class Clients(Protocol):
   """The clients of a federation, as the round object sees them."""
 
-  def train(self, params: Any, round_idx: int, client_ids: Sequence[int],
-            attempt: int) -> Iterator[ClientReport]:
-    """Each client trains from `params` and reports; reports may arrive in any order."""
+  def train(self, params: Any, round_idx: int, client_ids: Sequence[int], attempt: int,
+            segment: fragments_lib.Segment) -> Iterator[ClientReport]:
+    """Each client trains `segment.steps` local steps and reports its delta of
+    `segment.fragment`; reports may arrive in any order. `params` is the server's model."""
 
 
 @dataclasses.dataclass
@@ -76,17 +85,26 @@ class RoundResult:
 class FederatedRunState(flax.struct.PyTreeNode):
   """The arrays of a federated run between rounds: what its checkpoints hold."""
   params: Any  # the global model θ
-  opt_state: Any  # the outer optimizer's state
-  kept: dict[str, Any]  # simulated clients' Adam states kept across rounds, by client id
+  opt_state: Any  # the outer optimizer's state (one per fragment with fl.fragments > 1)
+  # What simulated clients keep across rounds: Adam states by client id ('3'); with
+  # fl.compression.error_feedback their residuals ('residual_3'); with streaming fragments or
+  # mixing their own models ('model_3'). One dict, so that a run without the later two has the
+  # structure of older checkpoints.
+  kept: dict[str, Any]
+
+
+CARRIED = ('model', 'residual')  # what clients may carry besides Adam states, by name
 
 
 class FederatedAlgorithm:
-  """Sample -> clients train -> verdicts -> weighted mean -> outer step, retried when too few
-  clients are usable.
+  """Per synchronisation: sample -> clients train -> verdicts -> weighted mean of the decoded
+  deltas -> outer step, retried when too few clients are usable. A round is one synchronisation
+  of the whole model, or with `fl.fragments = F` F of them, one per fragment
+  (`fedjax_pt.fragments`).
 
-  A retry keeps the updates already received and tops the round up: it draws afresh, among the
-  clients whose update the round does not have yet, as many as `fl.clients_per_round` still
-  lacks. No client is ever averaged twice in a round.
+  A retry keeps the updates already received and tops the synchronisation up: it draws afresh,
+  among the clients whose update it does not have yet, as many as `fl.clients_per_round` still
+  lacks. No client is ever averaged twice in a synchronisation.
   """
 
   def __init__(self, fl: server_lib.FLConfig, fault_cfg: faults_lib.FaultConfig, seed: int,
@@ -94,118 +112,217 @@ class FederatedAlgorithm:
     self.fl, self.faults, self.seed = fl, fault_cfg, seed
     self.tx = optimizers.outer_optimizer(fl.outer_optimizer, fl.outer_lr, fl.outer_momentum,
                                          fl.outer_b2)
+    self.schedule = fragments_lib.schedule(fl.local_steps, fl.fragments)
     self._param_shardings = param_shardings
     self._per_layer_norms = per_layer_norms
-    self._server_update = None
+    self._assignment = None
+    self._server_updates = None
+    self._decoders = None
 
   def init(self, params) -> server_lib.ServerState:
-    state = server_lib.init_server_state(params, self.tx, self._param_shardings)
-    if self._server_update is None:
-      self._server_update = server_lib.make_server_update(
-          self.tx, like=state if self._param_shardings is not None else None)
+    fl = self.fl
+    self._assignment = fragments_lib.partition(params, fl.fragments)
+    if fl.fragments > 1:
+      logging.info('fl.fragments=%d: %s parameters per fragment', fl.fragments,
+                   fragments_lib.fragment_sizes(params, self._assignment, fl.fragments))
+    state = server_lib.init_server_state(params, self.tx, self._param_shardings,
+                                         self._assignment, fl.fragments)
+    if self._server_updates is None:
+      like = state if self._param_shardings is not None else None
+      fragment_ids = [None] if fl.fragments == 1 else range(fl.fragments)
+      self._server_updates = [server_lib.make_server_update(self.tx, like, self._assignment, f)
+                              for f in fragment_ids]
+      # The server decodes a delta straight into the parameters' layout, where the average and
+      # the outer step expect it.
+      self._decoders = [compression.Codec(fl.compression.upload, fl.compression.block_size,
+                                          self._fragment(params, f)).decode
+                        for f in range(fl.fragments)]
     return state
+
+  def _fragment(self, tree, fragment: int):
+    return tree if self.fl.fragments == 1 else fragments_lib.select(tree, self._assignment,
+                                                                      fragment)
 
   def apply(self, state: server_lib.ServerState, round_idx: int,
             clients: Clients) -> tuple[server_lib.ServerState, RoundResult]:
-    fl, policy = self.fl, self.faults
     tally = _Tally()
-    for attempt in range(policy.max_round_retries + 1):
-      ids = sampling.sample_clients(fl.num_clients, fl.clients_per_round - tally.average.count,
-                                    self.seed, round_idx, attempt, exclude=tally.aggregated)
-      tally.sampled.update(ids)
-      raised = []  # the failures of clients that crashed on their own, sending nothing
-      for report in clients.train(state.params, round_idx, ids, attempt):
-        if report.params is None and report.failure and not report.injected:
-          raised.append(report.failure)
-        else:
-          raised.append(None)
-        self._absorb(state, round_idx, report, attempt, tally)
-      if raised and all(raised):
-        # Every client raised on its own: a bug or a broken setup, not a fault to tolerate.
-        raise RuntimeError(f'round {round_idx}: every client failed: {raised[0]}')
-      if tally.average.count >= policy.min_clients or policy.on_too_few_clients == 'skip' or (
-          attempt == policy.max_round_retries):
-        break
-      logging.warning('round %d: %d of %d clients usable (< fl.min_clients=%d); retry %d',
-                      round_idx, tally.average.count, len(tally.sampled), policy.min_clients,
-                      attempt + 1)
-    enough = tally.average.count >= policy.min_clients
-    stats = dict(tally.stats(attempt), skipped=not enough)
-    if enough:
-      mean_params = tally.average.result()
-      if self._per_layer_norms:
-        stats['pseudo_grad_norm_per_module'] = metrics.per_module_norms(
-            aggregation.pseudo_gradient(state.params, mean_params))
-      state, outer = self._server_update(state, mean_params)
-      stats.update({k: float(v) for k, v in outer.items()},
-                   mean_client_norm=float(metrics.l2_norm(mean_params)))
-    else:
-      logging.warning('round %d skipped: %d usable clients < fl.min_clients=%d; the global model '
-                      'is unchanged', round_idx, tally.average.count, policy.min_clients)
+    for segment in self.schedule:
+      state = self._synchronise(state, round_idx, segment, clients, tally)
+    stats = tally.stats()
     stats['outer_momentum_norm'] = metrics.outer_momentum_norm(state.opt_state)
-    losses = list(tally.per_client['client_train_loss'].values())
+    losses = [_mean(v) for v in tally.per_client['client_train_loss'].values()]
     return state, RoundResult(
         tokens=tally.tokens, bytes_sent=sum(tally.download.values()),
         bytes_received=sum(tally.upload.values()),
         train_loss=sum(losses) / len(losses) if losses else None, steps=tally.steps,
-        stats=stats, aggregated=enough)
+        stats=stats, aggregated=bool(tally.synced))
 
-  def _absorb(self, state, round_idx: int, report: ClientReport, attempt: int,
-              tally: '_Tally') -> None:
-    """Counts a report and, if the server accepts it, adds it to the round's average."""
+  def _synchronise(self, state: server_lib.ServerState, round_idx: int,
+                   segment: fragments_lib.Segment, clients: Clients,
+                   tally: '_Tally') -> server_lib.ServerState:
+    """One segment: the clients train and send their deltas of the segment's fragment, which the
+    server averages and steps on."""
+    fl, policy = self.fl, self.faults
+    sync = _Sync()
+    for attempt in range(policy.max_round_retries + 1):
+      ids = sampling.sample_clients(fl.num_clients, fl.clients_per_round - sync.average.count,
+                                    self.seed, round_idx, attempt, exclude=sync.aggregated)
+      tally.sampled.update(ids)
+      sync.sampled.update(ids)
+      raised = []  # the failures of clients that crashed on their own, sending nothing
+      for report in clients.train(state.params, round_idx, ids, attempt, segment):
+        if report.update is None and report.failure and not report.injected:
+          raised.append(report.failure)
+        else:
+          raised.append(None)
+        self._absorb(state, round_idx, report, attempt, segment.fragment, sync, tally)
+      if raised and all(raised):
+        # Every client raised on its own: a bug or a broken setup, not a fault to tolerate.
+        raise RuntimeError(f'round {round_idx}: every client failed: {raised[0]}')
+      if sync.average.count >= policy.min_clients or policy.on_too_few_clients == 'skip' or (
+          attempt == policy.max_round_retries):
+        break
+      logging.warning('round %d: %d of %d clients usable (< fl.min_clients=%d); retry %d',
+                      round_idx, sync.average.count, len(sync.sampled), policy.min_clients,
+                      attempt + 1)
+    tally.retries = max(tally.retries, attempt)
+    tally.num_aggregated = min(tally.num_aggregated, sync.average.count)
+    tally.peak_sync_bytes = max(tally.peak_sync_bytes, sync.bytes)
+    if sync.average.count < policy.min_clients:
+      tally.skipped = True
+      logging.warning('round %d: %s skipped: %d usable clients < fl.min_clients=%d; the global '
+                      'model is unchanged', round_idx, self._what(segment),
+                      sync.average.count, policy.min_clients)
+      return state
+    mean_delta = sync.average.result()
+    fragment = self._fragment(state.params, segment.fragment)
+    tally.squares['mean_client_norm'] += float(metrics.l2_norm(
+        jax.tree.map(lambda p, d: p + d, fragment, mean_delta))) ** 2
+    if self._per_layer_norms:
+      for name, norm in metrics.per_module_norms(
+          aggregation.pseudo_gradient_of_deltas(mean_delta)).items():
+        tally.module_squares[name] = tally.module_squares.get(name, 0.0) + norm ** 2
+    update = self._server_updates[segment.fragment if self.fl.fragments > 1 else 0]
+    state, outer = update(state, mean_delta)
+    for key, value in outer.items():
+      tally.squares[key] += float(value) ** 2
+    tally.synced += 1
+    return state
+
+  def _what(self, segment: fragments_lib.Segment) -> str:
+    return 'round' if self.fl.fragments == 1 else f'sync of fragment {segment.fragment}'
+
+  def _absorb(self, state, round_idx: int, report: ClientReport, attempt: int, fragment: int,
+              sync: '_Sync', tally: '_Tally') -> None:
+    """Counts a report and, if the server accepts it, adds its decoded delta to the average."""
     k = report.client
     tally.steps += report.steps
     tally.tokens += report.num_tokens
     tally.download[k] = tally.download.get(k, 0) + report.download_bytes
-    if report.params is not None:
+    tally.uncompressed += report.uncompressed_bytes
+    sync.bytes += report.download_bytes
+    if report.update is not None:
       tally.upload[k] = tally.upload.get(k, 0) + report.upload_bytes
-    failure = report.failure or faults_lib.verdict(report.params, report.elapsed_s, self.faults)
+      sync.bytes += report.upload_bytes
+    delta = None if report.update is None else self._decoders[fragment](report.update)
+    failure = report.failure or faults_lib.verdict(delta, report.elapsed_s, self.faults)
     if failure:
       if not report.failure:
         logging.warning('round %d: client %d %s; left out of the average', round_idx, k, failure)
-      tally.failed[k if not attempt else f'{k}@{attempt}'] = failure
+      key = k if not attempt else f'{k}@{attempt}'
+      tally.failed[key if self.fl.fragments == 1 else f'{key}#{fragment}'] = failure
       return
-    tally.average.add(report.params, aggregation.client_weight(
+    sync.average.add(delta, aggregation.client_weight(
         self.fl.weighting, report.num_tokens, report.num_examples))
-    tally.aggregated.add(k)
+    sync.aggregated.add(k)
     per_client = tally.per_client
-    per_client['client_train_loss'][k] = report.mean_loss
-    per_client['client_grad_norm'][k] = report.mean_grad_norm
-    per_client['client_update_norm'][k] = report.mean_update_norm
-    per_client['client_norm'][k] = float(metrics.l2_norm(report.params))
-    per_client['client_delta_norm'][k] = float(metrics.distance(state.params, report.params))
+    for key, value in (('client_train_loss', report.mean_loss),
+                       ('client_grad_norm', report.mean_grad_norm),
+                       ('client_update_norm', report.mean_update_norm)):
+      per_client[key].setdefault(k, []).append(value)
+    model = jax.tree.map(lambda p, d: p + d, self._fragment(state.params, fragment), delta)
+    per_client['client_norm'].setdefault(k, []).append(float(metrics.l2_norm(model)))
+    per_client['client_delta_norm'].setdefault(k, []).append(float(metrics.l2_norm(delta)))
 
-  def run_state(self, state: server_lib.ServerState, kept: dict[int, Any]) -> FederatedRunState:
-    return FederatedRunState(state.params, state.opt_state, {str(k): v for k, v in kept.items()})
+  def run_state(self, state: server_lib.ServerState, kept: dict[int, Any],
+                carried: dict[str, dict[int, Any]] | None = None) -> FederatedRunState:
+    """The checkpoint's arrays: the server's state, and what the simulated clients keep."""
+    flat = {str(k): v for k, v in kept.items()}
+    for name, by_client in (carried or {}).items():
+      flat.update({f'{name}_{k}': v for k, v in by_client.items()})
+    return FederatedRunState(state.params, state.opt_state, flat)
 
-  def from_run_state(self, run_state: FederatedRunState,
-                     round_idx: int) -> tuple[server_lib.ServerState, dict[int, Any]]:
+  def from_run_state(self, run_state: FederatedRunState, round_idx: int
+                     ) -> tuple[server_lib.ServerState, dict[int, Any], dict[str, dict[int, Any]]]:
     state = server_lib.ServerState(params=run_state.params, opt_state=run_state.opt_state,
                                    round=round_idx)
-    return state, {int(k): v for k, v in run_state.kept.items()}
+    kept, carried = {}, {name: {} for name in CARRIED}
+    for key, value in run_state.kept.items():
+      name, _, k = key.rpartition('_')
+      (carried[name] if name else kept)[int(k)] = value
+    return state, kept, carried
+
+
+def _mean(values: list[float | None]) -> float | None:
+  return None if None in values else sum(values) / len(values)
+
+
+def _norm(values: list[float]) -> float:
+  """The norm of a tree from the norms of its parts (one part: itself, exactly)."""
+  return math.sqrt(sum(v * v for v in values))
 
 
 @dataclasses.dataclass
-class _Tally:
-  """What the server has seen of a round so far."""
+class _Sync:
+  """What the server has of one synchronisation so far."""
   average: aggregation.RunningAverage = dataclasses.field(
       default_factory=aggregation.RunningAverage)
   sampled: set[int] = dataclasses.field(default_factory=set)
   aggregated: set[int] = dataclasses.field(default_factory=set)
+  bytes: int = 0  # both ways, all clients
+
+
+@dataclasses.dataclass
+class _Tally:
+  """What the server has seen of a round so far (over its synchronisations)."""
+  sampled: set[int] = dataclasses.field(default_factory=set)
   failed: dict[Any, str] = dataclasses.field(default_factory=dict)
   tokens: int = 0
   download: dict[int, int] = dataclasses.field(default_factory=dict)
   upload: dict[int, int] = dataclasses.field(default_factory=dict)
+  uncompressed: int = 0
   steps: list[records.StepRecord] = dataclasses.field(default_factory=list)
-  per_client: dict[str, dict[int, float]] = dataclasses.field(default_factory=lambda: {
+  retries: int = 0
+  num_aggregated: float = math.inf  # the fewest clients any synchronisation averaged
+  skipped: bool = False  # some synchronisation was skipped
+  synced: int = 0  # synchronisations that moved the model
+  peak_sync_bytes: int = 0
+  # Norms of the round's model-sized quantities, summed as squares over its fragments.
+  squares: dict[str, float] = dataclasses.field(default_factory=lambda: {
+      key: 0.0 for key in ('mean_client_norm', 'pseudo_grad_norm', 'outer_update_norm')})
+  module_squares: dict[str, float] = dataclasses.field(default_factory=dict)
+  # Per client and synchronisation; losses and gradient norms are averaged over the round's
+  # segments (of equal length), model norms combined over its fragments.
+  per_client: dict[str, dict[int, list[float]]] = dataclasses.field(default_factory=lambda: {
       key: {} for key in ('client_train_loss', 'client_grad_norm', 'client_update_norm',
                           'client_norm', 'client_delta_norm')})
 
-  def stats(self, attempt: int) -> dict[str, Any]:
-    return dict(clients=sorted(self.sampled), num_aggregated=self.average.count, retries=attempt,
-                failed_clients=self.failed, client_download_bytes=dict(self.download),
-                client_upload_bytes=dict(self.upload),
-                **{k: dict(sorted(v.items())) for k, v in self.per_client.items()})
+  def stats(self) -> dict[str, Any]:
+    sent = sum(self.download.values()) + sum(self.upload.values())
+    stats = dict(clients=sorted(self.sampled), num_aggregated=int(self.num_aggregated),
+                 retries=self.retries, failed_clients=self.failed,
+                 client_download_bytes=dict(self.download), client_upload_bytes=dict(self.upload),
+                 skipped=self.skipped, peak_sync_bytes=self.peak_sync_bytes,
+                 compression_ratio=self.uncompressed / sent if sent else None)
+    for key, by_client in self.per_client.items():
+      combine = _norm if key in ('client_norm', 'client_delta_norm') else _mean
+      stats[key] = {k: combine(v) for k, v in sorted(by_client.items())}
+    if self.synced:
+      stats.update({k: math.sqrt(v) for k, v in self.squares.items()})
+    if self.module_squares:
+      stats['pseudo_grad_norm_per_module'] = {k: math.sqrt(v)
+                                              for k, v in self.module_squares.items()}
+    return stats
 
 
 class CentralizedClient(Protocol):
@@ -231,11 +348,12 @@ class CentralizedAlgorithm:
         tokens=report.num_tokens, train_loss=report.mean_loss, steps=report.steps,
         stats={'grad_norm': report.mean_grad_norm, 'update_norm': report.mean_update_norm})
 
-  def run_state(self, state: client_lib.LocalState, kept: dict[int, Any]) -> client_lib.LocalState:
-    del kept  # no clients
+  def run_state(self, state: client_lib.LocalState, kept: dict[int, Any],
+                carried: dict[str, dict[int, Any]] | None = None) -> client_lib.LocalState:
+    del kept, carried  # no clients
     return state
 
-  def from_run_state(self, run_state: client_lib.LocalState,
-                     round_idx: int) -> tuple[client_lib.LocalState, dict[int, Any]]:
+  def from_run_state(self, run_state: client_lib.LocalState, round_idx: int
+                     ) -> tuple[client_lib.LocalState, dict[int, Any], dict[str, dict[int, Any]]]:
     del round_idx
-    return run_state, {}
+    return run_state, {}, {}

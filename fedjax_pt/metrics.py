@@ -112,11 +112,12 @@ def per_module_norms(tree) -> dict[str, float]:
 
 
 def outer_momentum_norm(opt_state) -> float:
-  """Norm of the outer optimizer's first moment (SGD/Nesterov 'trace', Adam 'mu'); 0 if none."""
+  """Norm of the outer optimizer's first moment (SGD/Nesterov 'trace', Adam 'mu'), over all the
+  states in `opt_state` (one per fragment with streaming fragments); 0 if none."""
   for name in ('trace', 'mu'):
     found = optax.tree_utils.tree_get_all_with_path(opt_state, name)
     if found:
-      return float(l2_norm(found[0][1]))
+      return float(l2_norm([tree for _, tree in found]))
   return 0.0
 
 

@@ -70,6 +70,9 @@ class RoundRecord:
   client_delta_norm: dict[int, float] | None = None
   client_download_bytes: dict[int, int] | None = None
   client_upload_bytes: dict[int, int] | None = None
+  compression_ratio: float | None = None  # this round: float32 size of its messages / wire size
+  peak_sync_bytes: int | None = None  # most bytes (both ways, all clients) of one sync this round
+  ddp_equivalent_bytes: int | None = None  # cumulative: data-parallel ring all-reduce, same tokens
   pseudo_grad_norm: float | None = None
   outer_update_norm: float | None = None
   outer_momentum_norm: float | None = None
@@ -236,6 +239,7 @@ class RunSummary:
   bytes_sent: int | None
   bytes_received: int | None
   train_time_s: float | None  # sum of the rounds' times (this and earlier sessions)
+  ddp_equivalent_bytes: int | None = None  # what data-parallel training would have sent
 
   @property
   def bytes_communicated(self) -> int | None:
@@ -261,7 +265,8 @@ def summarize(rounds: Sequence[RoundRecord]) -> RunSummary:
       best_round=best.round if best else None,
       bytes_sent=last.bytes_sent if last else None,
       bytes_received=last.bytes_received if last else None,
-      train_time_s=sum(times) if times else None)
+      train_time_s=sum(times) if times else None,
+      ddp_equivalent_bytes=last.ddp_equivalent_bytes if last else None)
 
 
 def curve(rounds: Iterable[RoundRecord], x: str = 'round', y: str = 'val_ppl',

@@ -6,6 +6,7 @@ import sys
 from absl import logging
 import tqdm
 
+from fedjax_pt import communication
 from fedjax_pt import records
 
 
@@ -124,5 +125,10 @@ def summary_table(rounds: list[records.RoundRecord], total_time_s: float) -> str
       ('bytes sent (server -> clients)', _human_bytes(s.bytes_sent or 0)),
       ('bytes received (clients -> server)', _human_bytes(s.bytes_received or 0)),
   ]
+  ratio = communication.ddp_ratio(s.ddp_equivalent_bytes, s.bytes_communicated)
+  if ratio is not None:
+    rows.append(('vs data-parallel (ring all-reduce)',
+                 f'{ratio:,.1f}x less communication than DDP '
+                 f'({_human_bytes(s.ddp_equivalent_bytes)})'))
   width = max(len(k) for k, _ in rows)
   return '\n'.join(f'{k.ljust(width)}  {v}' for k, v in rows)

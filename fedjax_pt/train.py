@@ -16,6 +16,7 @@ import ml_collections
 
 from fedjax_pt import build
 from fedjax_pt import checkpoint as checkpoint_lib
+from fedjax_pt import communication
 from fedjax_pt import errors
 from fedjax_pt import faults
 from fedjax_pt import memory
@@ -61,9 +62,12 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir) -> R
   algorithm, clients = build.round_object(parts, progress)
   state = algorithm.init(parts.model.params)
   kept_shapes = parts.model.trainer.opt_state_shapes()
+  param_shapes = checkpoint_lib.abstract(parts.model.params)
 
   def abstract_state(meta: checkpoint_lib.RunMeta):
-    return algorithm.run_state(state, {k: kept_shapes for k in meta.kept_clients})
+    return algorithm.run_state(state, {k: kept_shapes for k in meta.kept_clients},
+                               {name: {k: param_shapes for k in ids}
+                                for name, ids in meta.carried.items()})
 
   session = run_dir.open(abstract_state)
   start, round_idx, interrupted = time.perf_counter(), 0, False
@@ -72,8 +76,8 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir) -> R
     rounds = list(session.previous_rounds)
     if session.restored is not None:
       restored = session.restored
-      state, kept = algorithm.from_run_state(restored.state, restored.round)
-      clients.restore(restored.meta.iterators, kept)
+      state, kept, carried = algorithm.from_run_state(restored.state, restored.round)
+      clients.restore(restored.meta.iterators, kept, carried)
       totals, first_round = restored.meta.totals, restored.round + 1
     else:
       rounds.append(_initial_record(parts, state.params))
@@ -103,9 +107,11 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir) -> R
       if session.checkpointer.should_save(round_idx, fl.rounds):
         meta = checkpoint_lib.RunMeta(round_idx, dataclasses.replace(totals),
                                       clients.iterator_states(), sorted(clients.kept),
-                                      session.writer.tell())
+                                      session.writer.tell(),
+                                      {n: sorted(c) for n, c in clients.carried.items() if c})
         save_start = time.perf_counter()
-        session.checkpointer.save(round_idx, algorithm.run_state(state, clients.kept), meta)
+        session.checkpointer.save(
+            round_idx, algorithm.run_state(state, clients.kept, clients.carried), meta)
         logging.info('checkpoint of round %d started (%.2fs blocking)', round_idx,
                      time.perf_counter() - save_start)
   except KeyboardInterrupt:
@@ -150,6 +156,10 @@ def _round_record(parts: build.Parts, round_idx: int, params, result,
       global_norm=float(metrics.l2_norm(params)),
       lr=float(parts.lr_schedule(round_idx * spec.fl.local_steps - 1)),
       **parts.evaluator(params, round_idx), **result.stats)
+  if spec.mode == 'federated':
+    record.ddp_equivalent_bytes = communication.ddp_equivalent_bytes(
+        metrics.tree_bytes(params), spec.fl.clients_per_round,
+        spec.data.batch_size * spec.data.seq_len, totals.tokens)
   if spec.per_layer_norms:
     record.global_norm_per_module = metrics.per_module_norms(params)
   return record

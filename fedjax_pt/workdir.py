@@ -126,7 +126,8 @@ class Workdir:
                      if saved.get(k, defaults.get(k)) != current.get(k) and
                      not k.startswith(RESUMABLE_CHANGES))
     if changed:
-      details = ', '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in changed[:4])
+      details = ', '.join(f'{k}: {saved.get(k, defaults.get(k))!r} -> {current.get(k)!r}'
+                          for k in changed[:4])
       raise errors.WorkdirRefused(
           f'{self._config} was written by a different experiment ({details}); resume with the '
           'same config or choose a new --workdir')

@@ -35,9 +35,16 @@ def _config(**fl):
   return config
 
 
-def _command(workdir):
+# Clients that carry their own model (fragments, mixing) and error-feedback residuals across
+# rounds: both must come back from the checkpoint.
+STREAMING = ['--config.fl.fragments=3', '--config.fl.fragment_mixing=0.5',
+             '--config.fl.compression.upload=int4', '--config.fl.compression.download=int8',
+             '--config.fl.compression.error_feedback=True']
+
+
+def _command(workdir, extra=()):
   return [sys.executable, '-m', 'fedjax_pt.main', f'--workdir={workdir}', *FLAGS,
-          f'--config.fl.rounds={ROUNDS}']
+          f'--config.fl.rounds={ROUNDS}', *extra]
 
 
 def _json_records(workdir):
@@ -69,8 +76,8 @@ def uninterrupted(tmp_path_factory):
   return workdir
 
 
-def _kill_when(workdir, condition, timeout=300):
-  process = subprocess.Popen(_command(workdir), cwd=REPO, stdout=subprocess.DEVNULL,
+def _kill_when(workdir, condition, timeout=300, extra=()):
+  process = subprocess.Popen(_command(workdir, extra), cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   deadline = time.time() + timeout
   path = os.path.join(workdir, 'metrics.jsonl')
@@ -101,6 +108,42 @@ def test_sigkill_and_resume_is_bit_identical(uninterrupted, tmp_path, when, cond
   assert 'resuming' in resumed.stderr
   _assert_bit_identical(_final_params(tmp_path, ROUNDS), _final_params(uninterrupted, ROUNDS))
   assert _comparable_records(tmp_path) == _comparable_records(uninterrupted)
+
+
+def test_sigkill_and_resume_is_bit_identical_with_fragments_and_error_feedback(tmp_path):
+  reference = tmp_path / 'reference'
+  subprocess.run(_command(reference, STREAMING), cwd=REPO, check=True, capture_output=True,
+                 timeout=600)
+  # In round 3's first segment: the checkpoint of round 2 holds the clients' models, residuals
+  # and Adam states.
+  _kill_when(tmp_path / 'run', lambda records: any(
+      r['kind'] == 'step' and r['round'] == 3 and r['client'] == 1 for r in records),
+             extra=STREAMING)
+  resumed = subprocess.run(_command(tmp_path / 'run', STREAMING), cwd=REPO, capture_output=True,
+                           text=True, timeout=600, check=False)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resuming' in resumed.stderr
+  _assert_bit_identical(_final_params(tmp_path / 'run', ROUNDS), _final_params(reference, ROUNDS))
+  assert _comparable_records(tmp_path / 'run') == _comparable_records(reference)
+  with open(tmp_path / 'run' / 'checkpoints' / str(ROUNDS) / 'meta' / 'metadata',
+            encoding='utf-8') as f:
+    assert json.load(f)['carried'] == {'model': [0, 1], 'residual': [0, 1]}
+
+
+def test_a_workdir_of_an_older_version_resumes(tmp_path):
+  """A config.json from before a key existed lacks it: the key's default is what that run did."""
+  train.run(_config(), str(tmp_path))
+  with open(tmp_path / 'config.json', encoding='utf-8') as f:
+    saved = json.load(f)
+  for key in ('compression', 'fragments', 'fragment_mixing'):
+    del saved['fl'][key]
+  with open(tmp_path / 'config.json', 'w', encoding='utf-8') as f:
+    json.dump(saved, f)
+  longer = train.run(_config(rounds=4), str(tmp_path))
+  assert [r.round for r in longer.rounds] == [1, 2, 3, 4]
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  with pytest.raises(errors.WorkdirRefused, match=r'fl.fragments: 1 -> 2'):
+    train.run(_config(rounds=5, fragments=2, local_steps=4), str(tmp_path))
 
 
 def _largest_file(directory):

@@ -32,6 +32,10 @@ def _set(config, dotted, value):
     ('eval.batch_size', 0, 'eval.batch_size must be positive'),
     ('ckpt.keep', 0, 'ckpt.keep must be positive'),
     ('mode', 'fedavg', "mode must be 'federated' or 'centralized'"),
+    ('fl.compression.upload', 'fp8', "fl.compression.upload must be one of ('none', 'bf16', "),
+    ('fl.compression.block_size', 7, 'fl.compression.block_size must be an even integer'),
+    ('fl.fragments', 26, 'fl.fragments=26 exceeds fl.local_steps=25'),
+    ('fl.fragment_mixing', 1.0, 'fl.fragment_mixing must be in [0, 1)'),
     ('data.tokenizer', 'missing/tokenizer.json', 'missing/tokenizer.json'),
     # `x <= 0` is False for NaN: every key is checked for finiteness first.
     ('opt.lr', float('nan'), 'opt.lr must be a finite number, got nan'),

@@ -6,14 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_pt import compression
 from fedjax_pt import faults
 from fedjax_pt import federation
 from fedjax_pt import server
 
 
 class ScriptedClients:
-  """Client k "trains" to the parameters {'w': [values[k]]} with tokens[k] tokens; (attempt, k)
-  pairs in `crash` raise instead, and clients in `nan` return NaN."""
+  """Client k "trains" to the parameters {'w': [values[k]]} with tokens[k] tokens and sends its
+  delta, uncompressed; (attempt, k) pairs in `crash` raise instead, and clients in `nan` return
+  NaN."""
 
   def __init__(self, values, tokens=None, examples=None, crash=(), nan=(), elapsed=0.0):
     self.values, self.crash, self.nan, self.elapsed = values, set(crash), set(nan), elapsed
@@ -21,8 +23,8 @@ class ScriptedClients:
     self.examples = examples or [100] * len(values)
     self.calls = []  # (round, attempt, client)
 
-  def train(self, params, round_idx, client_ids, attempt):
-    del params
+  def train(self, params, round_idx, client_ids, attempt, segment):
+    del segment
     for k in client_ids:
       self.calls.append((round_idx, attempt, k))
       if (attempt, k) in self.crash:
@@ -30,8 +32,9 @@ class ScriptedClients:
                                       download_bytes=4)
         continue
       value = math.nan if k in self.nan else self.values[k]
+      delta = {'w': jnp.asarray([value], jnp.float32) - params['w']}
       yield federation.ClientReport(
-          k, {'w': jnp.asarray([value], jnp.float32)}, num_tokens=self.tokens[k],
+          k, compression.encode(delta, 'none'), num_tokens=self.tokens[k],
           num_examples=self.examples[k], mean_loss=float(k), elapsed_s=self.elapsed,
           download_bytes=4, upload_bytes=4)
 

@@ -14,12 +14,17 @@ def _tree(a, b):
   return {'w': jnp.asarray(a, jnp.float32), 'block': {'b': jnp.asarray(b, jnp.float32)}}
 
 
+def _mean_delta(state, mean_params):
+  """What the clients whose models average to `mean_params` send on average."""
+  return jax.tree.map(lambda m, p: jnp.asarray(m, jnp.float32) - p, mean_params, state.params)
+
+
 def _run_outer(tx, theta0, means):
   update = server.make_server_update(tx)
   state = server.init_server_state({'w': jnp.asarray(theta0, jnp.float32)}, tx)
   history = []
   for mean in means:
-    state, _ = update(state, {'w': jnp.asarray(mean, jnp.float32)})
+    state, _ = update(state, _mean_delta(state, {'w': mean}))
     history.append(float(state.params['w']))
   return history, state
 
@@ -46,7 +51,7 @@ def test_nesterov_matches_textbook_over_rounds():
   v = np.zeros_like(theta)
   for _ in range(6):
     mean = theta - rng.normal(scale=0.1, size=theta.shape).astype(np.float32)
-    state, metrics = update(state, {'w': jnp.asarray(mean)})
+    state, metrics = update(state, _mean_delta(state, {'w': mean}))
     delta = theta - mean
     v = mu * v + delta
     theta = theta - lr * (delta + mu * v)
@@ -78,7 +83,7 @@ def test_lr_one_momentum_zero_is_fedavg(name):
   mean = aggregation.weighted_average(clients, weights)
   tx = optimizers.outer_optimizer(name, lr=1.0, momentum=0.0)
   state = server.init_server_state(_tree(rng.normal(size=5), rng.normal()), tx)
-  state, _ = server.make_server_update(tx)(state, mean)
+  state, _ = server.make_server_update(tx)(state, _mean_delta(state, mean))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
                state.params, mean)
 

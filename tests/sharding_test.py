@@ -93,7 +93,8 @@ def _round(layout_kwargs: tuple, model: model_lib.ModelConfig = MODEL, micro_bat
                                               [opt_states[k] for k in group], STEPS, log_every=1)):
       average.add(result.state.params, 1.0 + k)  # unequal weights: the order of clients matters
       results.append(result)
-  state, _ = server_update(state, average.result())
+  mean_delta = jax.tree.map(lambda m, p: m - p, average.result(), state.params)
+  state, _ = server_update(state, mean_delta)
   losses = np.array([[m['loss'] for m in r.step_metrics] for r in results])
   return _Round(jax.device_get(state.params), losses,
                 jax.device_get([r.state.opt_state for r in results]))

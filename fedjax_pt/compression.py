@@ -1,0 +1,260 @@
+"""What travels between server and clients: pure pytree encode/decode and exact wire sizes.
+
+    payload = encode(delta, 'int8', block_size=64)   # jittable; a pytree of EncodedArrays
+    delta_hat = decode(payload)                       # float32, the shapes of `delta`
+    payload_bytes(payload) == len(to_bytes(payload))  # what the message costs on the wire
+
+Codecs (`fl.compression.upload` / `download`), for a value x of a block whose largest magnitude
+is m:
+  'none'  float32 as it is: exact, 4 bytes a value.
+  'bf16'  rounded to bfloat16 (8-bit significand, to nearest): |x - x^| <= 2^-8 |x|, 2 bytes a
+          value.
+  'int8'  blockwise absmax: q = round(x / s) in [-127, 127] with s = m / 127, one float32 s per
+          `block_size` values: |x - q s| <= s / 2 = m / 254, 1 byte a value + 4 per block.
+  'int4'  the same with q in [-7, 7] (s = m / 7), two values a byte: |x - q s| <= m / 14.
+Blocks run over each array flattened in row-major order, the last one zero-padded, so the padding
+is under one block per array. A non-finite value makes its block's scale non-finite, so a
+diverged client's update still decodes to non-finite values and the server's verdict sees it.
+
+The wire format (`to_bytes`) is what a deployment sends: a header naming every array (its path,
+codec, shape, block size), then each array's values and scales as raw little-endian bytes.
+`payload_bytes` computes its length from shapes alone, so it also sizes `jax.eval_shape` trees.
+"""
+
+import dataclasses
+import functools
+import math
+import struct
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+
+CODECS = ('none', 'bf16', 'int8', 'int4')
+_QMAX = {'int8': 127, 'int4': 7}
+_CODEC_IDS = {name: i for i, name in enumerate(CODECS)}
+_MAGIC = b'FJPC\x01'  # format name and version
+_HEADER = struct.Struct('<5sI')  # magic, number of arrays
+_ARRAY_HEADER = struct.Struct('<HBBI')  # path length, codec, ndim, block size
+_DIM = struct.Struct('<I')
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionConfig:
+  """`fl.compression`: codecs of each direction, the block of one scale, error feedback."""
+  upload: str = 'none'
+  download: str = 'none'
+  block_size: int = 64
+  error_feedback: bool = False
+
+  def __post_init__(self):
+    for name in ('upload', 'download'):
+      if getattr(self, name) not in CODECS:
+        raise ValueError(f'fl.compression.{name} must be one of {CODECS}, got '
+                         f'{getattr(self, name)!r}')
+    if not isinstance(self.block_size, int) or self.block_size < 2 or self.block_size % 2:
+      raise ValueError(f'fl.compression.block_size must be an even integer >= 2 (int4 packs two '
+                       f'values a byte), got {self.block_size!r}')
+    if not isinstance(self.error_feedback, bool):
+      raise ValueError(f'fl.compression.error_feedback must be a bool, got '
+                       f'{self.error_feedback!r}')
+
+  @classmethod
+  def from_config(cls, compression: ml_collections.ConfigDict) -> 'CompressionConfig':
+    return cls(**compression.to_dict())
+
+
+class EncodedArray(flax.struct.PyTreeNode):
+  """One array as sent: `values` (float32 or bfloat16 in the array's shape; int8 [blocks, block];
+  int4 as uint8 [blocks, block / 2]) and, for int8/int4, one float32 scale per block."""
+  values: Any
+  scales: Any
+  shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
+  codec: str = flax.struct.field(pytree_node=False)
+  block_size: int = flax.struct.field(pytree_node=False, default=0)
+
+
+def _is_encoded(x) -> bool:
+  return isinstance(x, EncodedArray)
+
+
+def _encode_array(x: jax.Array, codec: str, block_size: int) -> EncodedArray:
+  if codec == 'none':
+    return EncodedArray(x.astype(jnp.float32), None, x.shape, codec)
+  if codec == 'bf16':
+    return EncodedArray(x.astype(jnp.bfloat16), None, x.shape, codec)
+  qmax = _QMAX[codec]
+  flat = x.reshape(-1).astype(jnp.float32)
+  blocks = -(-flat.size // block_size)
+  blocks_NxB = jnp.pad(flat, (0, blocks * block_size - flat.size)).reshape(blocks, block_size)
+  scales_N = jnp.max(jnp.abs(blocks_NxB), axis=1) / qmax
+  # An all-zero block has scale 0: divide by 1 instead, its values are 0 either way.
+  q_NxB = jnp.round(blocks_NxB / jnp.where(scales_N > 0, scales_N, 1.0)[:, None])
+  # NaN/Inf make the block's scale non-finite already; the cast needs a finite value.
+  q_NxB = jnp.nan_to_num(jnp.clip(q_NxB, -qmax, qmax)).astype(jnp.int8)
+  if codec == 'int4':
+    nibbles = (q_NxB + 8).astype(jnp.uint8)  # 1..15
+    q_NxB = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+  return EncodedArray(q_NxB, scales_N, x.shape, codec, block_size)
+
+
+def _decode_array(e: EncodedArray) -> jax.Array:
+  if e.codec in ('none', 'bf16'):
+    return e.values.astype(jnp.float32)
+  q = e.values
+  if e.codec == 'int4':
+    q = jnp.stack([q & 15, q >> 4], axis=-1).reshape(q.shape[0], -1).astype(jnp.int8) - 8
+  size = math.prod(e.shape)
+  return (q.astype(jnp.float32) * e.scales[:, None]).reshape(-1)[:size].reshape(e.shape)
+
+
+@functools.partial(jax.jit, static_argnames=('codec', 'block_size'))
+def encode(tree: Any, codec: str, block_size: int = 64) -> Any:
+  """The payload of `tree`: its structure, every array an `EncodedArray`."""
+  return jax.tree.map(lambda x: _encode_array(x, codec, block_size), tree)
+
+
+@jax.jit
+def decode(payload: Any) -> Any:
+  """The float32 tree a payload stands for."""
+  return jax.tree.map(_decode_array, payload, is_leaf=_is_encoded)
+
+
+@functools.partial(jax.jit, static_argnames=('codec', 'block_size'))
+def compress_delta(local: Any, received: Any, residual: Any, codec: str,
+                   block_size: int = 64) -> tuple[Any, Any]:
+  """A client's message and its new error-feedback residual.
+
+  The message is the encoded delta `local - received` (the client's model minus the global
+  model it received). With a `residual` (error feedback), what earlier messages could not carry is
+  added to the delta first, and the new residual is what this message cannot carry: over many
+  messages the decoded ones add up to the true deltas, up to the last residual.
+  """
+  delta = jax.tree.map(jnp.subtract, local, received)
+  if residual is None:
+    return encode(delta, codec, block_size), None
+  delta = jax.tree.map(jnp.add, delta, residual)
+  payload = encode(delta, codec, block_size)
+  return payload, jax.tree.map(jnp.subtract, delta, decode(payload))
+
+
+def _mesh_axes(spec: PartitionSpec) -> tuple[str, ...]:
+  return tuple(axis for entry in spec if entry is not None
+               for axis in (entry if isinstance(entry, tuple) else (entry,)))
+
+
+def _place(encoded: EncodedArray, where: NamedSharding) -> EncodedArray:
+  """Where a payload array of an array laid out as `where` goes: float32/bf16 values like the
+  array; int8/int4 blocks and scales split along the blocks over the mesh axes that split the
+  array (so every device holds about its share), replicated when those do not divide them."""
+  if encoded.scales is None:
+    return encoded.replace(values=where)
+  axes = _mesh_axes(where.spec)
+  ways = math.prod(where.mesh.shape[a] for a in axes)
+  spec = PartitionSpec(axes) if axes and encoded.values.shape[0] % ways == 0 else PartitionSpec()
+  blocks = NamedSharding(where.mesh, spec)
+  return encoded.replace(values=blocks, scales=blocks)
+
+
+class Codec:
+  """`encode`, `decode` and `compress_delta` for trees laid out like `like` (arrays or
+  ShapeDtypeStructs with NamedShardings: the parameters, or a fragment of them), jitted so that
+  payloads stay split over the devices that hold the arrays and decoded trees land where the
+  arrays are. Without NamedShardings (one device) they are the plain functions."""
+
+  def __init__(self, codec: str, block_size: int, like: Any):
+    self.codec, self.block_size = codec, block_size
+    shardings = [getattr(x, 'sharding', None) for x in jax.tree.leaves(like)]
+    encode_fn = functools.partial(encode, codec=codec, block_size=block_size)
+    delta_fn = functools.partial(compress_delta, codec=codec, block_size=block_size)
+    if not shardings or not all(isinstance(s, NamedSharding) for s in shardings):
+      self.encode, self.decode, self._delta = encode_fn, decode, delta_fn
+      self._delta_ef = delta_fn
+      return
+    tree = jax.tree.map(lambda x: x.sharding, like)
+    payload = jax.tree.map(_place, jax.eval_shape(encode_fn, like), tree, is_leaf=_is_encoded)
+    self.encode = jax.jit(encode_fn, out_shardings=payload)
+    self.decode = jax.jit(decode, out_shardings=tree)
+    self._delta = jax.jit(delta_fn, out_shardings=(payload, None))
+    self._delta_ef = jax.jit(delta_fn, out_shardings=(payload, tree))
+
+  def compress_delta(self, local: Any, received: Any, residual: Any) -> tuple[Any, Any]:
+    """`compress_delta` of this codec (error feedback when `residual` is not None)."""
+    if residual is None:
+      return self._delta(local, received, None)
+    return self._delta_ef(local, received, residual)
+
+
+def _named(payload: Any) -> list[tuple[str, EncodedArray]]:
+  leaves = jax.tree_util.tree_flatten_with_path(payload, is_leaf=_is_encoded)[0]
+  return [(jax.tree_util.keystr(path, simple=True, separator='/'), e) for path, e in leaves]
+
+
+def _array_bytes(name: str, e: EncodedArray) -> int:
+  data = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize
+             for a in (e.values, e.scales) if a is not None)
+  return _ARRAY_HEADER.size + len(name.encode()) + _DIM.size * len(e.shape) + data
+
+
+def payload_bytes(payload: Any) -> int:
+  """The length of `to_bytes(payload)`, from shapes and dtypes only (no transfer, no copy)."""
+  return _HEADER.size + sum(_array_bytes(name, e) for name, e in _named(payload))
+
+
+def raw_bytes(tree: Any) -> int:
+  """What the arrays of `tree` (or of a payload) take as plain float32: the uncompressed size."""
+  return 4 * sum(math.prod(x.shape) for x in jax.tree.leaves(tree, is_leaf=_is_encoded))
+
+
+def to_bytes(payload: Any) -> bytes:
+  """The payload as one message: header, then per array its header, values and scales."""
+  named = _named(payload)
+  out = [_HEADER.pack(_MAGIC, len(named))]
+  for name, e in named:
+    path = name.encode()
+    out += [_ARRAY_HEADER.pack(len(path), _CODEC_IDS[e.codec], len(e.shape), e.block_size), path,
+            *(_DIM.pack(d) for d in e.shape)]
+    out += [np.asarray(a).astype(np.asarray(a).dtype.newbyteorder('<')).tobytes()
+            for a in (e.values, e.scales) if a is not None]
+  return b''.join(out)
+
+
+def from_bytes(message: bytes) -> dict[str, EncodedArray]:
+  """The arrays of a `to_bytes` message, by path ('block_0/attn/wqkv/kernel')."""
+  magic, count = _HEADER.unpack_from(message, 0)
+  if magic != _MAGIC:
+    raise ValueError(f'not a fedjax_pt payload (header {magic!r})')
+  offset, arrays = _HEADER.size, {}
+  for _ in range(count):
+    path_len, codec_id, ndim, block_size = _ARRAY_HEADER.unpack_from(message, offset)
+    offset += _ARRAY_HEADER.size
+    name = message[offset:offset + path_len].decode()
+    offset += path_len
+    shape = tuple(_DIM.unpack_from(message, offset + _DIM.size * i)[0] for i in range(ndim))
+    offset += _DIM.size * ndim
+    codec = CODECS[codec_id]
+    size = math.prod(shape)
+    if codec in ('none', 'bf16'):
+      dtype = np.float32 if codec == 'none' else jnp.bfloat16
+      values_shape, scales_len = shape, 0
+    else:
+      blocks = -(-size // block_size)
+      dtype = np.int8 if codec == 'int8' else np.uint8
+      values_shape = (blocks, block_size if codec == 'int8' else block_size // 2)
+      scales_len = blocks
+    count_values = math.prod(values_shape)
+    values = np.frombuffer(message, dtype, count_values, offset).reshape(values_shape)
+    offset += values.nbytes
+    scales = None
+    if scales_len:
+      scales = np.frombuffer(message, '<f4', scales_len, offset)
+      offset += scales.nbytes
+    arrays[name] = EncodedArray(values, scales, shape, codec, block_size)
+  if offset != len(message):
+    raise ValueError(f'payload of {len(message)} bytes has {len(message) - offset} trailing bytes')
+  return arrays
