@@ -13,7 +13,7 @@ optimizer step (`server`). The centralized baseline is a `CentralizedAlgorithm` 
 `init`/`apply`, so the run has one loop for both modes.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 import dataclasses
 from typing import Any, Protocol
 
@@ -48,6 +48,7 @@ class ClientReport:
   steps: list[records.StepRecord] = dataclasses.field(default_factory=list)
   failure: str | None = None
   injected: bool = False  # the failure was injected on purpose (fl.fault.*)
+  lost: bool = False  # nothing came back (node gone, crashed or late): a fault, not a bug
   elapsed_s: float = 0.0  # from sending the model to receiving the report
   download_bytes: int = 0  # server -> client
   upload_bytes: int = 0  # client -> server
@@ -59,6 +60,9 @@ class Clients(Protocol):
   def train(self, params: Any, round_idx: int, client_ids: Sequence[int],
             attempt: int) -> Iterator[ClientReport]:
     """Each client trains from `params` and reports; reports may arrive in any order."""
+
+  def unavailable(self) -> Collection[int]:
+    """Clients known to be unreachable now (no node connected): not sampled."""
 
 
 @dataclasses.dataclass
@@ -111,17 +115,19 @@ class FederatedAlgorithm:
     tally = _Tally()
     for attempt in range(policy.max_round_retries + 1):
       ids = sampling.sample_clients(fl.num_clients, fl.clients_per_round - tally.average.count,
-                                    self.seed, round_idx, attempt, exclude=tally.aggregated)
+                                    self.seed, round_idx, attempt,
+                                    exclude=tally.aggregated | set(clients.unavailable()))
       tally.sampled.update(ids)
       raised = []  # the failures of clients that crashed on their own, sending nothing
       for report in clients.train(state.params, round_idx, ids, attempt):
-        if report.params is None and report.failure and not report.injected:
+        if report.params is None and report.failure and not (report.injected or report.lost):
           raised.append(report.failure)
         else:
           raised.append(None)
         self._absorb(state, round_idx, report, attempt, tally)
       if raised and all(raised):
-        # Every client raised on its own: a bug or a broken setup, not a fault to tolerate.
+        # Every client raised on its own: a bug or a broken setup, not a fault to tolerate (an
+        # unreachable or late node is one).
         raise RuntimeError(f'round {round_idx}: every client failed: {raised[0]}')
       if tally.average.count >= policy.min_clients or policy.on_too_few_clients == 'skip' or (
           attempt == policy.max_round_retries):

@@ -110,6 +110,9 @@ class SimulatedClients:
                            elapsed_s=elapsed)
     return [reports[k] for k in group]
 
+  def unavailable(self) -> frozenset[int]:
+    return frozenset()  # every simulated client is always there
+
   def iterator_states(self) -> list[dict[str, Any]]:
     return [it.get_state() for it in self.iterators]
 
