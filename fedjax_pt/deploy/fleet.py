@@ -88,15 +88,18 @@ class FlowerClients:
       queries = [Message(content=RecordDict({'ask': ConfigRecord({'what': 'identity'})}),
                          dst_node_id=node_id, message_type=protocol.QUERY) for node_id in unnamed]
       self._asked.update(zip(self._grid.push_messages(queries), unnamed))
-    node_of = {}
-    for node_id, client in self._client_of.items():  # the most recently identified node wins
+    node_of, claims = {}, {}
+    for node_id, client in self._client_of.items():
       if node_id in online and 0 <= client < self._run.num_clients:
-        if client in node_of:
-          logging.warning('nodes %d and %d both are client %d; using %d', node_of[client],
-                          node_id, client, node_id)
+        # The most recently identified node wins: without node authentication a restarted node
+        # comes back under a new id while the old one is still listed for a minute.
         node_of[client] = node_id
-    for client in sorted(set(node_of) - set(self._node_of)):
-      logging.info('client %d is node %d', client, node_of[client])
+        claims.setdefault(client, []).append(node_id)
+    for client in sorted(node_of):
+      if node_of[client] != self._node_of.get(client):
+        others = claims[client][:-1]
+        logging.info('client %d is node %d%s', client, node_of[client],
+                     f' (nodes {others} claim it too)' if others else '')
     for client in sorted(set(self._node_of) - set(node_of)):
       logging.warning('client %d (node %d) is no longer online', client, self._node_of[client])
     self._node_of = node_of
@@ -144,7 +147,10 @@ class FlowerClients:
     if attempt == 0:  # what late nodes of the previous round uploaded after it ended
       self._move.discard(protocol.storage_name(run.run_key, round_idx - 1))
     name = protocol.storage_name(run.run_key, round_idx, attempt, 'global')
+    encode_start = time.monotonic()
     payload = self._move.put(jax.device_get(params), name)
+    logging.info('round %d: the model (%.1f MB) put for %d clients (%s) in %.2fs', round_idx,
+                 model_bytes / 1e6, len(sent), self._move.kind, time.monotonic() - encode_start)
     ttl = {'ttl': run.round_timeout_s} if run.round_timeout_s else {}
     messages = [Message(content=RecordDict({'config': self._request(round_idx, attempt, k),
                                             **payload}),
@@ -184,6 +190,7 @@ class FlowerClients:
     answer = protocol.TrainReply.from_content(reply.content)
     if answer.failure:
       return self._failed(k, node_id, answer.failure, model_bytes, injected=answer.injected)
+    read_start = time.monotonic()
     try:
       params = self._move.get(reply.content, self._like)
     except Exception as e:  # pylint: disable=broad-except
@@ -194,8 +201,8 @@ class FlowerClients:
     if self._shardings is not None:
       # Placed as the simulation's clients leave theirs, so aggregation compiles the same program.
       params = jax.device_put(params, self._shardings)
-    logging.info('round %d: client %d (node %d) replied after %.1fs; node: %s', round_idx, k,
-                 node_id, elapsed_s,
+    logging.info('round %d: client %d (node %d) replied after %.2fs, read in %.2fs; node: %s',
+                 round_idx, k, node_id, elapsed_s, time.monotonic() - read_start,
                  ', '.join(f'{phase} {s:.2f}s' for phase, s in answer.timings.items()))
     return answer.client_report(params, round_idx, self._run.local_steps, elapsed_s=elapsed_s,
                                 download_bytes=model_bytes, upload_bytes=model_bytes)

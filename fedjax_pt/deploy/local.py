@@ -8,7 +8,9 @@ the SuperLink's certificate and one key pair per node are made in <workdir>/depl
 public key is registered under the name client-<i>), submits the run with `flwr run --stream`,
 prints its log, and stops every process it started at the end, on an error or on Ctrl-C. Node i
 is client i and trains the simulation's shard i of the config's corpus (num-partitions =
-fl.num_clients); the i-th --node_config adds node config for node i (see `node.py`).
+fl.num_clients); the i-th --node_config adds node config for node i (see `node.py`). Every client
+is a node: --nodes=N (default fl.num_clients) runs the config with fl.num_clients=N (and
+fl.clients_per_round at most N), as the overrides it prints say.
 
 Results are those of `python -m fedjax_pt.main` on the same workdir contract (metrics.jsonl,
 TensorBoard, checkpoints; re-running resumes). <workdir>/deploy/ holds this launcher's own files:
@@ -62,7 +64,8 @@ def _define_config_flag():
 
 _CONFIG = _define_config_flag()
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory, as for fedjax_pt.main.')
-_NODES = flags.DEFINE_integer('nodes', 2, 'SuperNodes to start: clients 0..nodes-1.')
+_NODES = flags.DEFINE_integer('nodes', None, 'SuperNodes to start, one per client: sets '
+                               'fl.num_clients (default: the config\'s).', lower_bound=1)
 _TRANSPORT = flags.DEFINE_enum('transport', 'inline', transport_lib.TRANSPORTS,
                                'How models travel: in the messages, or via --shared_dir.')
 _SHARED_DIR = flags.DEFINE_string('shared_dir', '', "The 'shared' transport's root "
@@ -78,11 +81,15 @@ _WAIT_S = flags.DEFINE_float('wait_for_nodes_s', 120, 'How long round 1 waits fo
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     rest = flags.FLAGS(argv)
-    flags.FLAGS.config  # pylint: disable=pointless-statement
   except flags.Error as e:
     _fail(str(e).splitlines()[0])
+  config_file = config_flags.get_config_filename(flags.FLAGS['config']).split(':')[0]
+  if not os.path.isfile(config_file):
+    _fail(f'--config={config_file}: no such config file')
+  try:
+    _CONFIG.value  # pylint: disable=pointless-statement
   except Exception as e:  # pylint: disable=broad-except
-    _fail(f'--config does not load: {e}')
+    _fail(f'--config={config_file} does not load: {e}')
   if not _WORKDIR.value:
     _fail('--workdir is required')
   return rest
@@ -94,10 +101,19 @@ def _checked_spec(config, workdir: str) -> RunSpec:
   spec = RunSpec.from_config(config)
   resolved = build.resolved_config(config, build.model_config(config))
   workdir_lib.Workdir(workdir, spec, resolved).check()
-  if not 1 <= _NODES.value <= spec.fl.num_clients:
-    raise ValueError(f'--nodes={_NODES.value} must be in [1, fl.num_clients='
-                     f'{spec.fl.num_clients}]')
   return spec
+
+
+def _nodes_overrides(config) -> list[str]:
+  """--nodes=N as config overrides (applied to `config` too): every client is a node."""
+  nodes = _NODES.value
+  if nodes is None or nodes == config.fl.num_clients:
+    return []
+  config.fl.num_clients = nodes
+  config.fl.clients_per_round = min(config.fl.clients_per_round, nodes)
+  config.fl.min_clients = min(config.fl.min_clients, config.fl.clients_per_round)
+  return [f'--config.fl.{key}={config.fl[key]}'
+          for key in ('num_clients', 'clients_per_round', 'min_clients')]
 
 
 def _interrupt(signum, frame):
@@ -109,8 +125,10 @@ def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   workdir = os.path.abspath(_WORKDIR.value)
+  config = _CONFIG.value
+  overrides = [a for a in sys.argv[1:] if a.startswith('--config.')] + _nodes_overrides(config)
   try:
-    spec = _checked_spec(_CONFIG.value, workdir)
+    spec = _checked_spec(config, workdir)
   except errors.WorkdirRefused as e:
     _fail(str(e), errors.EXIT_WORKDIR_REFUSED)
   except (ValueError, OSError) as e:
@@ -119,7 +137,7 @@ def main(argv) -> int:
   path, colon, variant = config_file.partition(':')
   run_config = {
       'config': os.path.abspath(path) + colon + variant,
-      'overrides': shlex.join(a for a in sys.argv[1:] if a.startswith('--config.')),
+      'overrides': shlex.join(overrides),
       'workdir': workdir, 'transport': _TRANSPORT.value, 'shared-dir': _SHARED_DIR.value,
       'wait-for-nodes-s': _WAIT_S.value,
   }
@@ -133,13 +151,14 @@ def main(argv) -> int:
          f'{"TLS, node authentication" if federation.secure else "insecure"}); logs in '
          f'{federation.procs.logs}')
     extra = _NODE_CONFIG.value
-    for i in range(_NODES.value):
+    _say(f'{spec.fl.num_clients} nodes, overrides: {run_config["overrides"] or "none"}')
+    for i in range(spec.fl.num_clients):
       state_dir = launcher.toml_value(str(deploy_dir / 'nodes' / str(i)))
       federation.add_node(f'client-{i}', f'partition-id={i} num-partitions='
                           f'{spec.fl.num_clients} state-dir={state_dir} ' +
                           (extra[i] if i < len(extra) else ''))
-    federation.wait_online(_NODES.value)
-    _say(f'{_NODES.value} SuperNodes online; submitting the run')
+    federation.wait_online(spec.fl.num_clients)
+    _say('every SuperNode is online; submitting the run')
     status, error = federation.run(run_config, on_line=lambda line: print(line, end='',
                                                                            flush=True),
                                    timeout_s=_TIMEOUT_S.value)
