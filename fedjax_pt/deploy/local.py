@@ -107,13 +107,14 @@ def _checked_spec(config, workdir: str) -> RunSpec:
 def _nodes_overrides(config) -> list[str]:
   """--nodes=N as config overrides (applied to `config` too): every client is a node."""
   nodes = _NODES.value
-  if nodes is None or nodes == config.fl.num_clients:
+  if nodes is None:
     return []
-  config.fl.num_clients = nodes
-  config.fl.clients_per_round = min(config.fl.clients_per_round, nodes)
-  config.fl.min_clients = min(config.fl.min_clients, config.fl.clients_per_round)
-  return [f'--config.fl.{key}={config.fl[key]}'
-          for key in ('num_clients', 'clients_per_round', 'min_clients')]
+  wanted = {'num_clients': nodes, 'clients_per_round': min(config.fl.clients_per_round, nodes)}
+  wanted['min_clients'] = min(config.fl.min_clients, wanted['clients_per_round'])
+  changed = {k: v for k, v in wanted.items() if config.fl[k] != v}
+  for key, value in changed.items():
+    config.fl[key] = value
+  return [f'--config.fl.{key}={value}' for key, value in changed.items()]
 
 
 def _interrupt(signum, frame):
