@@ -34,9 +34,11 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def _wait_port(port: int, timeout_s: float) -> None:
+def _wait_port(port: int, proc: subprocess.Popen, log: pathlib.Path, timeout_s: float) -> None:
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
+    if proc.poll() is not None:
+      raise RuntimeError(f'the SuperLink exited with code {proc.returncode}; see {log}')
     with socket.socket() as s:
       if s.connect_ex(('127.0.0.1', port)) == 0:
         return
@@ -87,8 +89,8 @@ class LocalFederation:
               '--ssl-keyfile', str(self.tls.key), '--enable-supernode-auth']
     else:
       cmd += ['--insecure']
-    self.procs.start('superlink', cmd, self.directory / 'home' / 'superlink')
-    _wait_port(self.port, timeout_s)
+    proc = self.procs.start('superlink', cmd, self.directory / 'home' / 'superlink')
+    _wait_port(self.port, proc, self.procs.logs / 'superlink.log', timeout_s)
     home = self.directory / 'home' / 'cli'
     home.mkdir(parents=True, exist_ok=True)
     trust = (f'root-certificates = {toml_value(str(self.tls.ca))}' if self.secure else
@@ -179,30 +181,40 @@ class LocalFederation:
         'flwr-run', [str(_BIN / 'flwr'), 'run', str(APP_DIR), CONNECTION, '--stream',
                      '--run-config', str(path)],
         self.directory / 'home' / 'cli', stdout=subprocess.PIPE, text=True)
-    timer = None
-    if timeout_s:
-      timer = threading.Timer(timeout_s, self.procs.kill, ('flwr-run', signal.SIGTERM))
-      timer.daemon = True  # must not keep the launcher alive after Ctrl-C
-      timer.start()
+    done = threading.Event()
+    started = time.monotonic()
+
+    def watch():
+      # A process that died must not linger as a zombie: its children would not notice (see
+      # processes.py). And the run has a time limit, if one was given.
+      while not done.wait(1.0):
+        self.procs.reap()
+        if timeout_s and time.monotonic() - started > timeout_s:
+          self.procs.kill('flwr-run', signal.SIGTERM)
+          return
+
+    threading.Thread(target=watch, daemon=True).start()  # daemon: Ctrl-C must not wait for it
     run_id, error = None, None
-    with open(self.procs.logs / 'run.log', 'a', encoding='utf-8') as log:
-      for line in runner.stdout:
-        log.write(line)
-        log.flush()
-        self.procs.reap()  # a node that died must not linger as a zombie (see processes.py)
-        if run_id is None and (found := re.search(r'started run (\d+)', line)):
-          run_id = found[1]
-        if (found := re.search(r'fedjax_pt: error: (.*)', line)):
-          error = found[1].strip()
-        if on_line is not None:
-          on_line(line)
-    runner.wait()
-    if timer is not None:
-      timer.cancel()
+    try:
+      with open(self.procs.logs / 'run.log', 'a', encoding='utf-8') as log:
+        for line in runner.stdout:
+          log.write(line)
+          log.flush()
+          if run_id is None and (found := re.search(r'started run (\d+)', line)):
+            run_id = found[1]
+          if (found := re.search(r'fedjax_pt: error: (.*)', line)):
+            error = found[1].strip()
+          if on_line is not None:
+            on_line(line)
+      runner.wait()
+    finally:
+      done.set()
     if run_id is None:
       raise RuntimeError('flwr run started no run; see ' + str(self.procs.logs / 'run.log'))
-    runs = self.cli_json('list', '--run-id', run_id).get('runs', [{}])
-    return str(runs[0].get('status')), error
+    status = str(self.cli_json('list', '--run-id', run_id).get('runs', [{}])[0].get('status'))
+    if timeout_s and time.monotonic() - started > timeout_s:
+      status = f'stopped after the {timeout_s:g}s time limit ({status})'
+    return status, error
 
   def stop(self) -> list[int]:
     return self.procs.stop_all()
