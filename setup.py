@@ -2,6 +2,9 @@
 
 import setuptools
 
+# Flower's deployment engine (fedjax_pt.deploy): 1.41 is the HTTP engine that code targets.
+_DEPLOY = ['flwr>=1.41,<1.42', 'cryptography>=42,<51']
+
 setuptools.setup(
     name='fedjax_pt',
     version='0.1.0',
@@ -10,6 +13,8 @@ setuptools.setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
     packages=setuptools.find_packages(include=['fedjax_pt', 'fedjax_pt.*', 'configs']),
+    # The Flower app directory that `flwr run` submits (its components live in this package).
+    package_data={'fedjax_pt.deploy': ['app/pyproject.toml']},
     install_requires=[
         'jax>=0.6,<0.11',
         'flax>=0.10.6,<0.13',
@@ -29,7 +34,8 @@ setuptools.setup(
         'cuda12': ['jax[cuda12]>=0.6,<0.11'],
         'tfds': ['tensorflow-datasets>=4.9,<5'],
         'sentencepiece': ['sentencepiece>=0.2,<0.3'],
-        'test': [
+        'deploy': _DEPLOY,
+        'test': _DEPLOY + [
             'pytest>=8,<10',
             'pytest-xdist>=3.5,<4',
             'chex>=0.1.88,<0.2',

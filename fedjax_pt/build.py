@@ -93,9 +93,10 @@ def build(spec: RunSpec, model_cfg: model_lib.ModelConfig) -> Parts:
   return Parts(spec, model, data, evaluator, optimizers.lr_schedule(spec.opt))
 
 
-def round_object(parts: Parts, progress) -> tuple[Any, Any]:
-  """The run's algorithm and the clients it drives: federated over simulated clients, or the
-  centralized baseline over the union of their data."""
+def round_object(parts: Parts, progress, make_clients=None) -> tuple[Any, Any]:
+  """The run's algorithm and the clients it drives: federated over simulated clients (or over
+  `make_clients(parts)`, e.g. the nodes of a Flower federation), or the centralized baseline over
+  the union of their data."""
   spec, model = parts.spec, parts.model
   if spec.mode == 'centralized':
     return (federation.CentralizedAlgorithm(model.trainer),
@@ -106,4 +107,6 @@ def round_object(parts: Parts, progress) -> tuple[Any, Any]:
                      f'mesh.clients=1, got {model.trainer.parallel}')
   algorithm = federation.FederatedAlgorithm(spec.fl, spec.faults, spec.seed, model.param_shardings,
                                             spec.per_layer_norms)
+  if make_clients is not None:
+    return algorithm, make_clients(parts)
   return algorithm, simulation.SimulatedClients(spec, model.trainer, parts.data, progress)

@@ -232,6 +232,9 @@ class Trainer:
     self._opt_shapes = jax.tree.map(
         lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
         jax.eval_shape(tx.init, param_shapes), one.opt_state)
+    self._param_shapes = jax.tree.map(
+        lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), param_shapes,
+        one.params)
     self._unstack = jax.jit(lambda state: [jax.tree.map(lambda x: x[i], state)
                                            for i in range(parallel)], out_shardings=[one] * parallel)
 
@@ -239,6 +242,11 @@ class Trainer:
     """One client's Adam state as shapes, dtypes and shardings, allocating nothing: what a kept
     state is restored into."""
     return self._opt_shapes
+
+  def param_shapes(self) -> Any:
+    """One client's parameters as shapes, dtypes and shardings: what a node restores its
+    error-feedback residual into."""
+    return self._param_shapes
 
   def init(self, params, step: int, opt_states: Sequence[Any | None] | None = None) -> LocalState:
     """The state of a group starting from `params` at global step `step`: fresh Adam moments, or

@@ -14,7 +14,7 @@ and averaged (`aggregation`) and the outer optimizer step (`server`). The centra
 is a `CentralizedAlgorithm` with the same `init`/`apply`, so the run has one loop for both modes.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 import dataclasses
 import math
 from typing import Any, Protocol
@@ -55,6 +55,7 @@ class ClientReport:
   steps: list[records.StepRecord] = dataclasses.field(default_factory=list)
   failure: str | None = None
   injected: bool = False  # the failure was injected on purpose (fl.fault.*)
+  lost: bool = False  # nothing came back (node gone, crashed or late): a fault, not a bug
   elapsed_s: float = 0.0  # from sending the model to receiving the report
   download_bytes: int = 0  # server -> client, as encoded on the wire
   upload_bytes: int = 0  # client -> server, as encoded on the wire
@@ -68,6 +69,9 @@ class Clients(Protocol):
             segment: fragments_lib.Segment) -> Iterator[ClientReport]:
     """Each client trains `segment.steps` local steps and reports its delta of
     `segment.fragment`; reports may arrive in any order. `params` is the server's model."""
+
+  def unavailable(self) -> Collection[int]:
+    """Clients known to be unreachable now (no node connected): not sampled."""
 
 
 @dataclasses.dataclass
@@ -166,18 +170,20 @@ class FederatedAlgorithm:
     sync = _Sync()
     for attempt in range(policy.max_round_retries + 1):
       ids = sampling.sample_clients(fl.num_clients, fl.clients_per_round - sync.average.count,
-                                    self.seed, round_idx, attempt, exclude=sync.aggregated)
+                                    self.seed, round_idx, attempt,
+                                    exclude=sync.aggregated | set(clients.unavailable()))
       tally.sampled.update(ids)
       sync.sampled.update(ids)
       raised = []  # the failures of clients that crashed on their own, sending nothing
       for report in clients.train(state.params, round_idx, ids, attempt, segment):
-        if report.update is None and report.failure and not report.injected:
+        if report.update is None and report.failure and not (report.injected or report.lost):
           raised.append(report.failure)
         else:
           raised.append(None)
         self._absorb(state, round_idx, report, attempt, segment.fragment, sync, tally)
       if raised and all(raised):
-        # Every client raised on its own: a bug or a broken setup, not a fault to tolerate.
+        # Every client raised on its own: a bug or a broken setup, not a fault to tolerate (an
+        # unreachable or late node is one).
         raise RuntimeError(f'round {round_idx}: every client failed: {raised[0]}')
       if sync.average.count >= policy.min_clients or policy.on_too_few_clients == 'skip' or (
           attempt == policy.max_round_retries):

@@ -235,6 +235,9 @@ class SimulatedClients:
       else:
         self.carried['model'].pop(k, None)
 
+  def unavailable(self) -> frozenset[int]:
+    return frozenset()  # every simulated client is always there
+
   def iterator_states(self) -> list[dict[str, Any]]:
     return [it.get_state() for it in self.iterators]
 

@@ -37,12 +37,14 @@ class RunResult:
     return self.rounds[-1]
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
+def run(config: ml_collections.ConfigDict, workdir: str, make_clients=None) -> RunResult:
   """Trains as `config` says, writing metrics.jsonl, TensorBoard events, config.json, checkpoints.
 
   Every check that can fail on bad input runs before anything is written to `workdir`. Raises
   `errors.TrainingFailed` when the global model diverges (no checkpoint of it is written) or no
   round could aggregate an update, and `errors.Interrupted` on KeyboardInterrupt.
+  `make_clients(parts)`, if given, makes the clients that the federated rounds drive in place of
+  the in-process simulation: the nodes of a Flower deployment (`fedjax_pt.deploy.server_app`).
   """
   spec = RunSpec.from_config(config)
   model_cfg = build.model_config(config)
@@ -52,14 +54,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   with run_dir.lock():
     run_dir.check()
     parts = build.build(spec, model_cfg)
-    return _train(spec, parts, run_dir)
+    return _train(spec, parts, run_dir, make_clients)
 
 
-def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir) -> RunResult:
+def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
+           make_clients=None) -> RunResult:
   fl = spec.fl
   steps_per_round = fl.local_steps * (fl.clients_per_round if spec.mode == 'federated' else 1)
   progress = reporting.Progress(fl.rounds * steps_per_round, spec.progress)
-  algorithm, clients = build.round_object(parts, progress)
+  algorithm, clients = build.round_object(parts, progress, make_clients)
   state = algorithm.init(parts.model.params)
   kept_shapes = parts.model.trainer.opt_state_shapes()
   param_shapes = checkpoint_lib.abstract(parts.model.params)

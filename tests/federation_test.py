@@ -14,19 +14,28 @@ from fedjax_pt import server
 
 class ScriptedClients:
   """Client k "trains" to the parameters {'w': [values[k]]} with tokens[k] tokens and sends its
-  delta, uncompressed; (attempt, k) pairs in `crash` raise instead, and clients in `nan` return
-  NaN."""
+  delta, uncompressed; (attempt, k) pairs in `crash` raise instead, (attempt, k) pairs in `lost`
+  send nothing back, clients in `nan` return NaN and clients in `unavailable` have no node
+  connected."""
 
-  def __init__(self, values, tokens=None, examples=None, crash=(), nan=(), elapsed=0.0):
+  def __init__(self, values, tokens=None, examples=None, crash=(), nan=(), elapsed=0.0, lost=(),
+               unavailable=()):
     self.values, self.crash, self.nan, self.elapsed = values, set(crash), set(nan), elapsed
+    self.lost, self.absent = set(lost), set(unavailable)
     self.tokens = tokens or [10] * len(values)
     self.examples = examples or [100] * len(values)
     self.calls = []  # (round, attempt, client)
+
+  def unavailable(self):
+    return self.absent
 
   def train(self, params, round_idx, client_ids, attempt, segment):
     del segment
     for k in client_ids:
       self.calls.append((round_idx, attempt, k))
+      if (attempt, k) in self.lost:
+        yield federation.ClientReport(k, None, failure='late: no reply', lost=True)
+        continue
       if (attempt, k) in self.crash:
         yield federation.ClientReport(k, None, failure='raised OSError: disk on fire',
                                       download_bytes=4)
@@ -124,6 +133,22 @@ def test_too_few_clients_skip_keeps_the_model():
 def test_every_client_raising_is_an_error_not_a_fault():
   with pytest.raises(RuntimeError, match='every client failed: raised OSError'):
     _round(_fedavg(), ScriptedClients([1.0, 2.0], crash=[(0, 0), (0, 1)]))
+
+
+def test_unavailable_clients_are_not_sampled():
+  clients = ScriptedClients([1.0, 2.0, 3.0], unavailable={1})
+  theta, result = _round(_fedavg(num_clients=3), clients)
+  assert theta == pytest.approx(2.0, rel=1e-6) and result.stats['clients'] == [0, 2]
+  assert [k for _, _, k in clients.calls] == [0, 2] and not result.stats['failed_clients']
+
+
+def test_every_client_lost_is_a_fault_not_an_error():
+  theta, result = _round(_fedavg(max_round_retries=1),
+                         ScriptedClients([1.0, 2.0], lost=[(a, k) for a in (0, 1) for k in (0, 1)]),
+                         theta=3.0)
+  assert theta == 3.0 and result.stats['skipped'] and result.stats['retries'] == 1
+  assert result.stats['failed_clients'] == {0: 'late: no reply', 1: 'late: no reply',
+                                            '0@1': 'late: no reply', '1@1': 'late: no reply'}
 
 
 def test_client_metrics_are_reported_per_client():

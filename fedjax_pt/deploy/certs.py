@@ -1,0 +1,123 @@
+r"""Credentials for a federation: a CA and a SuperLink certificate (TLS), and SuperNode key pairs
+(node authentication), made with the `cryptography` package.
+
+  python -m fedjax_pt.deploy.certs --tls_dir=certs --host=server.example.org   # the operator
+  python -m fedjax_pt.deploy.certs --node_key=keys/org1   # each organisation: keys/org1{,.pub}
+
+The certificate is for `host` (a name or an IP address) and also for localhost and 127.0.0.1,
+where the operator's `flwr` CLI reaches the SuperLink. An organisation keeps its private key and
+sends only the public one to the operator, who registers it (`flwr supernode register`).
+"""
+
+import dataclasses
+import datetime
+import ipaddress
+import pathlib
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import NameOID
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSFiles:
+  ca: pathlib.Path  # what SuperNodes and the flwr CLI trust (--root-certificates)
+  cert: pathlib.Path  # the SuperLink's certificate (--ssl-certfile)
+  key: pathlib.Path  # and its private key (--ssl-keyfile)
+
+
+def _write_private(path: pathlib.Path, data: bytes) -> None:
+  path.write_bytes(data)
+  path.chmod(0o600)
+
+
+def _names(host: str) -> list[x509.GeneralName]:
+  names = [x509.DNSName('localhost'), x509.IPAddress(ipaddress.ip_address('127.0.0.1'))]
+  try:
+    address = x509.IPAddress(ipaddress.ip_address(host))
+    return names if address in names else names + [address]
+  except ValueError:
+    return names + [x509.DNSName(host)]
+
+
+def make_tls(directory: pathlib.Path, host: str = '127.0.0.1', days: int = 30) -> TLSFiles:
+  """A CA (EC P-384) and a server certificate for `host`, localhost and 127.0.0.1."""
+  directory.mkdir(parents=True, exist_ok=True)
+  now = datetime.datetime.now(datetime.timezone.utc)
+  valid = dict(not_valid_before=now - datetime.timedelta(minutes=5),
+               not_valid_after=now + datetime.timedelta(days=days))
+  ca_key = ec.generate_private_key(ec.SECP384R1())
+  ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 'fedjax_pt local CA')])
+  ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(valid['not_valid_before']).not_valid_after(valid['not_valid_after'])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256()))
+  key = ec.generate_private_key(ec.SECP384R1())
+  cert = (x509.CertificateBuilder()
+          .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+          .issuer_name(ca_name).public_key(key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(valid['not_valid_before']).not_valid_after(valid['not_valid_after'])
+          .add_extension(x509.SubjectAlternativeName(_names(host)), critical=False)
+          .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+          .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+  files = TLSFiles(directory / 'ca.crt', directory / 'server.pem', directory / 'server.key')
+  files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+  files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+  _write_private(files.key, key.private_bytes(serialization.Encoding.PEM,
+                                              serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+  return files
+
+
+def make_node_key(directory: pathlib.Path, name: str) -> tuple[pathlib.Path, pathlib.Path]:
+  """An ECDSA P-384 key pair in OpenSSH format, what `flower-supernode
+  --auth-supernode-private-key` and `flwr supernode register` read: (private, public)."""
+  directory.mkdir(parents=True, exist_ok=True)
+  key = ec.generate_private_key(ec.SECP384R1())
+  private, public = directory / name, directory / f'{name}.pub'
+  _write_private(private, key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.OpenSSH,
+                                            serialization.NoEncryption()))
+  public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                   serialization.PublicFormat.OpenSSH))
+  return private, public
+
+
+def _cli() -> None:
+  # Flags are defined here, not on import: the launcher and tests import this module.
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  tls_dir = flags.DEFINE_string('tls_dir', '', 'Make ca.crt, server.pem, server.key here.')
+  host = flags.DEFINE_string('host', '127.0.0.1', "The SuperLink's host name or IP address.")
+  days = flags.DEFINE_integer('days', 365, 'Validity of the certificates.')
+  node_key = flags.DEFINE_string('node_key', '', 'Make a SuperNode key pair: PATH and PATH.pub.')
+
+  def main(argv) -> None:
+    del argv
+    if bool(tls_dir.value) == bool(node_key.value):
+      raise app.UsageError('give --tls_dir (with --host) or --node_key')
+    if tls_dir.value:
+      files = make_tls(pathlib.Path(tls_dir.value), host.value, days.value)
+      print(f'CA {files.ca} (give it to every organisation), certificate {files.cert} and key '
+            f'{files.key} (keep them on the SuperLink host)')
+    else:
+      path = pathlib.Path(node_key.value)
+      private, public = make_node_key(path.parent, path.name)
+      print(f'private key {private} (keep it on the node), public key {public} (send it to the '
+            'operator)')
+
+  app.run(main)
+
+
+if __name__ == '__main__':
+  _cli()

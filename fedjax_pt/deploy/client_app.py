@@ -1,0 +1,52 @@
+"""The node's Flower ClientApp: `train` runs client k's round on the node's own data
+(`fedjax_pt.deploy.node`), `query` tells the server which client this node is.
+
+What it prints lands in the SuperNode's log, the node operator's view; the server sees a failed
+round as the one-line error in the reply, so a bad data path on a node reads as exactly that in
+the server's log and metrics.
+"""
+
+import logging
+import sys
+import time
+import traceback
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedjax_pt.deploy import node as node_lib
+from fedjax_pt.deploy import protocol
+
+app = ClientApp()
+# Flower prints its own lines; once absl has configured the root logger it would repeat them.
+logging.getLogger('flwr').propagate = False
+
+
+def one_line(error: BaseException, limit: int = 600) -> str:
+  text = f'raised {type(error).__name__}: {" ".join(str(error).split())}'
+  return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+  started = time.perf_counter()
+  request = msg.content['config']
+  where = f'client {request["client"]} round {request["round"]} attempt {request["attempt"]}'
+  print(f'fedjax_pt node: {where}: started', flush=True)
+  try:
+    node = node_lib.NodeConfig.parse(context.node_config)
+    node_lib.use_compilation_cache(node)
+    content = node_lib.train(msg.content, node)
+  except Exception as e:  # pylint: disable=broad-except
+    # The traceback is for the node's operator; the server gets the reason.
+    traceback.print_exc(file=sys.stderr)
+    content = protocol.TrainReply(client=int(request['client']), failure=one_line(e)).to_content()
+  status = content['status']['failure'] or 'done'
+  print(f'fedjax_pt node: {where}: {status} in {time.perf_counter() - started:.1f}s', flush=True)
+  return Message(content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+  node = node_lib.NodeConfig.parse(context.node_config)
+  return Message(protocol.identity_reply(node.partition_id), reply_to=msg)

@@ -1,0 +1,251 @@
+"""The round object's clients as the SuperNodes of a Flower federation (a `federation.Clients`).
+
+Which node is client k: a node registered on the SuperLink under the name `client-k` (node
+authentication: the server's operator decides which key holds which seat), or else the
+`partition-id` of its node config, which a `query` message asks for once per node id. A client
+whose node is not online and identified is `unavailable()`: the round object does not sample it,
+and samples it again once its node is back.
+
+A round pushes one `train` message per sampled client (the global model is encoded once, with
+fl.compression.download; inline, Flower uploads a record shared by several messages once), and a
+node replies with its delta encoded with fl.compression.upload, which the round object decodes and pulls replies every `poll_s` until
+all are in or `fl.round_timeout_s` has passed. What does not come back is a fault, never an
+error: Flower's NODE_UNAVAILABLE (a SuperNode that stopped sending heartbeats, about 60 s) reads
+`unavailable`, a ClientApp process that died `crashed`, a reply still missing at the deadline
+`late`; a node's own error reads as its text. Each reason ends with the node id.
+
+Reports are yielded in client order once the round's replies are in, so the weighted mean adds
+the clients in the simulation's order and the result is bit-identical to it.
+"""
+
+from collections.abc import Iterator, Sequence
+import dataclasses
+import re
+import time
+from typing import Any
+
+from absl import logging
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
+import jax
+
+from fedjax_pt import compression
+from fedjax_pt import fragments
+from fedjax_pt.deploy import protocol
+from fedjax_pt.deploy import transport as transport_lib
+from fedjax_pt.federation import ClientReport
+
+_NAMED = re.compile(r'client-(\d+)')
+# Errors that mean nothing came back from the node: faults of the federation, not of the code.
+_LOST = {ErrorCode.NODE_UNAVAILABLE: 'unavailable', ErrorCode.CLIENT_APP_CRASHED: 'crashed',
+         ErrorCode.MESSAGE_UNAVAILABLE: 'unavailable', ErrorCode.REPLY_MESSAGE_UNAVAILABLE: 'late'}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+  """What every train request of the run carries (see `protocol.TrainRequest`)."""
+  run_key: str
+  config_json: str
+  vocab_size: int
+  shared_dir: str
+  keep_snapshots: int
+  num_clients: int
+  local_steps: int
+  round_timeout_s: float  # 0: wait for every reply (Flower reports dead nodes itself)
+  compression: compression.CompressionConfig
+
+
+class FlowerClients:
+  """Clients 0..num_clients-1, each the SuperNode that is it, reached through a Flower `Grid`."""
+
+  def __init__(self, grid, run: RunInfo, move: transport_lib.Inline | transport_lib.Shared,
+               like: Any, poll_s: float = 0.1):
+    self._grid, self._run, self._move, self._poll_s = grid, run, move, poll_s
+    comp = run.compression
+    # What a reply's delta is read into: the payload of the parameters' shapes.
+    self._update_like = jax.eval_shape(
+        lambda p: compression.encode(p, comp.upload, comp.block_size), like)
+    self._download = None  # compression.Codec of the broadcast, made for the server's layout
+    self._raw_download = 0  # the broadcast's size as float32 arrays
+    self._client_of: dict[int, int] = {}  # node id -> client, in the order nodes were identified
+    self._asked: dict[str, int] = {}  # query message id -> node id, awaiting its answer
+    self._node_of: dict[int, int] = {}  # client -> its online node
+    # Nodes keep their Adam states and residuals themselves.
+    self.kept: dict[int, Any] = {}
+    self.carried: dict[str, dict[int, Any]] = {}
+
+  # --- which node is which client ----------------------------------------------------------------
+
+  def unavailable(self) -> set[int]:
+    self.refresh()
+    return set(range(self._run.num_clients)) - set(self._node_of)
+
+  def refresh(self) -> None:
+    """Maps the online nodes to clients: by registered name, else by asking them (once)."""
+    online = {info.node_id: info for info in self._grid.get_nodes()}
+    self._collect_answers()
+    asking = set(self._asked.values())
+    unnamed = []
+    for node_id, info in online.items():
+      if node_id in self._client_of or node_id in asking:
+        continue
+      named = _NAMED.fullmatch(getattr(info, 'name', '') or '')
+      if named:
+        self._identify(node_id, int(named[1]), 'registered name')
+      else:
+        unnamed.append(node_id)
+    if unnamed:
+      queries = [Message(content=RecordDict({'ask': ConfigRecord({'what': 'identity'})}),
+                         dst_node_id=node_id, message_type=protocol.QUERY) for node_id in unnamed]
+      self._asked.update(zip(self._grid.push_messages(queries), unnamed))
+    node_of, claims = {}, {}
+    for node_id, client in self._client_of.items():
+      if node_id in online and 0 <= client < self._run.num_clients:
+        # The most recently identified node wins: without node authentication a restarted node
+        # comes back under a new id while the old one is still listed for a minute.
+        node_of[client] = node_id
+        claims.setdefault(client, []).append(node_id)
+    for client in sorted(node_of):
+      if node_of[client] != self._node_of.get(client):
+        others = claims[client][:-1]
+        logging.info('client %d is node %d%s', client, node_of[client],
+                     f' (nodes {others} claim it too)' if others else '')
+    for client in sorted(set(self._node_of) - set(node_of)):
+      logging.warning('client %d (node %d) is no longer online', client, self._node_of[client])
+    self._node_of = node_of
+
+  def _collect_answers(self) -> None:
+    if not self._asked:
+      return
+    for reply in self._grid.pull_messages(list(self._asked)):
+      node_id = self._asked.pop(reply.metadata.reply_to_message_id)
+      if reply.has_error():
+        logging.warning('node %d did not say which client it is: %s', node_id,
+                        ' '.join(reply.error.reason.split()))
+        self._client_of[node_id] = -1  # not asked again; a restarted node has a new id
+      else:
+        self._identify(node_id, protocol.identity(reply.content), 'partition-id')
+
+  def _identify(self, node_id: int, client: int, how: str) -> None:
+    if not 0 <= client < self._run.num_clients:
+      logging.warning('node %d is client %d by its %s, but fl.num_clients=%d: not used', node_id,
+                      client, how, self._run.num_clients)
+    self._client_of[node_id] = client
+
+  def wait_for_nodes(self, timeout_s: float) -> None:
+    """Waits until every client's node is online (or `timeout_s`); the run starts either way."""
+    deadline = time.monotonic() + timeout_s
+    while self.unavailable() and time.monotonic() < deadline:
+      time.sleep(0.5)
+    missing = sorted(self.unavailable())
+    if missing:
+      logging.warning('starting without clients %s: no node is online for them after %.0fs',
+                      missing, timeout_s)
+
+  # --- a round -------------------------------------------------------------------------------------
+
+  def train(self, params, round_idx: int, client_ids: Sequence[int], attempt: int,
+            segment: fragments.Segment) -> Iterator[ClientReport]:
+    run = self._run
+    if segment.start or segment.steps != run.local_steps:
+      raise ValueError('a deployment synchronises the whole model once a round: fl.fragments '
+                       'must be 1')
+    reports = {k: self._lost(k, None, 'unavailable: no node is online for it', 0)
+               for k in client_ids if k not in self._node_of}
+    sent = [k for k in client_ids if k in self._node_of]
+    if not sent:
+      yield from (reports[k] for k in sorted(reports))
+      return
+    if attempt == 0:  # what late nodes of the previous round uploaded after it ended
+      self._move.discard(protocol.storage_name(run.run_key, round_idx - 1))
+    name = protocol.storage_name(run.run_key, round_idx, attempt, 'global')
+    encode_start = time.monotonic()
+    if self._download is None:
+      self._download = compression.Codec(run.compression.download, run.compression.block_size,
+                                         params)
+    broadcast = jax.device_get(self._download.encode(params))
+    model_bytes = compression.payload_bytes(broadcast)
+    self._raw_download = compression.raw_bytes(broadcast)
+    payload = self._move.put(broadcast, name)
+    logging.info('round %d: the model (%.1f MB, %s) put for %d clients (%s) in %.2fs', round_idx,
+                 model_bytes / 1e6, run.compression.download, len(sent), self._move.kind,
+                 time.monotonic() - encode_start)
+    ttl = {'ttl': run.round_timeout_s} if run.round_timeout_s else {}
+    messages = [Message(content=RecordDict({'config': self._request(round_idx, attempt, k),
+                                            **payload}),
+                        dst_node_id=self._node_of[k], message_type=protocol.TRAIN,
+                        group_id=str(round_idx), **ttl) for k in sent]
+    start = time.monotonic()
+    pending = dict(zip(self._grid.push_messages(messages), sent))
+    deadline = start + run.round_timeout_s if run.round_timeout_s else float('inf')
+    while pending and time.monotonic() < deadline:
+      for reply in self._grid.pull_messages(list(pending)):
+        k = pending.pop(reply.metadata.reply_to_message_id)
+        reports[k] = self._report(reply, k, round_idx, attempt, time.monotonic() - start,
+                                  model_bytes)
+      if pending:
+        time.sleep(self._poll_s)
+    for k in pending.values():
+      reports[k] = self._lost(k, self._node_of[k], f'late: no reply within '
+                              f'fl.round_timeout_s={run.round_timeout_s:g}', model_bytes)
+    self._move.discard(name)
+    yield from (reports[k] for k in sorted(reports))
+
+  def _request(self, round_idx: int, attempt: int, client: int) -> ConfigRecord:
+    run = self._run
+    return protocol.TrainRequest(
+        round=round_idx, attempt=attempt, client=client, run_key=run.run_key,
+        config_json=run.config_json, vocab_size=run.vocab_size, transport=self._move.kind,
+        shared_dir=run.shared_dir, keep_snapshots=run.keep_snapshots).to_record()
+
+  def _report(self, reply: Message, k: int, round_idx: int, attempt: int, elapsed_s: float,
+              model_bytes: int) -> ClientReport:
+    node_id = self._node_of[k]
+    if reply.has_error():
+      code, reason = reply.error.code, ' '.join(reply.error.reason.split())
+      if code in _LOST:
+        return self._lost(k, node_id, f'{_LOST[code]}: {reason}', model_bytes)
+      return self._failed(k, node_id, f'error {code}: {reason}', model_bytes)
+    answer = protocol.TrainReply.from_content(reply.content)
+    if answer.failure:
+      return self._failed(k, node_id, answer.failure, model_bytes, injected=answer.injected)
+    read_start = time.monotonic()
+    try:
+      update = self._move.get(reply.content, self._update_like)
+    except Exception as e:  # pylint: disable=broad-except
+      return self._failed(k, node_id, f'sent an unreadable update: {e}', model_bytes)
+    finally:
+      self._move.discard(protocol.storage_name(self._run.run_key, round_idx, attempt,
+                                               f'client-{k}'))
+    logging.info('round %d: client %d (node %d) replied after %.2fs, read in %.2fs; node: %s',
+                 round_idx, k, node_id, elapsed_s, time.monotonic() - read_start,
+                 ', '.join(f'{phase} {s:.2f}s' for phase, s in answer.timings.items()))
+    return answer.client_report(
+        update, round_idx, self._run.local_steps, elapsed_s=elapsed_s,
+        download_bytes=model_bytes, upload_bytes=compression.payload_bytes(update),
+        uncompressed_bytes=self._raw_download + compression.raw_bytes(update))
+
+  def _failed(self, k: int, node_id: int, reason: str, model_bytes: int,
+              injected: bool = False) -> ClientReport:
+    logging.warning('client %d (node %d) %s; left out of the average', k, node_id, reason)
+    return ClientReport(client=k, update=None, failure=f'{reason} (node {node_id})',
+                        injected=injected, download_bytes=model_bytes,
+                        uncompressed_bytes=self._raw_download if model_bytes else 0)
+
+  def _lost(self, k: int, node_id: int | None, reason: str, model_bytes: int) -> ClientReport:
+    where = f' (node {node_id})' if node_id is not None else ''
+    logging.warning('client %d%s %s; left out of the average', k, where, reason)
+    return ClientReport(client=k, update=None, failure=f'{reason}{where}', lost=True,
+                        download_bytes=model_bytes,
+                        uncompressed_bytes=self._raw_download if model_bytes else 0)
+
+  # --- the run's checkpoints: node state lives on the nodes ----------------------------------------
+
+  def iterator_states(self) -> list[dict[str, Any]]:
+    return []
+
+  def restore(self, iterator_states: Sequence[dict[str, Any]], kept: dict[int, Any],
+              carried: dict[str, dict[int, Any]] | None = None) -> None:
+    if iterator_states or kept or any((carried or {}).values()):
+      logging.warning('the checkpoint holds client data positions, optimizer states or residuals '
+                      '(a simulated run?): the nodes continue from their own state instead')

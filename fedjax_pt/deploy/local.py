@@ -1,0 +1,181 @@
+r"""A whole Flower federation on this machine, from one command.
+
+  python -m fedjax_pt.deploy.local --nodes=2 --config=configs/tiny.py --workdir=runs/flower \
+      [--config.fl.rounds=3 ...] [--transport=shared] [--node_config="data.path='...'" ...]
+
+starts a SuperLink and --nodes SuperNodes on 127.0.0.1 with TLS and node authentication (a CA,
+the SuperLink's certificate and one key pair per node are made in <workdir>/deploy/, and each
+public key is registered under the name client-<i>), submits the run with `flwr run --stream`,
+prints its log, and stops every process it started at the end, on an error or on Ctrl-C. Node i
+is client i and trains the simulation's shard i of the config's corpus (num-partitions =
+fl.num_clients); the i-th --node_config adds node config for node i (see `node.py`). Every client
+is a node: --nodes=N (default fl.num_clients) runs the config with fl.num_clients=N (and
+fl.clients_per_round at most N), as the overrides it prints say.
+
+Results are those of `python -m fedjax_pt.main` on the same workdir contract (metrics.jsonl,
+TensorBoard, checkpoints; re-running resumes). <workdir>/deploy/ holds this launcher's own files:
+logs/ (superlink, node<i>, run), certificates, keys, the nodes' state and the JAX cache.
+Exit code: 0 when the run completed, 1 when it failed or was stopped, 2 on a bad flag or config,
+130 on Ctrl-C.
+"""
+
+import os
+import pathlib
+import re
+import shlex
+import signal
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from fedjax_pt import build
+from fedjax_pt import errors
+from fedjax_pt import workdir as workdir_lib
+from fedjax_pt.deploy import launcher
+from fedjax_pt.deploy import server_app
+from fedjax_pt.deploy import transport as transport_lib
+from fedjax_pt.run_spec import RunSpec
+
+_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / 'configs' / 'tiny.py'
+
+
+def _say(text: str) -> None:
+  print(f'[fedjax_pt.deploy.local] {text}', flush=True)
+
+
+def _fail(message: str, code: int = errors.EXIT_BAD_INPUT) -> None:
+  _say(f'error: {" ".join(message.split())}')
+  sys.exit(code)
+
+
+def _define_config_flag():
+  # config_flags reads the --config.KEY overrides from sys.argv here, at definition time.
+  try:
+    return config_flags.DEFINE_config_file('config', str(_DEFAULT_CONFIG), 'Config file.',
+                                           lock_config=True)
+  except (AttributeError, KeyError) as e:
+    hint = re.search(r'Did you mean "([^"]+)"', str(e))
+    _fail('unknown config key among ' +
+          ', '.join(a.split('=')[0] for a in sys.argv[1:] if a.startswith('--config.')) +
+          (f' (did you mean "{hint[1]}"?)' if hint else ''))
+
+
+_CONFIG = _define_config_flag()
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory, as for fedjax_pt.main.')
+_NODES = flags.DEFINE_integer('nodes', None, 'SuperNodes to start, one per client: sets '
+                               'fl.num_clients (default: the config\'s).', lower_bound=1)
+_TRANSPORT = flags.DEFINE_enum('transport', 'inline', transport_lib.TRANSPORTS,
+                               'How models travel: in the messages, or via --shared_dir.')
+_SHARED_DIR = flags.DEFINE_string('shared_dir', '', "The 'shared' transport's root "
+                                  '(default <workdir>/shared).')
+_NODE_CONFIG = flags.DEFINE_multi_string(
+    'node_config', [], 'Extra node config for node i (its i-th use), e.g. '
+    """"data.source='jsonl' data.path='/data/org1/*.jsonl'".""")
+_INSECURE = flags.DEFINE_bool('insecure', False, 'Plain HTTP and no node authentication.')
+_TIMEOUT_S = flags.DEFINE_float('timeout_s', 0, 'Stop the run after this long (0: never).')
+_WAIT_S = flags.DEFINE_float('wait_for_nodes_s', 120, 'How long round 1 waits for the nodes.')
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+  config_file = config_flags.get_config_filename(flags.FLAGS['config']).split(':')[0]
+  if not os.path.isfile(config_file):
+    _fail(f'--config={config_file}: no such config file')
+  try:
+    _CONFIG.value  # pylint: disable=pointless-statement
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(f'--config={config_file} does not load: {e}')
+  if not _WORKDIR.value:
+    _fail('--workdir is required')
+  return rest
+
+
+def _checked_spec(config, workdir: str) -> RunSpec:
+  """Everything the server would refuse, refused before any process starts."""
+  server_app.check_config(config)
+  spec = RunSpec.from_config(config)
+  resolved = build.resolved_config(config, build.model_config(config))
+  workdir_lib.Workdir(workdir, spec, resolved).check()
+  return spec
+
+
+def _nodes_overrides(config) -> list[str]:
+  """--nodes=N as config overrides (applied to `config` too): every client is a node."""
+  nodes = _NODES.value
+  if nodes is None:
+    return []
+  wanted = {'num_clients': nodes, 'clients_per_round': min(config.fl.clients_per_round, nodes)}
+  wanted['min_clients'] = min(config.fl.min_clients, wanted['clients_per_round'])
+  changed = {k: v for k, v in wanted.items() if config.fl[k] != v}
+  for key, value in changed.items():
+    config.fl[key] = value
+  return [f'--config.fl.{key}={value}' for key, value in changed.items()]
+
+
+def _interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  workdir = os.path.abspath(_WORKDIR.value)
+  config = _CONFIG.value
+  overrides = [a for a in sys.argv[1:] if a.startswith('--config.')] + _nodes_overrides(config)
+  try:
+    spec = _checked_spec(config, workdir)
+  except errors.WorkdirRefused as e:
+    _fail(str(e), errors.EXIT_WORKDIR_REFUSED)
+  except (ValueError, OSError) as e:
+    _fail(str(e))
+  config_file = config_flags.get_config_filename(flags.FLAGS['config'])
+  path, colon, variant = config_file.partition(':')
+  run_config = {
+      'config': os.path.abspath(path) + colon + variant,
+      'overrides': shlex.join(overrides),
+      'workdir': workdir, 'transport': _TRANSPORT.value, 'shared-dir': _SHARED_DIR.value,
+      'wait-for-nodes-s': _WAIT_S.value,
+  }
+  deploy_dir = pathlib.Path(workdir) / 'deploy'
+  signal.signal(signal.SIGTERM, _interrupt)
+  federation = launcher.LocalFederation(deploy_dir, secure=not _INSECURE.value)
+  code = 1
+  try:
+    federation.start_superlink()
+    _say(f'SuperLink on 127.0.0.1:{federation.port} ('
+         f'{"TLS, node authentication" if federation.secure else "insecure"}); logs in '
+         f'{federation.procs.logs}')
+    extra = _NODE_CONFIG.value
+    _say(f'{spec.fl.num_clients} nodes, overrides: {run_config["overrides"] or "none"}')
+    for i in range(spec.fl.num_clients):
+      state_dir = launcher.toml_value(str(deploy_dir / 'nodes' / str(i)))
+      federation.add_node(f'client-{i}', f'partition-id={i} num-partitions='
+                          f'{spec.fl.num_clients} state-dir={state_dir} ' +
+                          (extra[i] if i < len(extra) else ''))
+    federation.wait_online(spec.fl.num_clients)
+    _say('every SuperNode is online; submitting the run')
+    status, error = federation.run(run_config, on_line=lambda line: print(line, end='',
+                                                                           flush=True),
+                                   timeout_s=_TIMEOUT_S.value)
+    _say(f'run {status}' + (f': {error}' if error else ''))
+    code = 0 if status == 'finished:completed' else 1
+  except KeyboardInterrupt:
+    _say('interrupted; stopping every process')
+    code = 130
+  except (RuntimeError, TimeoutError, OSError) as e:
+    _say(f'error: {" ".join(str(e).split())}')
+  finally:
+    stragglers = federation.stop()
+    _say('every process stopped' +
+         (f' ({len(stragglers)} needed SIGKILL)' if stragglers else ''))
+  return code
+
+
+if __name__ == '__main__':
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)

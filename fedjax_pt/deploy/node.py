@@ -1,0 +1,195 @@
+"""A node's side of a round: client k's local update on the node's own data, as the simulation
+runs it, from the message to the reply. `client_app.py` wraps this in a Flower ClientApp.
+
+Flower starts a fresh ClientApp process for every message, so each round rebuilds what it needs
+from the request and the node config: the config, the data pipeline, the compiled train step
+(from JAX's persistent compilation cache after the first round) and the node's state snapshot.
+
+Node config (`flower-supernode --node-config "..."`, TOML values):
+  partition-id    the client id this node trains as (required)
+  num-partitions  1 (default): the node's corpus is all its own. N > 1: the node partitions its
+                  corpus into N shards as the simulation does and trains shard partition-id; with
+                  the server's data config and N = fl.num_clients this is the simulation's client
+                  k exactly (the one-machine set-up, and the equivalence test)
+  state-dir       node-local directory for its state snapshots (default ~/.cache/fedjax_pt/node)
+  jax-cache       JAX persistent compilation cache (default <state-dir>/jax-cache)
+  shared-dir      where this node reaches the `shared` transport's root, if not at the
+                  server's path
+  data.*, mesh.*  config overrides that are the node's business: where its data lives
+                  (data.source, data.path, data.tokenizer, ...) and how its devices are used
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fedjax_pt import build
+from fedjax_pt import client as client_lib
+from fedjax_pt import compression
+from fedjax_pt import data as data_lib
+from fedjax_pt import faults
+from fedjax_pt import model as model_lib
+from fedjax_pt import sharding
+from fedjax_pt.deploy import node_state
+from fedjax_pt.deploy import protocol
+from fedjax_pt.deploy import transport as transport_lib
+from fedjax_pt.run_spec import RunSpec
+
+_KEYS = ('partition-id', 'num-partitions', 'state-dir', 'jax-cache', 'shared-dir')
+# The recipe (model, optimizer, steps, batch shape) is the server's; these are the node's.
+_OVERRIDABLE = ('data.', 'mesh.')
+_RECIPE_DATA_KEYS = ('data.seq_len', 'data.batch_size')
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+  partition_id: int
+  num_partitions: int = 1
+  state_dir: str = os.path.join('~', '.cache', 'fedjax_pt', 'node')
+  jax_cache: str = ''
+  shared_dir: str = ''
+  overrides: tuple[tuple[str, Any], ...] = ()
+
+  @classmethod
+  def parse(cls, node_config: Mapping[str, Any]) -> 'NodeConfig':
+    """Raises ValueError naming the first bad key."""
+    unknown = [k for k in node_config if k not in _KEYS and not k.startswith(_OVERRIDABLE)]
+    if unknown:
+      raise ValueError(f'unknown node config key {unknown[0]!r}: use {", ".join(_KEYS)} or '
+                       'data.* / mesh.* overrides')
+    recipe = [k for k in node_config if k in _RECIPE_DATA_KEYS]
+    if recipe:
+      raise ValueError(f'node config key {recipe[0]!r} is part of the recipe: the server sets it')
+    if 'partition-id' not in node_config:
+      raise ValueError('node config needs partition-id (the client id this node trains as)')
+    cfg = cls(partition_id=int(node_config['partition-id']),
+              num_partitions=int(node_config.get('num-partitions', 1)),
+              state_dir=os.path.expanduser(str(node_config.get('state-dir', cls.state_dir))),
+              jax_cache=str(node_config.get('jax-cache', '')),
+              shared_dir=str(node_config.get('shared-dir', '')),
+              overrides=tuple(sorted((k, v) for k, v in node_config.items()
+                                     if k.startswith(_OVERRIDABLE))))
+    if cfg.num_partitions < 1 or cfg.partition_id < 0:
+      raise ValueError(f'partition-id={cfg.partition_id} and num-partitions={cfg.num_partitions} '
+                       'must be >= 0 and >= 1')
+    if cfg.num_partitions > 1 and cfg.partition_id >= cfg.num_partitions:
+      raise ValueError(f'partition-id={cfg.partition_id} names no shard of num-partitions='
+                       f'{cfg.num_partitions}')
+    return cfg
+
+  @property
+  def shard(self) -> int:
+    """The shard of the node's own corpus that it trains on."""
+    return self.partition_id if self.num_partitions > 1 else 0
+
+
+def use_compilation_cache(node: NodeConfig) -> None:
+  """Every round is a new process: without the on-disk cache it would recompile every step."""
+  if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    return  # the operator chose one
+  jax.config.update('jax_compilation_cache_dir',
+                    node.jax_cache or os.path.join(node.state_dir, 'jax-cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+
+def node_run_config(request: protocol.TrainRequest,
+                    node: NodeConfig) -> ml_collections.ConfigDict:
+  """The server's config with the node's data and mesh overrides; one client per node."""
+  config = ml_collections.ConfigDict(json.loads(request.config_json))
+  for key, value in node.overrides:
+    group, name = key.split('.', 1)
+    if name not in config[group]:
+      raise ValueError(f'node config key {key!r} names no config key')
+    config[group][name] = value
+  config.mesh.clients = 1  # the node's devices all train its one client
+  return config
+
+
+@functools.lru_cache(maxsize=2)
+def _trainer(model_cfg: model_lib.ModelConfig, opt_cfg, mesh_cfg: sharding.MeshConfig,
+             micro_batch_size: int) -> client_lib.Trainer:
+  # Flower runs one message per process, so this builds once per round; a process that serves
+  # several (the in-process test grid) reuses the compiled steps, as the simulation does.
+  return client_lib.Trainer(model_cfg, opt_cfg, sharding.Layout.create(mesh_cfg),
+                            micro_batch_size)
+
+
+def train(content, node: NodeConfig) -> Any:
+  """The reply content to a train message: client k's round from the global model."""
+  started = time.perf_counter()
+  request = protocol.TrainRequest.from_record(content['config'])
+  if request.client != node.partition_id:
+    raise ValueError(f'the server asked for client {request.client}, this node is partition-id='
+                     f'{node.partition_id}')
+  config = node_run_config(request, node)
+  spec = RunSpec.from_config(config)
+  model_cfg = build.model_config(config)
+  if model_cfg.vocab_size != request.vocab_size:
+    raise ValueError(f'data.tokenizer={spec.data.tokenizer!r} gives a model vocabulary of '
+                     f'{model_cfg.vocab_size}, the server model has {request.vocab_size}')
+  data = data_lib.build_federated_data(spec.data, num_clients=node.num_partitions, seed=spec.seed)
+  trainer = _trainer(model_cfg, spec.opt, spec.mesh, spec.data.micro_batch_size)
+  move = transport_lib.make(request.transport, node.shared_dir or request.shared_dir)
+  comp = spec.fl.compression
+  like = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
+  payload_like = jax.eval_shape(lambda p: compression.encode(p, comp.download, comp.block_size),
+                                like)
+  ready = time.perf_counter()
+  # The global model as this client holds it, as a simulated client receives it.
+  params = compression.decode(move.get(content, payload_like))
+  fetched = time.perf_counter()
+
+  k, r, attempt = request.client, request.round, request.attempt
+  reply = protocol.TrainReply(client=k, num_examples=data.client_num_tokens(node.shard))
+  fault = faults.injected_fault(spec.faults, spec.seed, r, k, attempt)
+  if fault == 'fail':  # as the simulation: the client crashes before it trains
+    reply.failure = 'raised InjectedFailure: injected failure (fl.fault.failure_prob)'
+    reply.injected = True
+    return reply.to_content()
+  state = node_state.NodeState(os.path.join(node.state_dir, 'runs', request.run_key,
+                                            f'client-{k}'))
+  snapshot = state.start(r, attempt, trainer.opt_state_shapes(), trainer.param_shapes())
+  iterator = data.client_iterator(node.shard)
+  if snapshot.iterator is not None:
+    iterator.set_state(snapshot.iterator)
+  kept = None if spec.fl.reset_optimizer else snapshot.opt_state
+  result, = trainer.train(params, (r - 1) * spec.fl.local_steps, [iterator], [kept],
+                          spec.fl.local_steps, spec.log_every_steps)
+  if fault == 'nan':
+    result.state = result.state.replace(params=faults.poisoned(result.state.params))
+    reply.injected = True
+  finite = bool(faults.all_finite(result.state.params))
+  if not spec.fl.reset_optimizer and finite:
+    kept = result.state.opt_state  # the simulation's rule: only a finite round's moments are kept
+  update, residual = _message(result.state.params, params, snapshot.residual, comp, finite)
+  trained = time.perf_counter()
+  state.save(r, attempt, node_state.Snapshot(iterator.get_state(), kept, residual),
+             request.keep_snapshots)
+  model = move.put(jax.device_get(update),
+                   protocol.storage_name(request.run_key, r, attempt, f'client-{k}'))
+  reply.num_tokens, reply.steps = result.num_tokens, result.step_metrics
+  reply.mean_loss, reply.last_loss = result.mean_loss, result.last_loss
+  reply.mean_grad_norm, reply.mean_update_norm = result.mean_grad_norm, result.mean_update_norm
+  reply.timings = {'build': ready - started, 'fetch': fetched - ready, 'train': trained - fetched,
+                   'send': time.perf_counter() - trained}
+  return reply.to_content(model)
+
+
+def _message(local, received, residual, comp: compression.CompressionConfig, finite: bool):
+  """The client's encoded delta and the residual it keeps, as `SimulatedClients` computes them:
+  with error feedback the residual starts at zero and a diverged client drops it."""
+  received = jax.device_put(received, jax.tree.map(lambda x: x.sharding, local))
+  if comp.error_feedback and residual is None:
+    residual = jax.tree.map(jnp.zeros_like, local)
+  update, residual = compression.compress_delta(local, received, residual if comp.error_feedback
+                                                else None, comp.upload, comp.block_size)
+  return update, residual if comp.error_feedback and finite else None

@@ -1,0 +1,147 @@
+"""The ServerApp: `fedjax_pt.train.run`, the run of `python -m fedjax_pt.main`, over the SuperNodes.
+
+The round object, evaluation, metrics.jsonl, TensorBoard, checkpoints and resuming are those of
+the simulation; only the clients differ (`fleet.FlowerClients`). The server evaluates the global
+model on the held-out split of the data in its own config, which it must be allowed to read (in
+the one-machine set-up, the nodes' corpus: then the validation set is the simulation's).
+
+Run config (`flwr run APP CONNECTION --run-config "key=value ..."`; app/pyproject.toml declares
+the keys and their defaults):
+  config            config file, as --config of fedjax_pt.main (`configs/tiny.py:test` too);
+                    absolute, or relative to the SuperLink's working directory
+  overrides         '--config.KEY=VALUE ...', as on fedjax_pt.main's command line
+  workdir           the run's directory, absolute; re-running on it resumes
+  transport         'inline' (arrays in the messages) or 'shared' (orbax checkpoints under
+                    shared-dir, default <workdir>/shared; see `transport.py`)
+  wait-for-nodes-s  how long the first round waits for every client's node to be online
+
+A bad config or a round that cannot go on ends the run with one line, `fedjax_pt: error: ...`,
+and Flower's status `finished:failed`.
+"""
+
+import hashlib
+import logging as std_logging
+import os
+import shlex
+import socket
+
+from absl import flags
+from absl import logging
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+import ml_collections
+from ml_collections import config_flags
+
+from fedjax_pt import train
+from fedjax_pt.deploy import arrays
+from fedjax_pt.deploy import fleet
+from fedjax_pt.deploy import transport as transport_lib
+
+app = ServerApp()
+
+
+class RunFailed(Exception):
+  """The run stopped for a reason already printed in one line."""
+
+
+class _NoTraceback(std_logging.Filter):
+  """Flower logs a ServerApp's exception with its traceback; ours was said in one line."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.exc_info and isinstance(record.exc_info[1], RunFailed):
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _quiet_orbax(record: std_logging.LogRecord) -> bool:
+  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def load_config(path: str, overrides: str) -> ml_collections.ConfigDict:
+  """The config of `fedjax_pt.main --config=PATH OVERRIDES`; ValueError names a bad one."""
+  if not path:
+    raise ValueError("run config 'config' is empty: name a config file, e.g. "
+                     "config='/abs/path/configs/tiny.py'")
+  argv = ['server_app', f'--config={path}', *shlex.split(overrides)]
+  bad = [a for a in argv[2:] if not a.startswith('--config.')]
+  if bad:
+    raise ValueError(f'run config overrides: {bad[0]!r} is not a --config.KEY=VALUE override')
+  if not os.path.isfile(path.split(':')[0]):
+    raise ValueError(f'config={path}: no such config file (relative paths start at the '
+                     f"SuperLink's working directory, {os.getcwd()})")
+  values = flags.FlagValues()
+  try:
+    config_flags.DEFINE_config_file('config', None, 'config file', flag_values=values,
+                                    lock_config=True, sys_argv=argv)
+    values(argv)
+    return values.config
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'config={path} {overrides}: {" ".join(str(e).split())}') from None
+
+
+def run_key(workdir: str) -> str:
+  """Names the run's state on the nodes: the same for every session on this workdir."""
+  return hashlib.sha256(f'{socket.gethostname()}:{workdir}'.encode()).hexdigest()[:16]
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """What a deployment refuses that the simulation accepts."""
+  if config.mode != 'federated':
+    raise ValueError(f"a deployment trains mode='federated', got {config.mode!r}")
+  if config.fl.fragments != 1 or config.fl.fragment_mixing:
+    raise ValueError(f'fl.fragments={config.fl.fragments}, fl.fragment_mixing='
+                     f'{config.fl.fragment_mixing}: streaming fragments are simulated only (a node '
+                     'would have to keep its model between messages); use fl.fragments=1, '
+                     'fl.fragment_mixing=0')
+  if config.eval.per_client:
+    raise ValueError('eval.per_client=True is not supported by the deployment (the server has '
+                     "no client's held-out data); set it to False")
+
+
+def serve(grid: Grid, run_config: dict) -> train.RunResult:
+  """The run that `run_config` describes, its clients the nodes that `grid` reaches."""
+  config = load_config(str(run_config['config']), str(run_config['overrides']))
+  workdir = str(run_config['workdir'])
+  if not os.path.isabs(workdir):
+    raise ValueError(f'run config workdir={workdir!r} must be an absolute path')
+  check_config(config)
+  config.log.progress = False  # the run's log is a stream: one line per round, no bar
+  shared_dir = str(run_config['shared-dir']) or os.path.join(workdir, 'shared')
+  move = transport_lib.make(str(run_config['transport']), shared_dir)
+  key = run_key(workdir)
+
+  def make_clients(parts):
+    ckpt = parts.spec.ckpt
+    run = fleet.RunInfo(
+        run_key=key, config_json=config.to_json(), vocab_size=parts.model.cfg.vocab_size,
+        shared_dir=shared_dir, keep_snapshots=ckpt.keep * max(ckpt.every_rounds, 1) + 1,
+        num_clients=parts.spec.fl.num_clients, local_steps=parts.spec.fl.local_steps,
+        round_timeout_s=parts.spec.faults.round_timeout_s, compression=parts.spec.fl.compression)
+    clients = fleet.FlowerClients(grid, run, move, arrays.abstract(parts.model.params))
+    clients.wait_for_nodes(float(run_config['wait-for-nodes-s']))
+    return clients
+
+  result = train.run(config, workdir, make_clients)
+  move.discard(key)
+  return result
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+  flags.FLAGS.mark_as_parsed()  # no flags here; absl would warn that logging precedes them
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+  std_logging.getLogger('absl').addFilter(_quiet_orbax)
+  std_logging.getLogger('httpx').setLevel(std_logging.WARNING)  # a line per Flower request
+  flwr_logger = std_logging.getLogger('flwr')
+  flwr_logger.addFilter(_NoTraceback())
+  flwr_logger.propagate = False  # it prints its own lines; the root's handler would repeat them
+  try:
+    result = serve(grid, dict(context.run_config))
+  except (ValueError, OSError, ImportError, RuntimeError) as e:
+    message = ' '.join(str(e).split())
+    print(f'fedjax_pt: error: {message}', flush=True)
+    raise RunFailed(message) from None
+  last = result.last_round
+  print(f'done: {last.round} rounds, val_ppl {last.val_ppl:.2f}, results in '
+        f'{context.run_config["workdir"]}', flush=True)

@@ -1,0 +1,191 @@
+"""The deployment's server and node code in one process, over a fake Flower Grid (`fake_grid`):
+who is which client, what each fault becomes, and node state across a server restart. The same
+code across real processes and sockets is tested in deploy_local_test.py."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flwr.app import Context, Message
+
+from fake_grid import FakeGrid, FakeNode
+from configs import tiny
+from fedjax_pt import compression
+from fedjax_pt import faults
+from fedjax_pt import federation
+from fedjax_pt import server
+from fedjax_pt import train
+from fedjax_pt.deploy import fleet
+from fedjax_pt.deploy import node as node_lib
+from fedjax_pt.deploy import protocol
+from fedjax_pt.deploy import server_app
+from fedjax_pt.deploy import transport
+
+
+# --- scripted nodes: the server side alone ---------------------------------------------------------
+
+_LIKE = {'w': jax.ShapeDtypeStruct((1,), jnp.float32)}
+_PAYLOAD_LIKE = jax.eval_shape(lambda p: compression.encode(p, 'none'), _LIKE)
+
+
+def _scripted(client, value):
+  """A node that is `client`, "trains" to {'w': [value]} on 10 tokens and sends its delta (or
+  raises `value`)."""
+
+  def handle(message: Message, context: Context) -> Message:
+    del context
+    if message.metadata.message_type == protocol.QUERY:
+      return Message(protocol.identity_reply(client), reply_to=message)
+    if isinstance(value, Exception):
+      reply = protocol.TrainReply(client=client, failure=f'raised {type(value).__name__}: {value}')
+      return Message(reply.to_content(), reply_to=message)
+    received = compression.decode(transport.Inline().get(message.content, _PAYLOAD_LIKE))
+    delta = {'w': np.array([value], np.float32) - received['w']}
+    model = transport.Inline().put(compression.encode(delta, 'none'), 'unused')
+    reply = protocol.TrainReply(client=client, num_tokens=10, num_examples=10, mean_loss=1.0)
+    return Message(reply.to_content(model), reply_to=message)
+
+  return handle
+
+
+def _clients(grid, num_clients, timeout_s=0.0):
+  run = fleet.RunInfo(run_key='run', config_json='{}', vocab_size=1, shared_dir='',
+                      keep_snapshots=2, num_clients=num_clients, local_steps=1,
+                      round_timeout_s=timeout_s, compression=compression.CompressionConfig())
+  return fleet.FlowerClients(grid, run, transport.Inline(), like=_LIKE, poll_s=0.01)
+
+
+def _fedavg(num_clients, timeout_s=0.0):
+  fl = server.FLConfig(num_clients=num_clients, clients_per_round=num_clients, rounds=3,
+                       local_steps=1, outer_optimizer='sgd', outer_lr=1.0, outer_momentum=0.0,
+                       weighting='tokens')
+  return federation.FederatedAlgorithm(fl, faults.FaultConfig(round_timeout_s=timeout_s), seed=0)
+
+
+def test_nodes_are_named_by_registration_or_asked_once():
+  grid = FakeGrid({11: FakeNode({}, name='client-1', handler=_scripted(1, 1.0)),
+                   12: FakeNode({}, handler=_scripted(0, 2.0))})
+  clients = _clients(grid, num_clients=2)
+  clients.wait_for_nodes(timeout_s=5)
+  assert clients.unavailable() == set()
+  assert grid.log == [(12, protocol.QUERY, '')]  # only the unnamed node was asked, once
+
+
+def test_every_fault_is_named_with_its_node_and_the_round_goes_on():
+  grid = FakeGrid({
+      10: FakeNode({}, name='client-0', handler=_scripted(0, 3.0)),
+      11: FakeNode({}, name='client-1', gone=True),  # killed: Flower's NODE_UNAVAILABLE
+      12: FakeNode({}, name='client-2', handler=_scripted(2, ValueError('no file data/x.jsonl'))),
+      13: FakeNode({}, name='client-3', silent=True),  # never replies
+      14: FakeNode({}, name='client-4', online=False),  # not connected: not sampled
+  })
+  algorithm = _fedavg(num_clients=5, timeout_s=0.5)
+  state = algorithm.init({'w': jnp.zeros((1,), jnp.float32)})
+  state, result = algorithm.apply(state, 1, _clients(grid, num_clients=5, timeout_s=0.5))
+  assert float(state.params['w'][0]) == 3.0  # client 0 alone
+  assert result.stats['clients'] == [0, 1, 2, 3] and result.stats['num_aggregated'] == 1
+  failed = result.stats['failed_clients']
+  assert failed[1].startswith('unavailable: Error: Node Unavailable') and '(node 11)' in failed[1]
+  assert failed[2] == 'raised ValueError: no file data/x.jsonl (node 12)'
+  assert failed[3] == 'late: no reply within fl.round_timeout_s=0.5 (node 13)'
+
+
+def test_a_node_that_comes_back_is_sampled_again():
+  grid = FakeGrid({10: FakeNode({}, name='client-0', handler=_scripted(0, 1.0)),
+                   11: FakeNode({}, name='client-1', handler=_scripted(1, 3.0), online=False)})
+  algorithm, clients = _fedavg(num_clients=2), _clients(grid, num_clients=2)
+  state = algorithm.init({'w': jnp.zeros((1,), jnp.float32)})
+  state, first = algorithm.apply(state, 1, clients)
+  grid.nodes[11].online = True
+  state, second = algorithm.apply(state, 2, clients)
+  assert first.stats['clients'] == [0] and second.stats['clients'] == [0, 1]
+  assert float(state.params['w'][0]) == 2.0
+
+
+def test_every_node_lost_skips_the_round_but_every_node_raising_ends_the_run():
+  algorithm = federation.FederatedAlgorithm(
+      server.FLConfig(num_clients=1, clients_per_round=1, rounds=1, local_steps=1),
+      faults.FaultConfig(max_round_retries=0), seed=0)
+  state = algorithm.init({'w': jnp.zeros((1,), jnp.float32)})
+  gone = FakeGrid({10: FakeNode({}, name='client-0', gone=True)})
+  _, result = algorithm.apply(state, 1, _clients(gone, num_clients=1))
+  assert result.stats['skipped']
+  broken = FakeGrid({10: FakeNode({}, name='client-0', handler=_scripted(0, OSError('disk')))})
+  with pytest.raises(RuntimeError, match=r'every client failed: raised OSError: disk \(node 10\)'):
+    algorithm.apply(state, 1, _clients(broken, num_clients=1))
+
+
+# --- the real ClientApp in this process ------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _no_compilation_cache(monkeypatch):
+  # A node sets JAX's persistent cache for its process; here that process is the test's.
+  monkeypatch.setattr(node_lib, 'use_compilation_cache', lambda node: None)
+
+
+def _config(**fl):
+  config = tiny.get_config('test')
+  config.fl.num_clients = config.fl.clients_per_round = 2
+  for key, value in fl.items():
+    config.fl[key] = value
+  return config
+
+
+def _run_config(workdir, overrides):
+  return {'config': 'configs/tiny.py:test', 'workdir': str(workdir), 'transport': 'inline',
+          'shared-dir': '', 'wait-for-nodes-s': 5.0,
+          'overrides': '--config.fl.num_clients=2 --config.fl.clients_per_round=2 ' + overrides}
+
+
+def _nodes(tmp_path):
+  return {100 + k: FakeNode({'partition-id': k, 'num-partitions': 2,
+                             'state-dir': str(tmp_path / f'node{k}')}) for k in range(2)}
+
+
+def _val_losses(result):
+  return [r.val_loss for r in result.rounds]
+
+
+def test_kept_adam_states_on_nodes_match_the_simulation_across_a_server_restart(tmp_path):
+  """fl.reset_optimizer=False: the nodes keep their moments and data positions on their disks.
+  The server then loses its round-2 checkpoint and replays round 2 from round 1's: the nodes
+  must start from their round-1 state, not the round-2 state they already have."""
+  simulated = train.run(_config(reset_optimizer=False), str(tmp_path / 'sim'))
+  grid = FakeGrid(_nodes(tmp_path))
+  run_config = _run_config(tmp_path / 'dep', '--config.fl.reset_optimizer=False')
+  deployed = server_app.serve(grid, run_config)
+  assert _val_losses(deployed) == _val_losses(simulated)  # bit for bit
+  shutil.rmtree(tmp_path / 'dep' / 'checkpoints' / '2')
+  resumed = server_app.serve(grid, run_config)
+  assert _val_losses(resumed) == _val_losses(simulated)
+  assert [g for _, kind, g in grid.log if kind == protocol.TRAIN] == ['1', '1', '2', '2', '2', '2']
+
+
+def test_compressed_messages_and_node_residuals_match_the_simulation(tmp_path):
+  """int8 deltas with error feedback (the residual kept in the node's snapshots) and a bf16
+  broadcast: the same losses and the same bytes on the wire as the simulation, bit for bit."""
+  codecs = dict(upload='int8', download='bf16', error_feedback=True)
+  config = _config()
+  config.fl.compression.update(codecs)
+  simulated = train.run(config, str(tmp_path / 'sim'))
+  grid = FakeGrid(_nodes(tmp_path))
+  deployed = server_app.serve(grid, _run_config(
+      tmp_path / 'dep', ' '.join(f'--config.fl.compression.{k}={v}' for k, v in codecs.items())))
+  assert _val_losses(deployed) == _val_losses(simulated)
+
+  def wire(result):
+    return [(r.bytes_sent, r.bytes_received, r.compression_ratio) for r in result.rounds]
+
+  assert wire(deployed) == wire(simulated)
+  assert deployed.rounds[-1].compression_ratio > 2.5  # int8 up (~3.8x), bf16 down (2x)
+  snapshots = sorted((tmp_path / 'node0' / 'runs').glob('*/client-0/r*'))
+  assert snapshots and (snapshots[-1] / 'residual').is_dir()
+
+
+def test_streaming_fragments_are_refused_before_anything_runs(tmp_path):
+  grid = FakeGrid(_nodes(tmp_path))
+  with pytest.raises(ValueError, match='fl.fragments=2, fl.fragment_mixing=0.0: streaming'):
+    server_app.serve(grid, _run_config(tmp_path / 'dep', '--config.fl.fragments=2'))
+  assert grid.log == [] and not (tmp_path / 'dep').exists()

@@ -1,0 +1,182 @@
+"""The deployment across real Flower processes on 127.0.0.1: a SuperLink and SuperNodes with TLS
+and node authentication, the ServerApp and a ClientApp process per message.
+
+Every test binds 127.0.0.1 only, on free ports, bounds its time, and stops every process it
+started, by PID, even when it fails (`LocalFederation.stop`, or the launcher's own clean-up and
+a sweep of the processes whose FLWR_HOME lies in the test's directory).
+"""
+
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from configs import tiny
+from fedjax_pt import records
+from fedjax_pt import train
+from fedjax_pt.deploy import launcher
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ['--config=configs/tiny.py:test', '--config.fl.num_clients=2',
+        '--config.fl.clients_per_round=2']
+
+
+@pytest.fixture(scope='module')
+def jax_cache(tmp_path_factory):
+  """One persistent compilation cache for every process of these tests, in every xdist worker
+  (the base temp's parent is theirs in common; JAX writes cache entries atomically): a ClientApp
+  process per message would otherwise compile the train step in every round of every test."""
+  path = tmp_path_factory.getbasetemp().parent / 'deploy-jax-cache'
+  path.mkdir(exist_ok=True)
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def simulated(tmp_path_factory):
+  config = tiny.get_config('test')
+  config.fl.num_clients = config.fl.clients_per_round = 2
+  return train.run(config, str(tmp_path_factory.mktemp('sim'))).rounds
+
+
+def _column(rounds, key):
+  return [records.to_json(r)[key] for r in rounds]  # as written to metrics.jsonl
+
+
+def _ours(directory: pathlib.Path) -> list[int]:
+  """Live processes whose FLWR_HOME lies under `directory`: the ones a test started."""
+  needle = f'FLWR_HOME={directory}'.encode()
+  pids = []
+  for entry in pathlib.Path('/proc').iterdir():
+    try:
+      if entry.name.isdigit() and any(v.startswith(needle) for v in
+                                      (entry / 'environ').read_bytes().split(b'\0')):
+        if (entry / 'stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z':
+          pids.append(int(entry.name))
+    except OSError:
+      pass
+  return pids
+
+
+def _launch(workdir: pathlib.Path, *flags: str, jax_cache: str, timeout_s: float = 600):
+  """`python -m fedjax_pt.deploy.local` as README shows it; stopped and swept on a timeout."""
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax_cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+  proc = subprocess.Popen([sys.executable, '-m', 'fedjax_pt.deploy.local', '--nodes=2',
+                           f'--workdir={workdir}', *TINY, *flags], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    out, _ = proc.communicate(timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    proc.send_signal(signal.SIGTERM)  # the launcher stops its federation on SIGTERM
+    out, _ = proc.communicate(timeout=60)
+    pytest.fail(f'the launcher ran over {timeout_s}s:\n{out[-3000:]}')
+  finally:
+    for pid in _ours(workdir):
+      os.kill(pid, signal.SIGKILL)
+  assert not _ours(workdir)
+  return proc.returncode, out
+
+
+# Round 1 already moves the global model down and both client models up; the inline run also
+# checks that round 2 continues from the nodes' state as the simulation does.
+@pytest.mark.parametrize('transport, rounds', [('inline', 2), ('shared', 1)])
+def test_deployment_equals_the_simulation(transport, rounds, tmp_path, jax_cache, simulated):
+  """Same seeds, data shards and step numbering, clients averaged in the same order, arrays
+  carried bit for bit (float32, by either transport): the per-round losses are bit-identical on
+  CPU, so the comparison is exact equality, not a tolerance."""
+  code, out = _launch(tmp_path, f'--transport={transport}', f'--config.fl.rounds={rounds}',
+                      jax_cache=jax_cache)
+  assert code == 0, out[-4000:]
+  deployed = records.read_records(str(tmp_path)).rounds
+  assert len(deployed) == rounds + 1  # round 0 evaluates the initial model
+  for key in ('round', 'val_loss', 'train_loss', 'tokens', 'client_train_loss',
+              'pseudo_grad_norm', 'bytes_sent', 'bytes_received'):
+    assert _column(deployed, key) == _column(simulated[:rounds + 1], key), key
+  assert 'finished:completed' in out and 'Traceback' not in out
+  if transport == 'shared':
+    assert not any((tmp_path / 'shared').iterdir())  # every model was deleted once read
+
+
+def test_tls_and_node_authentication_refuse_strangers(tmp_path):
+  federation = launcher.LocalFederation(tmp_path)
+  try:
+    federation.start_superlink()
+    federation.add_node('client-0', 'partition-id=0')
+    unregistered = federation.add_node('unregistered', 'partition-id=1', register=False,
+                                       max_wait_s=5)
+    plaintext = federation.add_node('plaintext', 'partition-id=1', tls=False, auth=False,
+                                    max_wait_s=5)
+    federation.wait_online(1, timeout_s=120)
+    assert unregistered.wait(timeout=90) != 0 and plaintext.wait(timeout=90) != 0
+    online = [int(n['node-id']) for n in federation.online_nodes()]
+    assert online == [federation.node_ids['client-0']]
+  finally:
+    federation.stop()
+  assert 'Failed to activate SuperNode' in (tmp_path / 'logs' / 'unregistered.log').read_text()
+  assert 'Giving up reconnection' in (tmp_path / 'logs' / 'plaintext.log').read_text()
+  assert not _ours(tmp_path)
+
+
+def _kill_when_it_receives_round_1(federation, name: str, stop: threading.Event) -> None:
+  """SIGKILLs SuperNode `name` as soon as its log shows round 1's train message arriving."""
+  log = federation.procs.logs / f'{name}.log'
+  while not stop.wait(0.1):
+    text = log.read_text(errors='replace') if log.exists() else ''
+    at = text.find('ROUND 1]')
+    if at >= 0 and 'Receiving: train message' in text[at:]:
+      federation.procs.kill(name)
+      return
+
+
+def test_a_killed_node_and_a_broken_node_are_faults_and_the_run_finishes(tmp_path, jax_cache,
+                                                                         monkeypatch):
+  """3 nodes, 3 rounds, fl.min_clients=1. Node 1's SuperNode is SIGKILLed in round 1 and started
+  again once the server has given up on it; node 2's data path does not exist."""
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', jax_cache)
+  workdir = tmp_path / 'run'
+  federation = launcher.LocalFederation(workdir / 'deploy')
+  stop = threading.Event()
+  restarted = []
+
+  def on_line(line: str) -> None:
+    if 'client 1 (node' in line and 'unavailable' in line and not restarted:
+      restarted.append(federation.restart_node('client-1'))
+
+  try:
+    federation.start_superlink()
+    for i in range(3):
+      bad = f" data.source='jsonl' data.path='{tmp_path}/no-such-dir/*.jsonl'" if i == 2 else ''
+      federation.add_node(f'client-{i}', f"partition-id={i} num-partitions=3 "
+                          f"state-dir='{workdir}/deploy/nodes/{i}'{bad}")
+    federation.wait_online(3)
+    killer = threading.Thread(target=_kill_when_it_receives_round_1,
+                              args=(federation, 'client-1', stop), daemon=True)
+    killer.start()
+    status, error = federation.run({
+        'config': str(REPO / 'configs' / 'tiny.py') + ':test', 'workdir': str(workdir),
+        'overrides': '--config.fl.num_clients=3 --config.fl.clients_per_round=3 '
+                     '--config.fl.rounds=3 --config.fl.min_clients=1'}, on_line=on_line,
+                                   timeout_s=600)
+  finally:
+    stop.set()
+    federation.stop()
+  assert not _ours(workdir)
+  assert status == 'finished:completed' and error is None
+  rounds = records.read_records(str(workdir)).rounds
+  assert [r.round for r in rounds] == [0, 1, 2, 3]
+  rounds = rounds[1:]  # round 0 evaluates the initial model; no client trains in it
+  first = {int(k): v for k, v in rounds[0].failed_clients.items()}
+  assert first[1].startswith('unavailable') and '(node ' in first[1]
+  assert all(r.failed_clients['2'].startswith('raised FileNotFoundError: data.path pattern')
+             and '(node ' in r.failed_clients['2'] for r in rounds)
+  # Node 1 came back and was sampled and averaged again.
+  assert restarted and any(1 in r.clients and '1' not in r.failed_clients for r in rounds[1:])
+  assert math.isfinite(rounds[-1].val_loss) and math.isfinite(rounds[-1].global_norm)
+  log = (workdir / 'deploy' / 'logs' / 'run.log').read_text()
+  assert 'client 2 (node' in log and 'no-such-dir' in log and 'Traceback' not in log
