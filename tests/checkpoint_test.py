@@ -140,7 +140,7 @@ def test_a_workdir_of_an_older_version_resumes(tmp_path):
   with open(tmp_path / 'config.json', 'w', encoding='utf-8') as f:
     json.dump(saved, f)
   longer = train.run(_config(rounds=4), str(tmp_path))
-  assert [r.round for r in longer.rounds] == [1, 2, 3, 4]
+  assert [r.round for r in longer.rounds] == [0, 1, 2, 3, 4]
   (tmp_path / 'config.json').write_text(json.dumps(saved))
   with pytest.raises(errors.WorkdirRefused, match=r'fl.fragments: 1 -> 2'):
     train.run(_config(rounds=5, fragments=2, local_steps=4), str(tmp_path))

@@ -37,7 +37,8 @@ def test_records_carry_the_wire_sizes_of_the_messages(tmp_path):
   upload = len(compression.to_bytes(compression.encode(zeros, 'int8', 64)))
   download = len(compression.to_bytes(compression.encode(zeros, 'bf16')))
   k = config.fl.clients_per_round
-  for r in result.rounds:
+  assert result.rounds[0].round == 0 and result.rounds[0].bytes_sent == 0  # the initial model
+  for r in result.rounds[1:]:
     assert r.client_upload_bytes == {c: upload for c in range(k)}
     assert r.client_download_bytes == {c: download for c in range(k)}
     assert r.peak_sync_bytes == k * (upload + download)
