@@ -91,6 +91,24 @@ def _init(std: float, axes: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
 
 
+def _tokens(x_BxLxD: jax.Array) -> jax.Array:
+  """[B, L, D] -> [B*L, D], a free reshape.
+
+  Matmuls see the tokens as one axis so that each weight gradient (activations^T @ gradient)
+  contracts a single axis, which XLA folds into the matmul as a transposed operand. Contracting
+  [B, L] instead made XLA:CPU materialise a transposed copy of the gradient (plus the GELU
+  derivative fused into it) before every weight-gradient matmul: ~15% of the step (BENCHMARKS.md).
+  """
+  return x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
+
+
+class _Dense(nn.Dense):
+  """nn.Dense (same parameters and names) over the flattened tokens of a [B, L, D] input."""
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    return super().__call__(_tokens(x_BxLxD)).reshape(*x_BxLxD.shape[:-1], self.features)
+
+
 def _rope(x_BxLxNxH: jax.Array) -> jax.Array:
   """Rotary embedding (rotate-half convention), computed in float32."""
   _, length, _, head_dim = x_BxLxNxH.shape
@@ -116,7 +134,7 @@ class Attention(nn.Module):
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     cfg = self.cfg
     batch, length, _ = x_BxLxD.shape
-    qkv_BxLx3D = nn.Dense(
+    qkv_BxLx3D = _Dense(
         3 * cfg.d_model, use_bias=False, dtype=cfg.compute_dtype, name='wqkv',
         kernel_init=_init(cfg.init_std, ('embed', 'heads')))(x_BxLxD)
     q, k, v = (t.reshape(batch, length, cfg.num_heads, cfg.head_dim)
@@ -131,9 +149,9 @@ class Attention(nn.Module):
         implementation=None if cfg.attention == 'xla' else 'cudnn')
     # GPT-2 scaling of residual-branch outputs keeps the residual stream's variance flat in depth.
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-    return nn.Dense(cfg.d_model, use_bias=False, dtype=cfg.compute_dtype, name='out_proj',
-                    kernel_init=_init(out_std, ('heads', 'embed')))(
-                        out_BxLxNxH.reshape(batch, length, cfg.d_model))
+    return _Dense(cfg.d_model, use_bias=False, dtype=cfg.compute_dtype, name='out_proj',
+                  kernel_init=_init(out_std, ('heads', 'embed')))(
+                      out_BxLxNxH.reshape(batch, length, cfg.d_model))
 
 
 class Mlp(nn.Module):
@@ -142,12 +160,12 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     cfg = self.cfg
-    h_BxLxF = nn.Dense(cfg.mlp_ratio * cfg.d_model, use_bias=False, dtype=cfg.compute_dtype,
-                       name='up_proj', kernel_init=_init(cfg.init_std, ('embed', 'mlp')))(x_BxLxD)
+    h_BxLxF = _Dense(cfg.mlp_ratio * cfg.d_model, use_bias=False, dtype=cfg.compute_dtype,
+                     name='up_proj', kernel_init=_init(cfg.init_std, ('embed', 'mlp')))(x_BxLxD)
     h_BxLxF = nn.gelu(h_BxLxF, approximate=False)
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-    return nn.Dense(cfg.d_model, use_bias=False, dtype=cfg.compute_dtype, name='down_proj',
-                    kernel_init=_init(out_std, ('mlp', 'embed')))(h_BxLxF)
+    return _Dense(cfg.d_model, use_bias=False, dtype=cfg.compute_dtype, name='down_proj',
+                  kernel_init=_init(out_std, ('mlp', 'embed')))(h_BxLxF)
 
 
 def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
@@ -186,7 +204,8 @@ class Decoder(nn.Module):
       x_BxLxD = nn.with_logical_constraint(block(cfg, name=f'block_{i}')(x_BxLxD),
                                            _ACTIVATION_AXES)
     x_BxLxD = _layer_norm(cfg, 'norm_f')(x_BxLxD)
-    logits_BxLxV = embed.attend(x_BxLxD).astype(jnp.float32)
+    logits_BxLxV = embed.attend(_tokens(x_BxLxD)).reshape(*tokens_BxL.shape, cfg.vocab_size)
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     return nn.with_logical_constraint(logits_BxLxV, ('batch', None, 'vocab'))
 
 
