@@ -127,6 +127,61 @@ def _alibi_bias(num_heads: int, length: int) -> np.ndarray:
   return (slopes_N[:, None, None] * np.minimum(distance_LxL, 0)[None])[None].astype(np.float32)
 
 
+# Query rows per block of `_blocked_causal_attention` (at least 2 blocks, at most 8).
+_QUERY_BLOCK = 128
+
+
+def _query_blocks(length: int) -> list[tuple[int, int]]:
+  num_blocks = min(max(length // _QUERY_BLOCK, 2), 8, length)
+  bounds = [round(i * length / num_blocks) for i in range(num_blocks + 1)]
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _blocked_causal_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: jax.Array,
+                              bias_1xNxLxL: jax.Array | None) -> jax.Array:
+  """Causal softmax attention as `jax.nn.dot_product_attention` computes it (scores and softmax
+  in float32, probabilities in the compute dtype), with fewer passes over the [L, L] scores, which
+  is what attention costs on a CPU:
+
+  - queries go in blocks, each attending to the keys up to its last query only: the scores that
+    the causal mask would zero are not computed (25% fewer with 2 blocks, 44% with 8);
+  - the 1/sqrt(H) scale multiplies q ([L, H]) instead of the scores ([L, L]);
+  - the softmax is normalised after the values: (exp(s - max) @ v) / sum(exp(s - max)) divides
+    [L, H] instead of [L, L], and its gradient needs no reduction over the scores.
+
+  Only the order of float operations differs (tests/model_numerics_test.py).
+  """
+  head_dim = q_BxLxNxH.shape[-1]
+  q_BxLxNxH = q_BxLxNxH * jnp.asarray(1 / math.sqrt(head_dim), q_BxLxNxH.dtype)
+  outs = []
+  for start, end in _query_blocks(q_BxLxNxH.shape[1]):
+    s_BxNxTxS = jnp.einsum('BTNH,BSNH->BNTS', q_BxLxNxH[:, start:end], k_BxLxNxH[:, :end],
+                           preferred_element_type=jnp.float32)
+    if bias_1xNxLxL is not None:
+      s_BxNxTxS = s_BxNxTxS + bias_1xNxLxL[:, :, start:end, :end].astype(jnp.float32)
+    causal_TxS = np.arange(end)[None, :] <= np.arange(start, end)[:, None]
+    s_BxNxTxS = jnp.where(causal_TxS, s_BxNxTxS, jnp.finfo(jnp.float32).min)
+    e_BxNxTxS = jnp.exp(s_BxNxTxS - jax.lax.stop_gradient(s_BxNxTxS.max(-1, keepdims=True)))
+    out_BxTxNxH = jnp.einsum('BNTS,BSNH->BTNH', e_BxNxTxS.astype(v_BxLxNxH.dtype),
+                             v_BxLxNxH[:, :end], preferred_element_type=jnp.float32)
+    sum_BxTxN = jnp.einsum('BNTS->BTN', e_BxNxTxS)
+    outs.append((out_BxTxNxH / sum_BxTxN[..., None]).astype(v_BxLxNxH.dtype))
+  return jnp.concatenate(outs, axis=1)
+
+
+def _causal_attention(cfg: 'ModelConfig', q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array,
+                      v_BxLxNxH: jax.Array, bias_1xNxLxL: jax.Array | None) -> jax.Array:
+  if cfg.attention == 'cudnn':
+    return jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, bias=bias_1xNxLxL,
+                                        is_causal=True, implementation='cudnn')
+  # The blocked formulation is tuned and measured on CPUs; elsewhere XLA's attention is JAX's.
+  return jax.lax.platform_dependent(
+      q_BxLxNxH, k_BxLxNxH, v_BxLxNxH,
+      cpu=lambda q, k, v: _blocked_causal_attention(q, k, v, bias_1xNxLxL),
+      default=lambda q, k, v: jax.nn.dot_product_attention(q, k, v, bias=bias_1xNxLxL,
+                                                           is_causal=True))
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -144,9 +199,7 @@ class Attention(nn.Module):
     bias = None
     if cfg.position_embedding == 'alibi':
       bias = jnp.asarray(_alibi_bias(cfg.num_heads, length), cfg.compute_dtype)
-    out_BxLxNxH = jax.nn.dot_product_attention(
-        q, k, v, bias=bias, is_causal=True,
-        implementation=None if cfg.attention == 'xla' else 'cudnn')
+    out_BxLxNxH = _causal_attention(cfg, q, k, v, bias)
     # GPT-2 scaling of residual-branch outputs keeps the residual stream's variance flat in depth.
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     return _Dense(cfg.d_model, use_bias=False, dtype=cfg.compute_dtype, name='out_proj',
