@@ -129,6 +129,8 @@ def _alibi_bias(num_heads: int, length: int) -> np.ndarray:
 
 # Query rows per block of `_blocked_causal_attention` (at least 2 blocks, at most 8).
 _QUERY_BLOCK = 128
+# A masked score, as in jax.nn.dot_product_attention: exp(masked - max) is exactly 0.
+_MASKED = -0.7 * float(np.finfo(np.float32).max)
 
 
 def _query_blocks(length: int) -> list[tuple[int, int]]:
@@ -145,28 +147,33 @@ def _blocked_causal_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLx
 
   - queries go in blocks, each attending to the keys up to its last query only: the scores that
     the causal mask would zero are not computed (25% fewer with 2 blocks, 44% with 8);
-  - the 1/sqrt(H) scale multiplies q ([L, H]) instead of the scores ([L, L]);
+  - the mask is added (0 or a large negative, with the ALiBi bias) rather than selected, which
+    XLA fuses into the matmul that makes the scores, and the 1/sqrt(H) scale multiplies q;
   - the softmax is normalised after the values: (exp(s - max) @ v) / sum(exp(s - max)) divides
-    [L, H] instead of [L, L], and its gradient needs no reduction over the scores.
+    [L, H] instead of [L, L], and its gradient needs no reduction over the scores;
+  - q, k and v are transposed to [B, N, L, H] once, not per block and per matmul.
 
   Only the order of float operations differs (tests/model_numerics_test.py).
   """
-  head_dim = q_BxLxNxH.shape[-1]
+  length, head_dim = q_BxLxNxH.shape[1], q_BxLxNxH.shape[3]
   q_BxLxNxH = q_BxLxNxH * jnp.asarray(1 / math.sqrt(head_dim), q_BxLxNxH.dtype)
+  q_BxNxLxH, k_BxNxLxH, v_BxNxLxH = (jnp.swapaxes(t, 1, 2)
+                                     for t in (q_BxLxNxH, k_BxLxNxH, v_BxLxNxH))
   outs = []
-  for start, end in _query_blocks(q_BxLxNxH.shape[1]):
-    s_BxNxTxS = jnp.einsum('BTNH,BSNH->BNTS', q_BxLxNxH[:, start:end], k_BxLxNxH[:, :end],
-                           preferred_element_type=jnp.float32)
-    if bias_1xNxLxL is not None:
-      s_BxNxTxS = s_BxNxTxS + bias_1xNxLxL[:, :, start:end, :end].astype(jnp.float32)
+  for start, end in _query_blocks(length):
+    # Block rows are queries start..end-1, columns keys 0..end-1.
     causal_TxS = np.arange(end)[None, :] <= np.arange(start, end)[:, None]
-    s_BxNxTxS = jnp.where(causal_TxS, s_BxNxTxS, jnp.finfo(jnp.float32).min)
+    bias_1xNxTxS = 0.0 if bias_1xNxLxL is None else (
+        bias_1xNxLxL[:, :, start:end, :end].astype(jnp.float32))
+    mask_1xNxTxS = jnp.where(causal_TxS, bias_1xNxTxS, _MASKED)
+    s_BxNxTxS = jnp.einsum('BNTH,BNSH->BNTS', q_BxNxLxH[:, :, start:end], k_BxNxLxH[:, :, :end],
+                           preferred_element_type=jnp.float32) + mask_1xNxTxS
     e_BxNxTxS = jnp.exp(s_BxNxTxS - jax.lax.stop_gradient(s_BxNxTxS.max(-1, keepdims=True)))
-    out_BxTxNxH = jnp.einsum('BNTS,BSNH->BTNH', e_BxNxTxS.astype(v_BxLxNxH.dtype),
-                             v_BxLxNxH[:, :end], preferred_element_type=jnp.float32)
-    sum_BxTxN = jnp.einsum('BNTS->BTN', e_BxNxTxS)
-    outs.append((out_BxTxNxH / sum_BxTxN[..., None]).astype(v_BxLxNxH.dtype))
-  return jnp.concatenate(outs, axis=1)
+    out_BxNxTxH = jnp.einsum('BNTS,BNSH->BNTH', e_BxNxTxS.astype(v_BxNxLxH.dtype),
+                             v_BxNxLxH[:, :, :end], preferred_element_type=jnp.float32)
+    out_BxNxTxH = out_BxNxTxH / e_BxNxTxS.sum(-1, keepdims=True)
+    outs.append(out_BxNxTxH.astype(v_BxNxLxH.dtype))
+  return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
 
 
 def _causal_attention(cfg: 'ModelConfig', q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array,
