@@ -127,8 +127,9 @@ def _alibi_bias(num_heads: int, length: int) -> np.ndarray:
   return (slopes_N[:, None, None] * np.minimum(distance_LxL, 0)[None])[None].astype(np.float32)
 
 
-# Query rows per block of `_blocked_causal_attention` (at least 2 blocks, at most 8).
-_QUERY_BLOCK = 128
+# Query rows per block of `_blocked_causal_attention` (at least 2 blocks, at most 8): 64 was the
+# fastest of 32, 64 and 128 at L = 128 and 256 on a 2-core CPU (BENCHMARKS.md).
+_QUERY_BLOCK = 64
 # A masked score, as in jax.nn.dot_product_attention: exp(masked - max) is exactly 0.
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
 

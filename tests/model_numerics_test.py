@@ -138,7 +138,7 @@ def _jax_attention(q, k, v, bias):
 
 @pytest.mark.parametrize('length, alibi', [(129, True), (390, False)])
 def test_blocked_attention_agrees_with_jax_attention(length, alibi):
-  # Query blocks of 64 and 65 rows, then 3 of 130 (the decoder test above has 2 of 16).
+  # Query blocks of 64 and 65 rows, then 6 of 65 (the decoder test above has 2 of 16).
   num_heads, head_dim = 2, 16
   q, k, v, cotangent = (3 * jax.random.normal(key, (2, length, num_heads, head_dim))
                         for key in jax.random.split(jax.random.key(2), 4))
