@@ -5,7 +5,7 @@ embeddings, learned absolute positions (RoPE or ALiBi optional). Every parameter
 names so `fedjax_pt.sharding` can map them onto a device mesh.
 
 Letter key for tensor names: B batch, L sequence length, D d_model, N heads, H head dim, F MLP width,
-V vocabulary.
+V vocabulary, T and S the query and key positions of an attention block.
 """
 
 import dataclasses
@@ -97,7 +97,7 @@ def _tokens(x_BxLxD: jax.Array) -> jax.Array:
   Matmuls see the tokens as one axis so that each weight gradient (activations^T @ gradient)
   contracts a single axis, which XLA folds into the matmul as a transposed operand. Contracting
   [B, L] instead made XLA:CPU materialise a transposed copy of the gradient (plus the GELU
-  derivative fused into it) before every weight-gradient matmul: ~15% of the step (BENCHMARKS.md).
+  derivative fused into it) before every weight-gradient matmul: ~20% of the step (BENCHMARKS.md).
   """
   return x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
 
