@@ -65,24 +65,43 @@ def best_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
   return best
 
 
-def time_train_steps(setup: Setup, steps: int, windows: int = 3) -> tuple[float, Any]:
-  """Seconds per local step: the best of `windows` runs of `steps` chained steps (after two
-  untimed ones), so that a neighbour's burst on a shared machine does not count; and the compiled
-  step, for its memory analysis."""
+def step_window(setup: Setup, steps: int) -> tuple[Callable[[], float], Any]:
+  """A timed window: a callable that runs `steps` chained local steps and returns seconds per
+  step (the step compiled and run twice first); and the compiled step, for its memory analysis."""
   batch = synthetic_batch(setup)
   state = setup.trainer.init(setup.params, 0)
   compiled = setup.trainer.train_step.lower(state, batch).compile()
   for _ in range(2):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
-  best = float('inf')
-  for _ in range(windows):
+
+  def window() -> float:
+    nonlocal state
     start = time.perf_counter()
     for _ in range(steps):
       state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
-    best = min(best, (time.perf_counter() - start) / steps)
-  return best, compiled
+    return (time.perf_counter() - start) / steps
+
+  return window, compiled
+
+
+def interleaved_windows(windows: dict[str, Callable[[], float]],
+                        repeats: int) -> dict[str, list[float]]:
+  """Each window's seconds per step, `repeats` times, the windows taking turns (A, B, A, B, ...)
+  so that a neighbour's load on a shared machine slows all of them alike."""
+  times = {name: [] for name in windows}
+  for _ in range(repeats):
+    for name, window in windows.items():
+      times[name].append(window())
+  return times
+
+
+def time_train_steps(setup: Setup, steps: int, windows: int = 3) -> tuple[float, Any]:
+  """Seconds per local step: the best of `windows` runs of `steps` chained steps, so that a
+  neighbour's burst on a shared machine does not count; and the compiled step."""
+  window, compiled = step_window(setup, steps)
+  return min(window() for _ in range(windows)), compiled
 
 
 def peak_matmul_flops(size: int, dtype: Any, repeats: int = 10) -> float:
