@@ -33,8 +33,7 @@ class LocalState(flax.struct.PyTreeNode):
 
 def next_token_loss(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
   """Mean cross-entropy in float32."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxLxV.astype(jnp.float32), targets_BxL).mean()
+  return model_lib.next_token_losses(logits_BxLxV, targets_BxL).mean()
 
 
 def make_loss_fn(model_cfg: model_lib.ModelConfig) -> Callable[[Any, jax.Array], jax.Array]:

@@ -25,7 +25,7 @@ def make_eval_step(model_cfg: model_lib.ModelConfig, layout: sharding.Layout | N
 
   def eval_step(params, batch_BxL1, mask_B):
     logits_BxLxV = decoder.apply({'params': params}, batch_BxL1[:, :-1])
-    losses_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch_BxL1[:, 1:])
+    losses_BxL = model_lib.next_token_losses(logits_BxLxV, batch_BxL1[:, 1:])
     return (losses_BxL * mask_B[:, None]).sum(), mask_B.sum() * losses_BxL.shape[1]
 
   if layout is None:

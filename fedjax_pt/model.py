@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 # The residual stream stays split over the batch (the 'batch' rule of `fedjax_pt.sharding`), so
 # sharded parameters are all-gathered where used instead of activations being resharded. Without
@@ -268,6 +269,13 @@ class Decoder(nn.Module):
     logits_BxLxV = embed.attend(_tokens(x_BxLxD)).reshape(*tokens_BxL.shape, cfg.vocab_size)
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     return nn.with_logical_constraint(logits_BxLxV, ('batch', None, 'vocab'))
+
+
+def next_token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+  """Cross-entropy of every position's next token, in float32 whatever the compute dtype: the
+  one loss that training (its mean) and evaluation (its masked sum) both use."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32),
+                                                         targets_BxL)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
