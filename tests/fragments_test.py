@@ -77,6 +77,9 @@ class FragmentClients:
   def __init__(self):
     self.segments = []
 
+  def unavailable(self):
+    return frozenset()
+
   def train(self, params, round_idx, client_ids, attempt, segment):
     del round_idx, attempt
     self.segments.append(segment)

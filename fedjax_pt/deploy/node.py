@@ -145,7 +145,8 @@ def train(content, node: NodeConfig) -> Any:
                                 like)
   ready = time.perf_counter()
   # The global model as this client holds it, as a simulated client receives it.
-  params = compression.decode(move.get(content, payload_like))
+  download, upload = _codecs(trainer, comp)
+  params = download.decode(move.get(content, payload_like))
   fetched = time.perf_counter()
 
   k, r, attempt = request.client, request.round, request.attempt
@@ -170,7 +171,8 @@ def train(content, node: NodeConfig) -> Any:
   finite = bool(faults.all_finite(result.state.params))
   if not spec.fl.reset_optimizer and finite:
     kept = result.state.opt_state  # the simulation's rule: only a finite round's moments are kept
-  update, residual = _message(result.state.params, params, snapshot.residual, comp, finite)
+  update, residual = _message(upload, result.state.params, params, snapshot.residual,
+                              comp.error_feedback, finite)
   trained = time.perf_counter()
   state.save(r, attempt, node_state.Snapshot(iterator.get_state(), kept, residual),
              request.keep_snapshots)
@@ -184,12 +186,23 @@ def train(content, node: NodeConfig) -> Any:
   return reply.to_content(model)
 
 
-def _message(local, received, residual, comp: compression.CompressionConfig, finite: bool):
+@functools.lru_cache(maxsize=2)
+def _codecs(trainer: client_lib.Trainer, comp: compression.CompressionConfig
+            ) -> tuple[compression.Codec, compression.Codec]:
+  """The download and upload codecs, jitted for the parameters' layout on this node: the programs
+  the simulation's clients run, so the decoded model and the encoded delta are theirs bit for bit."""
+  like = trainer.param_shapes()
+  return (compression.Codec(comp.download, comp.block_size, like),
+          compression.Codec(comp.upload, comp.block_size, like))
+
+
+def _message(upload: compression.Codec, local, received, residual, error_feedback: bool,
+             finite: bool):
   """The client's encoded delta and the residual it keeps, as `SimulatedClients` computes them:
   with error feedback the residual starts at zero and a diverged client drops it."""
-  received = jax.device_put(received, jax.tree.map(lambda x: x.sharding, local))
-  if comp.error_feedback and residual is None:
+  if not error_feedback:
+    return upload.compress_delta(local, received, None)[0], None
+  if residual is None:
     residual = jax.tree.map(jnp.zeros_like, local)
-  update, residual = compression.compress_delta(local, received, residual if comp.error_feedback
-                                                else None, comp.upload, comp.block_size)
-  return update, residual if comp.error_feedback and finite else None
+  update, residual = upload.compress_delta(local, received, residual)
+  return update, residual if finite else None
