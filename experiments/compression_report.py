@@ -12,8 +12,6 @@ perplexity against cumulative bytes communicated, and at the end of the runs).
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -27,10 +25,8 @@ import matplotlib  # pylint: disable=wrong-import-position
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
-from matplotlib import ticker  # pylint: disable=wrong-import-position
 
 from experiments import sweep_report  # pylint: disable=wrong-import-position
-from experiments import sweep_runner  # pylint: disable=wrong-import-position
 from experiments import sweep_spec  # pylint: disable=wrong-import-position
 from fedjax_pt import communication  # pylint: disable=wrong-import-position
 from fedjax_pt import plot  # pylint: disable=wrong-import-position
@@ -40,12 +36,7 @@ BASELINE = 'none'
 
 def load(root: str, spec_path: str) -> dict[str, plot.Run]:
   """{run name: run} of every study run that has logged a round, in the spec's order."""
-  runs = {}
-  for spec_run in sweep_spec.expand(sweep_spec.load_spec(spec_path)):
-    workdir = os.path.join(root, spec_run.name)
-    if sweep_runner.read_rounds(workdir):
-      runs[spec_run.name] = plot.load_run(workdir, label=spec_run.name)
-  return runs
+  return dict(sweep_report.logged_runs(root, spec_path))
 
 
 def _bytes(run: plot.Run) -> int:
@@ -89,22 +80,7 @@ def summary_ppl(run: plot.Run) -> float | None:
   return evaluated[-1] if evaluated else None
 
 
-def _fmt(value: Any, spec: str = '') -> str:
-  if value is None or value == '':
-    return ''
-  if isinstance(value, float) and not math.isfinite(value):
-    return ''
-  return format(value, spec)
-
-
 def write_tables(table: Sequence[Mapping[str, Any]], out: str) -> tuple[str, str]:
-  os.makedirs(out, exist_ok=True)
-  csv_path, md_path = os.path.join(out, 'compression.csv'), os.path.join(out, 'compression.md')
-  with open(csv_path, 'w', encoding='utf-8', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(table[0]))
-    writer.writeheader()
-    for row in table:
-      writer.writerow({k: '' if v is None else v for k, v in row.items()})
   lines = ['| run | up / down | error feedback | fragments | final val ppl | vs none | MB total '
            '(sent + received) | fewer bytes than none | peak MB per sync | fewer bytes than DDP '
            '| wall time |',
@@ -113,14 +89,12 @@ def write_tables(table: Sequence[Mapping[str, Any]], out: str) -> tuple[str, str
     lines.append(
         f"| `{r['run']}` | {r['upload']} / {r['download']} | "
         f"{'yes' if r['error_feedback'] else 'no'} | {r['fragments']} | "
-        f"{_fmt(r['final_val_ppl'], '.2f')} | {_fmt(r['vs_none'], '+.1%')} | "
-        f"{_fmt(r['MB_total'], '.1f')} ({_fmt(r['MB_sent'], '.1f')} + "
-        f"{_fmt(r['MB_received'], '.1f')}) | {_fmt(r['less_than_none'], '.2f')}× | "
-        f"{_fmt(r['peak_sync_MB'], '.2f')} | {_fmt(r['less_than_ddp'], '.0f')}× | "
-        f"{_fmt(r['wall_s'] and r['wall_s'] / 60, '.1f')} min |")
-  with open(md_path, 'w', encoding='utf-8') as f:
-    f.write('\n'.join(lines) + '\n')
-  return csv_path, md_path
+        f"{sweep_report.fmt(r['final_val_ppl'], '.2f')} | {sweep_report.fmt(r['vs_none'], '+.1%')} | "
+        f"{sweep_report.fmt(r['MB_total'], '.1f')} ({sweep_report.fmt(r['MB_sent'], '.1f')} + "
+        f"{sweep_report.fmt(r['MB_received'], '.1f')}) | {sweep_report.fmt(r['less_than_none'], '.2f')}× | "
+        f"{sweep_report.fmt(r['peak_sync_MB'], '.2f')} | {sweep_report.fmt(r['less_than_ddp'], '.0f')}× | "
+        f"{sweep_report.fmt(r['wall_s'] and r['wall_s'] / 60, '.1f')} min |")
+  return sweep_report.write_tables(table, list(table[0]), '\n'.join(lines), out, 'compression')
 
 
 def figure(runs: Mapping[str, plot.Run], path: str) -> str:
@@ -139,18 +113,9 @@ def figure(runs: Mapping[str, plot.Run], path: str) -> str:
   axes[0].set_title('validation perplexity as the bytes add up (8 clients, τ = 50, 8 rounds)')
   axes[1].set_title('at the end of the runs')
   for ax in axes:
-    ax.set_xlabel('MB communicated (sent + received, cumulative)')
-    ax.set_ylabel('validation perplexity (bytes)')
-    ax.set_xscale('log')
-    ax.set_yscale('log')
-    ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(ticker.ScalarFormatter())
-    ax.grid(True, which='both', alpha=0.3)
+    plot.perplexity_axis(ax, 'MB communicated (sent + received, cumulative)', log_x=True)
   axes[0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=75)
-  plt.close(fig)
-  return path
+  return plot.save(fig, path, dpi=75)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,8 +11,6 @@ perplexity against local steps, i.e. a client's wall-clock, for the three compar
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -26,10 +24,8 @@ import matplotlib  # pylint: disable=wrong-import-position
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
-from matplotlib import ticker  # pylint: disable=wrong-import-position
 
 from experiments import sweep_report  # pylint: disable=wrong-import-position
-from experiments import sweep_runner  # pylint: disable=wrong-import-position
 from experiments import sweep_spec  # pylint: disable=wrong-import-position
 from fedjax_pt import model as model_lib  # pylint: disable=wrong-import-position
 from fedjax_pt import plot  # pylint: disable=wrong-import-position
@@ -41,15 +37,8 @@ VARIANTS = ('nesterov', 'centralized', 'solo', 'fedavg', 'tau10', 'tau200', 'kep
 
 def load(root: str, spec_path: str) -> dict[tuple[int, str], plot.Run]:
   """{(d_model, variant): run} of every study run that has logged a round."""
-  runs = {}
-  for spec_run in sweep_spec.expand(sweep_spec.load_spec(spec_path)):
-    workdir = os.path.join(root, spec_run.name)
-    if not sweep_runner.read_rounds(workdir):
-      continue
-    run = plot.load_run(workdir, label=spec_run.name)
-    variant = spec_run.name.split(',')[-1]
-    runs[(run.config['model']['d_model'], variant)] = run
-  return runs
+  return {(run.config['model']['d_model'], name.split(',')[-1]): run
+          for name, run in sweep_report.logged_runs(root, spec_path)}
 
 
 def steps_of(run: plot.Run) -> list[tuple[int, float]]:
@@ -125,41 +114,24 @@ def crossings(runs: Mapping[tuple[int, str], plot.Run]) -> list[dict[str, str]]:
   return out
 
 
-def _fmt(value: Any, spec: str = '') -> str:
-  if value is None or value == '':
-    return ''
-  if isinstance(value, float) and not math.isfinite(value):
-    return ''
-  return format(value, spec)
-
-
 def write_tables(table: Sequence[Mapping[str, Any]], cross: Sequence[Mapping[str, str]],
                  out: str) -> tuple[str, str]:
-  os.makedirs(out, exist_ok=True)
-  csv_path, md_path = os.path.join(out, 'study.csv'), os.path.join(out, 'study.md')
-  with open(csv_path, 'w', encoding='utf-8', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(table[0]))
-    writer.writeheader()
-    for row in table:
-      writer.writerow({k: '' if v is None else v for k, v in row.items()})
   lines = ['| run | params | τ | rounds | tokens | final val ppl | best val ppl | vs centralized '
            '| vs solo | MB communicated | MB if synced every step | wall time |',
            '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for r in table:
     lines.append(
-        f"| `{r['run']}` | {_fmt(r['params'] and r['params'] / 1e3, '.0f')}k | {r['tau']} | "
+        f"| `{r['run']}` | {sweep_report.fmt(r['params'] and r['params'] / 1e3, '.0f')}k | {r['tau']} | "
         f"{r['rounds']} | "
-        f"{_fmt(r['tokens'] and r['tokens'] / 1e6, '.2f')}M | {_fmt(r['final_val_ppl'], '.2f')} | "
-        f"{_fmt(r['best_val_ppl'], '.2f')} | {_fmt(r['vs_centralized'], '+.1%')} | "
-        f"{_fmt(r['vs_solo'], '+.1%')} | "
-        f"{_fmt(r['comm_MB'], '.1f')} | {_fmt(r['comm_MB_if_synced_every_step'], ',.0f')} | "
-        f"{_fmt(r['wall_s'] and r['wall_s'] / 60, '.1f')} min |")
+        f"{sweep_report.fmt(r['tokens'] and r['tokens'] / 1e6, '.2f')}M | {sweep_report.fmt(r['final_val_ppl'], '.2f')} | "
+        f"{sweep_report.fmt(r['best_val_ppl'], '.2f')} | {sweep_report.fmt(r['vs_centralized'], '+.1%')} | "
+        f"{sweep_report.fmt(r['vs_solo'], '+.1%')} | "
+        f"{sweep_report.fmt(r['comm_MB'], '.1f')} | {sweep_report.fmt(r['comm_MB_if_synced_every_step'], ',.0f')} | "
+        f"{sweep_report.fmt(r['wall_s'] and r['wall_s'] / 60, '.1f')} min |")
   lines += ['', '| federated run | against | federated curve |', '|---|---|---|']
   lines += [f"| `{c['federated run']}` | `{c['against']}` | {c['federated curve']} |"
             for c in cross]
-  with open(md_path, 'w', encoding='utf-8') as f:
-    f.write('\n'.join(lines) + '\n')
-  return csv_path, md_path
+  return sweep_report.write_tables(table, list(table[0]), '\n'.join(lines), out, 'study')
 
 
 def figure(runs: Mapping[tuple[int, str], plot.Run], path: str) -> str:
@@ -191,18 +163,10 @@ def figure(runs: Mapping[tuple[int, str], plot.Run], path: str) -> str:
       draw(axes[2], d, variant, style, f'C{i}', f'd_model {d}: {variant}')
   axes[2].set_title('model sizes: federated (o), centralized (s), solo (d)')
   for ax in axes:
-    ax.set_xlabel('local steps per client (= rounds × τ)')
-    ax.set_ylabel('validation perplexity (bytes)')
-    ax.set_yscale('log')
-    ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(ticker.ScalarFormatter())
-    ax.grid(True, which='both', alpha=0.3)
+    plot.perplexity_axis(ax, 'local steps per client (= rounds × τ)')
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=75)
-  plt.close(fig)
-  return path
+  return plot.save(fig, path, dpi=75)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from experiments import sweep_runner
+from experiments import sweep_spec
 from experiments.sweep_spec import Run, format_value
+from fedjax_pt import plot
 from fedjax_pt import records
 from fedjax_pt import reporting
 
@@ -47,16 +49,38 @@ def summarize(run: Run, workdir: str, rounds_total: int | None = None) -> dict[s
 
 def write_results(rows: Sequence[Mapping[str, Any]], root: str) -> tuple[str, str]:
   """ROOT/results.csv and ROOT/results.md; returns their paths."""
-  os.makedirs(root, exist_ok=True)
-  csv_path, md_path = os.path.join(root, 'results.csv'), os.path.join(root, 'results.md')
+  return write_tables(rows, COLUMNS, markdown_table(rows), root, 'results')
+
+
+def write_tables(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], markdown: str,
+                 out: str, name: str) -> tuple[str, str]:
+  """OUT/NAME.csv (`columns` of `rows`, None as empty) and OUT/NAME.md; returns their paths."""
+  os.makedirs(out, exist_ok=True)
+  csv_path, md_path = os.path.join(out, f'{name}.csv'), os.path.join(out, f'{name}.md')
   with open(csv_path, 'w', encoding='utf-8', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    writer = csv.DictWriter(f, fieldnames=list(columns))
     writer.writeheader()
     for row in rows:
-      writer.writerow({k: '' if row.get(k) is None else row[k] for k in COLUMNS})
+      writer.writerow({k: '' if row.get(k) is None else row[k] for k in columns})
   with open(md_path, 'w', encoding='utf-8') as f:
-    f.write(markdown_table(rows) + '\n')
+    f.write(markdown + '\n')
   return csv_path, md_path
+
+
+def logged_runs(root: str, spec_path: str) -> list[tuple[str, plot.Run]]:
+  """(name, run) of every run of the spec that has logged a round under ROOT, in the spec's
+  order."""
+  found = []
+  for spec_run in sweep_spec.expand(sweep_spec.load_spec(spec_path)):
+    workdir = os.path.join(root, spec_run.name)
+    if sweep_runner.read_rounds(workdir):
+      found.append((spec_run.name, plot.load_run(workdir, label=spec_run.name)))
+  return found
+
+
+def fmt(value: Any, spec: str = '') -> str:
+  """`value` formatted, or '' when it is missing or not finite."""
+  return format(value, spec) if records.finite(value) else ''
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -70,14 +94,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     rounds = '' if r.get('rounds') is None else f"{r['rounds']}/{r.get('rounds_total') or '?'}"
     best = '' if r.get('best_val_ppl') is None else f"{r['best_val_ppl']:.2f} ({r['best_round']})"
     cells = [f"`{r['run']}`", r.get('status') or '', rounds, _tokens(r.get('tokens')),
-             _num(r.get('final_val_ppl'), '.2f'), best, _num(comm and comm / 1e6, '.1f'),
+             fmt(r.get('final_val_ppl'), '.2f'), best, fmt(comm and comm / 1e6, '.1f'),
              _duration(r.get('train_time_s')), _duration(r.get('wall_s'))]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
-
-
-def _num(value: Any, fmt: str) -> str:
-  return format(value, fmt) if records.finite(value) else ''
 
 
 def _tokens(n: Any) -> str:

@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use('Agg')  # files only: works on headless nodes and in tests
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from fedjax_pt import records as records_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -115,6 +116,25 @@ def _finish(ax, x: str, title: str, ylabel: str, log: bool = True) -> None:
   ax.legend(fontsize=7)
 
 
+def perplexity_axis(ax, xlabel: str, log_x: bool = False) -> None:
+  """Validation perplexity on a log scale with plain-number ticks (20, 30, not 2x10^1)."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel('validation perplexity (bytes)')
+  if log_x:
+    ax.set_xscale('log')
+  ax.set_yscale('log')
+  ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+  ax.yaxis.set_minor_formatter(ticker.ScalarFormatter())
+  ax.grid(True, which='both', alpha=0.3)
+
+
+def save(fig, path: str, dpi: int = 120) -> str:
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+  return path
+
+
 def plot_perplexity(runs: Sequence[Run], x: str, path: str) -> None:
   """Figure 2: server model vs centralized (train and test) perplexity, and the clients'."""
   fig, ax = plt.subplots(figsize=(8, 5))
@@ -139,9 +159,7 @@ def plot_perplexity(runs: Sequence[Run], x: str, path: str) -> None:
       ax.plot(rx, _series(run.rounds, 'train_ppl'), 's--', color=color, lw=1.2,
               label=f'{run.label} (train)')
   _finish(ax, x, 'Perplexity', 'perplexity')
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save(fig, path)
 
 
 def plot_norms(runs: Sequence[Run], x: str, path: str) -> None:
@@ -159,9 +177,7 @@ def plot_norms(runs: Sequence[Run], x: str, path: str) -> None:
         ax.plot(rx, values, color=color, lw=0.6, alpha=0.4,
                 label=f'{run.label}: client models' if j == 0 else None)
   _finish(ax, x, 'Model L2 norms', 'L2 norm', log=False)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save(fig, path)
 
 
 def plot_gradients(runs: Sequence[Run], x: str, path: str) -> None:
@@ -186,9 +202,7 @@ def plot_gradients(runs: Sequence[Run], x: str, path: str) -> None:
                      label=f'{run.label}: applied update' if first else None)
   _finish(ax_server, x, 'Server: pseudo-gradient and outer update', 'L2 norm')
   _finish(ax_client, x, 'Clients: local gradient and applied update', 'L2 norm')
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save(fig, path)
 
 
 def make_figures(runs: Sequence[Run], out_dir: str, x: str = 'tokens') -> list[str]:
