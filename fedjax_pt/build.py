@@ -30,8 +30,8 @@ def model_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
   """The model of `config`, its vocabulary and positions derived from the tokenizer and data."""
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
   return model_lib.ModelConfig.from_config(
-      config.model, vocab_size=data_lib.padded_vocab_size(tokenizer.vocab_size),
-      seq_len=config.data.seq_len)
+      config.model, vocab_size=tokenizer.vocab_size, seq_len=config.data.seq_len,
+      default_vocab_size=data_lib.padded_vocab_size(tokenizer.vocab_size))
 
 
 def resolved_config(config: ml_collections.ConfigDict,

@@ -64,12 +64,16 @@ class ModelConfig:
       raise ValueError(f"model.attention must be 'xla' or 'cudnn', got {self.attention!r}")
 
   @classmethod
-  def from_config(cls, model: ml_collections.ConfigDict, *, vocab_size: int,
-                  seq_len: int) -> 'ModelConfig':
-    """Resolves the 0 = 'derive it' defaults from the tokenizer and data.seq_len."""
+  def from_config(cls, model: ml_collections.ConfigDict, *, vocab_size: int, seq_len: int,
+                  default_vocab_size: int = 0) -> 'ModelConfig':
+    """Resolves the 0 = 'derive it' defaults from the tokenizer and data.seq_len.
+
+    `vocab_size` is the tokenizer's vocabulary, the least the model may have; model.vocab_size=0
+    takes `default_vocab_size` (the tokenizer's padded to a matmul-friendly multiple) or else it.
+    """
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in model.to_dict().items() if k in fields}
-    values['vocab_size'] = values['vocab_size'] or vocab_size
+    values['vocab_size'] = values['vocab_size'] or default_vocab_size or vocab_size
     values['max_seq_len'] = values['max_seq_len'] or seq_len
     if values['vocab_size'] < vocab_size:
       raise ValueError(f'model.vocab_size={values["vocab_size"]} is smaller than the '

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_pt import build
 from fedjax_pt import model as model_lib
 
 
@@ -26,6 +27,17 @@ def test_paper_config_parameter_counts(name, expected):
   assert cfg.vocab_size == 50368
   without_positions = model_lib.param_count(cfg) - cfg.max_seq_len * cfg.d_model
   assert abs(without_positions - expected) / expected < 0.005, without_positions
+
+
+def test_vocabulary_defaults_to_the_padded_one_and_may_be_the_tokenizers_own():
+  config = importlib.import_module('configs.tiny').get_config('test')  # byte tokenizer: 257
+  assert build.model_config(config).vocab_size == 384  # model.vocab_size=0: padded
+  config.model.vocab_size = 257  # exactly the tokenizer's
+  assert build.model_config(config).vocab_size == 257
+  config.model.vocab_size = 256
+  with pytest.raises(ValueError, match=r"model.vocab_size=256 is smaller than the tokenizer's "
+                                       r'vocabulary \(257\)'):
+    build.model_config(config)
 
 
 def test_parameter_count_formula():
