@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Client faults: a client that raises, returns NaN/Inf or reports after the deadline is left out.
   c.fl.min_clients = 1  # fewest usable clients for the round to update the global model
   c.fl.round_timeout_s = 0.0  # a client's deadline in seconds (0: none)
+  c.fl.round_deadline_s = 0.0  # the same in simulated seconds (fedjax_pt/sim_clock.py; 0: none)
   c.fl.on_too_few_clients = 'retry'  # 'retry' (resample, up to max_round_retries) | 'skip'
   c.fl.max_round_retries = 2
   c.fl.fault = ml_collections.ConfigDict()  # seeded fault injection, for testing robustness
@@ -67,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
   # consecutive layers; fragment f syncs at local steps f * local_steps / F + k * local_steps.
   c.fl.fragments = 1  # F (at most local_steps); F > 1 needs every client in every round
   c.fl.fragment_mixing = 0.0  # alpha: a client takes alpha * own + (1 - alpha) * global fragment
+  # Heterogeneous clients (fedjax_pt/profiles.py): per-client batch, local steps or time budget,
+  # throughput, links and availability, as a JSON list inline or a .json/.yaml file; '' = identical.
+  c.fl.profiles = ''
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'builtin'  # 'builtin' | 'jsonl' | 'text' | 'tfds'

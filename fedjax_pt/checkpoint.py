@@ -52,6 +52,7 @@ class Totals:
   tokens: int = 0
   bytes_sent: int = 0
   bytes_received: int = 0
+  sim_wall_time_s: float = 0.0  # simulated (`fedjax_pt.sim_clock`); older checkpoints lack it
 
 
 @dataclasses.dataclass

@@ -1,7 +1,8 @@
 """Client faults: what the server tolerates, and seeded fault injection to test that it does.
 
 A sampled client can fail three ways: it raises (crash, lost connection), it returns non-finite
-parameters (divergence, corruption), or it reports after `fl.round_timeout_s`. Such a client is left
+parameters (divergence, corruption), or it reports late: after `fl.round_timeout_s` of real time,
+or after `fl.round_deadline_s` of simulated time (`fedjax_pt.sim_clock`). Such a client is left
 out of the round's average. Injected faults are a pure function of (seed, round, client, attempt), so
 a resumed run meets exactly the faults an uninterrupted one did.
 """
@@ -22,6 +23,7 @@ class InjectedFailure(RuntimeError):
 class FaultConfig:
   min_clients: int = 1
   round_timeout_s: float = 0.0
+  round_deadline_s: float = 0.0
   on_too_few_clients: str = 'retry'
   max_round_retries: int = 2
   failure_prob: float = 0.0
@@ -33,6 +35,9 @@ class FaultConfig:
     if self.round_timeout_s < 0:
       raise ValueError(f'fl.round_timeout_s must be >= 0 (0 = no deadline), got '
                        f'{self.round_timeout_s}')
+    if self.round_deadline_s < 0:
+      raise ValueError(f'fl.round_deadline_s must be >= 0 (0 = no deadline), got '
+                       f'{self.round_deadline_s}')
     if self.on_too_few_clients not in ('retry', 'skip'):
       raise ValueError("fl.on_too_few_clients must be 'retry' or 'skip', got "
                        f'{self.on_too_few_clients!r}')
@@ -45,6 +50,7 @@ class FaultConfig:
   @classmethod
   def from_config(cls, fl: ml_collections.ConfigDict) -> 'FaultConfig':
     cfg = cls(min_clients=fl.min_clients, round_timeout_s=float(fl.round_timeout_s),
+              round_deadline_s=float(fl.round_deadline_s),
               on_too_few_clients=fl.on_too_few_clients, max_round_retries=fl.max_round_retries,
               failure_prob=float(fl.fault.failure_prob), nan_prob=float(fl.fault.nan_prob))
     if cfg.min_clients > fl.clients_per_round:
@@ -69,8 +75,10 @@ def injected_fault(cfg: FaultConfig, seed: int, round_idx: int, client: int, att
   return None
 
 
-def verdict(params, elapsed_s: float, cfg: FaultConfig) -> str | None:
+def verdict(params, elapsed_s: float, cfg: FaultConfig, sim_time_s: float = 0.0) -> str | None:
   """Why the server leaves out parameters it received, or None to average them."""
+  if cfg.round_deadline_s and sim_time_s > cfg.round_deadline_s:
+    return f'late: simulated {sim_time_s:.1f}s > fl.round_deadline_s={cfg.round_deadline_s:g}'
   if not bool(all_finite(params)):
     return 'non-finite parameters'
   if cfg.round_timeout_s and elapsed_s > cfg.round_timeout_s:

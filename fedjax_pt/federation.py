@@ -10,13 +10,16 @@ real federation. Everything between "the server holds θ" and "the server holds 
 in `apply`, each step in the module named after it: which clients train (`sampling`), which parts
 of the model are synchronised when (`fragments`), how the clients' deltas travel (`compression`:
 the server decodes them here), which updates are left out (`faults`), how the rest are weighted
-and averaged (`aggregation`) and the outer optimizer step (`server`). The centralized baseline
+and averaged (`aggregation`) and the outer optimizer step (`server`). Clients may differ
+(`profiles`: local work, links, availability); every round is also timed as if they trained at
+the same time on their own hardware (`sim_clock`). The centralized baseline
 is a `CentralizedAlgorithm` with the same `init`/`apply`, so the run has one loop for both modes.
 """
 
 from collections.abc import Collection, Iterator, Sequence
 import dataclasses
 import math
+import time
 from typing import Any, Protocol
 
 from absl import logging
@@ -30,9 +33,11 @@ from fedjax_pt import faults as faults_lib
 from fedjax_pt import fragments as fragments_lib
 from fedjax_pt import metrics
 from fedjax_pt import optimizers
+from fedjax_pt import profiles as profiles_lib
 from fedjax_pt import records
 from fedjax_pt import sampling
 from fedjax_pt import server as server_lib
+from fedjax_pt import sim_clock
 
 
 @dataclasses.dataclass
@@ -57,6 +62,8 @@ class ClientReport:
   injected: bool = False  # the failure was injected on purpose (fl.fault.*)
   lost: bool = False  # nothing came back (node gone, crashed or late): a fault, not a bug
   elapsed_s: float = 0.0  # from sending the model to receiving the report
+  compute_s: float | None = None  # of that, training (None: unknown, all of it)
+  local_steps: int = 0  # local steps the client trained
   download_bytes: int = 0  # server -> client, as encoded on the wire
   upload_bytes: int = 0  # client -> server, as encoded on the wire
   uncompressed_bytes: int = 0  # the same messages, both ways, as plain float32 arrays
@@ -149,7 +156,7 @@ class FederatedAlgorithm:
 
   def apply(self, state: server_lib.ServerState, round_idx: int,
             clients: Clients) -> tuple[server_lib.ServerState, RoundResult]:
-    tally = _Tally()
+    tally = _Tally(absent=profiles_lib.absent(self.fl.profiles, self.seed, round_idx))
     for segment in self.schedule:
       state = self._synchronise(state, round_idx, segment, clients, tally)
     stats = tally.stats()
@@ -169,9 +176,9 @@ class FederatedAlgorithm:
     fl, policy = self.fl, self.faults
     sync = _Sync()
     for attempt in range(policy.max_round_retries + 1):
-      ids = sampling.sample_clients(fl.num_clients, fl.clients_per_round - sync.average.count,
-                                    self.seed, round_idx, attempt,
-                                    exclude=sync.aggregated | set(clients.unavailable()))
+      ids = sampling.sample_clients(
+          fl.num_clients, fl.clients_per_round - sync.average.count, self.seed, round_idx,
+          attempt, exclude=sync.aggregated | set(clients.unavailable()) | tally.absent)
       tally.sampled.update(ids)
       sync.sampled.update(ids)
       raised = []  # the failures of clients that crashed on their own, sending nothing
@@ -180,7 +187,11 @@ class FederatedAlgorithm:
           raised.append(report.failure)
         else:
           raised.append(None)
+        absorb_start = time.perf_counter()
         self._absorb(state, round_idx, report, attempt, segment.fragment, sync, tally)
+        tally.server_s += time.perf_counter() - absorb_start
+      tally.sim_s += sim_clock.wait_s(sync.arrivals, sync.late, policy.round_deadline_s)
+      sync.arrivals, sync.late = [], False
       if raised and all(raised):
         # Every client raised on its own: a bug or a broken setup, not a fault to tolerate (an
         # unreachable or late node is one).
@@ -200,6 +211,7 @@ class FederatedAlgorithm:
                       'model is unchanged', round_idx, self._what(segment),
                       sync.average.count, policy.min_clients)
       return state
+    update_start = time.perf_counter()
     mean_delta = sync.average.result()
     fragment = self._fragment(state.params, segment.fragment)
     tally.squares['mean_client_norm'] += float(metrics.l2_norm(
@@ -211,7 +223,8 @@ class FederatedAlgorithm:
     update = self._server_updates[segment.fragment if self.fl.fragments > 1 else 0]
     state, outer = update(state, mean_delta)
     for key, value in outer.items():
-      tally.squares[key] += float(value) ** 2
+      tally.squares[key] += float(value) ** 2  # float(): waits for the step, which is timed
+    tally.server_s += time.perf_counter() - update_start
     tally.synced += 1
     return state
 
@@ -231,7 +244,18 @@ class FederatedAlgorithm:
       tally.upload[k] = tally.upload.get(k, 0) + report.upload_bytes
       sync.bytes += report.upload_bytes
     delta = None if report.update is None else self._decoders[fragment](report.update)
-    failure = report.failure or faults_lib.verdict(delta, report.elapsed_s, self.faults)
+    sim_time = sim_clock.client_time_s(
+        self.fl.profile(k), report.download_bytes,
+        report.upload_bytes if report.update is not None else 0, report.num_tokens,
+        report.elapsed_s if report.compute_s is None else report.compute_s)
+    failure = report.failure or faults_lib.verdict(delta, report.elapsed_s, self.faults, sim_time)
+    if delta is not None:  # it arrived (in time or not): the server knows when
+      tally.sim_times[k] = tally.sim_times.get(k, 0.0) + sim_time
+      tally.local_steps[k] = tally.local_steps.get(k, 0) + report.local_steps
+      if failure and failure.startswith('late: simulated'):
+        sync.late = True
+      else:
+        sync.arrivals.append(sim_time)
     if failure:
       if not report.failure:
         logging.warning('round %d: client %d %s; left out of the average', round_idx, k, failure)
@@ -286,11 +310,14 @@ class _Sync:
   sampled: set[int] = dataclasses.field(default_factory=set)
   aggregated: set[int] = dataclasses.field(default_factory=set)
   bytes: int = 0  # both ways, all clients
+  arrivals: list[float] = dataclasses.field(default_factory=list)  # this attempt, in sim time
+  late: bool = False  # this attempt waited for a client until fl.round_deadline_s
 
 
 @dataclasses.dataclass
 class _Tally:
   """What the server has seen of a round so far (over its synchronisations)."""
+  absent: frozenset[int] = frozenset()  # clients that did not show up (profile availability)
   sampled: set[int] = dataclasses.field(default_factory=set)
   failed: dict[Any, str] = dataclasses.field(default_factory=dict)
   tokens: int = 0
@@ -303,6 +330,10 @@ class _Tally:
   skipped: bool = False  # some synchronisation was skipped
   synced: int = 0  # synchronisations that moved the model
   peak_sync_bytes: int = 0
+  sim_s: float = 0.0  # simulated time the server waited for clients (`sim_clock`)
+  server_s: float = 0.0  # measured time of the server's own work
+  sim_times: dict[int, float] = dataclasses.field(default_factory=dict)  # per client, simulated
+  local_steps: dict[int, int] = dataclasses.field(default_factory=dict)
   # Norms of the round's model-sized quantities, summed as squares over its fragments.
   squares: dict[str, float] = dataclasses.field(default_factory=lambda: {
       key: 0.0 for key in ('mean_client_norm', 'pseudo_grad_norm', 'outer_update_norm')})
@@ -319,7 +350,12 @@ class _Tally:
                  retries=self.retries, failed_clients=self.failed,
                  client_download_bytes=dict(self.download), client_upload_bytes=dict(self.upload),
                  skipped=self.skipped, peak_sync_bytes=self.peak_sync_bytes,
-                 compression_ratio=self.uncompressed / sent if sent else None)
+                 compression_ratio=self.uncompressed / sent if sent else None,
+                 sim_round_time_s=self.sim_s + self.server_s, server_time_s=self.server_s,
+                 client_sim_time_s=dict(sorted(self.sim_times.items())),
+                 client_local_steps=dict(sorted(self.local_steps.items())))
+    if self.absent:
+      stats['absent_clients'] = sorted(self.absent)
     for key, by_client in self.per_client.items():
       combine = _norm if key in ('client_norm', 'client_delta_norm') else _mean
       stats[key] = {k: combine(v) for k, v in sorted(by_client.items())}
@@ -352,7 +388,8 @@ class CentralizedAlgorithm:
     state, report = clients.train(state, round_idx)
     return state, RoundResult(
         tokens=report.num_tokens, train_loss=report.mean_loss, steps=report.steps,
-        stats={'grad_norm': report.mean_grad_norm, 'update_norm': report.mean_update_norm})
+        stats={'grad_norm': report.mean_grad_norm, 'update_norm': report.mean_update_norm,
+               'sim_round_time_s': report.compute_s})
 
   def run_state(self, state: client_lib.LocalState, kept: dict[int, Any],
                 carried: dict[str, dict[int, Any]] | None = None) -> client_lib.LocalState:

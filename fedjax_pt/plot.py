@@ -1,6 +1,10 @@
 r"""The paper's figures (Sani et al., Figures 2-4) from one or several runs' metrics.jsonl.
 
-  python -m fedjax_pt.plot --workdir=runs/fed --workdir=runs/central --out=plots [--x=rounds]
+  python -m fedjax_pt.plot --workdir=runs/fed --workdir=runs/central --out=plots \
+      [--x=tokens|rounds|sim_time]
+
+--x=sim_time puts runs on their simulated wall clock (`sim_wall_time_s`: clients training at the
+same time on the hardware and links of their profiles, fedjax_pt/sim_clock.py).
 
 Writes perplexity.png (server model, clients and the centralized baseline's train and test
 perplexity), norms.png (L2 norms of the global model, the client models and their average) and
@@ -77,14 +81,25 @@ def _unique_labels(runs: Sequence[Run]) -> None:
       run.label = f'{run.label} ({os.path.basename(os.path.normpath(run.workdir))})'
 
 
+X_AXES = ('tokens', 'rounds', 'sim_time')
+_X_LABELS = {'tokens': 'tokens (all clients)', 'rounds': 'round',
+             'sim_time': 'simulated wall time (s)'}
+
+
 def _round_x(run: Run, x: str) -> np.ndarray:
+  if x == 'sim_time':
+    return _series(run.rounds, 'sim_wall_time_s')
   return np.array([r.tokens if x == 'tokens' else r.round for r in run.rounds], float)
 
 
 def _step_x(run: Run, steps: list[records_lib.StepRecord], x: str) -> np.ndarray:
-  """Step records on the round axis: round r, local step t sits at r - 1 + t / tau."""
+  """Step records on the round axis: round r, local step t sits at r - 1 + t / tau (on the
+  simulated clock, as far through the round's time)."""
   tau = run.config['fl']['local_steps']
   position = np.array([s.round - 1 + s.local_step / tau for s in steps], float)
+  if x == 'sim_time':
+    rounds = np.array([r.round for r in run.rounds], float)
+    return np.interp(position, rounds, _round_x(run, x))
   return position * tau * run.tokens_per_local_step if x == 'tokens' else position
 
 
@@ -107,7 +122,7 @@ def _steps_by_client(run: Run) -> dict[int, list[records_lib.StepRecord]]:
 
 
 def _finish(ax, x: str, title: str, ylabel: str, log: bool = True) -> None:
-  ax.set_xlabel('tokens (all clients)' if x == 'tokens' else 'round')
+  ax.set_xlabel(_X_LABELS[x])
   ax.set_ylabel(ylabel)
   ax.set_title(title)
   if log:
@@ -207,8 +222,13 @@ def plot_gradients(runs: Sequence[Run], x: str, path: str) -> None:
 
 def make_figures(runs: Sequence[Run], out_dir: str, x: str = 'tokens') -> list[str]:
   """Writes the three figures for `runs` into `out_dir`; returns their paths."""
-  if x not in ('tokens', 'rounds'):
-    raise ValueError(f"x must be 'tokens' or 'rounds', got {x!r}")
+  if x not in X_AXES:
+    raise ValueError(f'x must be one of {X_AXES}, got {x!r}')
+  if x == 'sim_time':
+    for run in runs:
+      if any(r.sim_wall_time_s is None for r in run.rounds):
+        raise ValueError(f'{run.workdir} has rounds without sim_wall_time_s (written by '
+                         'fedjax_pt since heterogeneous clients; re-run it): use --x=tokens')
   os.makedirs(out_dir, exist_ok=True)
   _unique_labels(runs)
   paths = []
@@ -225,7 +245,7 @@ def _cli() -> None:
   # fedjax_pt.main, which also has --workdir) defines nothing.
   workdirs = flags.DEFINE_multi_string('workdir', [], 'Run directory (repeat for several runs).')
   out = flags.DEFINE_string('out', 'plots', 'Directory for the PNG files.')
-  x = flags.DEFINE_enum('x', 'tokens', ['tokens', 'rounds'], 'Horizontal axis.')
+  x = flags.DEFINE_enum('x', 'tokens', list(X_AXES), 'Horizontal axis.')
 
   def main(argv):
     if len(argv) > 1:
@@ -238,7 +258,12 @@ def _cli() -> None:
     except (FileNotFoundError, ValueError) as e:
       print(f'fedjax_pt.plot: error: {e}', file=sys.stderr)
       sys.exit(2)
-    for path in make_figures(runs, out.value, x.value):
+    try:
+      paths = make_figures(runs, out.value, x.value)
+    except ValueError as e:
+      print(f'fedjax_pt.plot: error: {e}', file=sys.stderr)
+      sys.exit(2)
+    for path in paths:
       print(path)
 
   app.run(main)

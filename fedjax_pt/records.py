@@ -55,14 +55,22 @@ class RoundRecord:
   train_ppl: float | None = None
   global_norm: float | None = None
   lr: float | None = None
-  round_time_s: float | None = None
+  round_time_s: float | None = None  # measured here (the simulation trains clients in turn)
   tokens_per_s: float | None = None
+  # Simulated time (fedjax_pt/sim_clock.py): clients train at the same time on their own
+  # hardware and links (fl.profiles); centralized: the learner's measured training time.
+  sim_round_time_s: float | None = None
+  sim_wall_time_s: float | None = None  # cumulative
   # Federated rounds.
   clients: list[int] | None = None
   num_aggregated: int | None = None
   skipped: bool | None = None
   retries: int | None = None
   failed_clients: dict[Any, str] | None = None
+  absent_clients: list[int] | None = None  # did not show up (profile availability)
+  server_time_s: float | None = None  # measured: decoding, averaging, the outer step
+  client_sim_time_s: dict[int, float] | None = None  # simulated, of the clients that replied
+  client_local_steps: dict[int, int] | None = None
   client_train_loss: dict[int, float] | None = None
   client_grad_norm: dict[int, float] | None = None
   client_update_norm: dict[int, float] | None = None

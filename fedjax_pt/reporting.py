@@ -96,6 +96,8 @@ def round_line(record: records.RoundRecord, rounds: int) -> str:
           f'val_ppl {value("val_ppl", ".2f")} | train_loss {value("train_loss", ".4f")} | '
           f'tokens {format_tokens(record.tokens)} | {record.round_time_s:.1f}s '
           f'({format_tokens(record.tokens_per_s)} tok/s)')
+  if record.sim_round_time_s is not None and record.clients is not None:
+    line += f' | sim {record.sim_round_time_s:.1f}s'
   if record.pseudo_grad_norm is not None:
     line += f' | |Δ| {record.pseudo_grad_norm:.3g}'
   if record.failed_clients:
@@ -125,6 +127,9 @@ def summary_table(rounds: list[records.RoundRecord], total_time_s: float) -> str
       ('bytes sent (server -> clients)', _human_bytes(s.bytes_sent or 0)),
       ('bytes received (clients -> server)', _human_bytes(s.bytes_received or 0)),
   ]
+  sim = rounds[-1].sim_wall_time_s if rounds else None
+  if sim is not None and rounds[-1].clients is not None:
+    rows.insert(5, ('simulated wall time', f'{sim:.1f} s (clients in parallel, fl.profiles)'))
   ratio = communication.ddp_ratio(s.ddp_equivalent_bytes, s.bytes_communicated)
   if ratio is not None:
     rows.append(('vs data-parallel (ring all-reduce)',

@@ -10,6 +10,7 @@ from fedjax_pt import checkpoint as checkpoint_lib
 from fedjax_pt import data as data_lib
 from fedjax_pt import faults
 from fedjax_pt import optimizers
+from fedjax_pt import profiles as profiles_lib
 from fedjax_pt import server as server_lib
 from fedjax_pt import sharding
 
@@ -49,7 +50,7 @@ class RunSpec:
     if config.data.only_client >= 0 and config.mode != 'centralized':
       raise ValueError(f'data.only_client={config.data.only_client} trains one client alone: it '
                        f'needs mode=centralized, got {config.mode!r} (-1 turns it off)')
-    return cls(mode=config.mode, seed=config.seed, fl=server_lib.FLConfig.from_config(config.fl),
+    spec = cls(mode=config.mode, seed=config.seed, fl=server_lib.FLConfig.from_config(config.fl),
                faults=faults.FaultConfig.from_config(config.fl),
                opt=optimizers.OptConfig.from_config(config.opt),
                data=data_lib.DataConfig.from_config(config.data),
@@ -62,6 +63,34 @@ class RunSpec:
                eval_every_rounds=config.eval.every_rounds, eval_per_client=config.eval.per_client,
                log_every_steps=config.log.every_steps, progress=config.log.progress,
                tensorboard=config.log.tensorboard, per_layer_norms=config.log.per_layer_norms)
+    spec.check_profiles()
+    return spec
+
+  def client_plan(self, k: int) -> profiles_lib.ClientPlan:
+    """Client k's batch and local steps per round (`fl.profiles`; the same for all without)."""
+    return profiles_lib.plan(self.fl.profile(k), self.fl.local_steps, self.data.batch_size,
+                             self.data.seq_len)
+
+  @property
+  def uniform_clients(self) -> bool:
+    return profiles_lib.uniform(self.fl.profiles, self.fl.local_steps, self.data.batch_size,
+                                self.data.seq_len)
+
+  def check_profiles(self) -> None:
+    fl = self.fl
+    if not fl.profiles:
+      return
+    profiles_lib.check(fl.profiles, fl.local_steps, self.data.batch_size, self.data.seq_len,
+                       self.data.micro_batch_size, self.mesh.data * self.mesh.fsdp)
+    if self.uniform_clients or self.mode != 'federated':
+      return
+    if self.mesh.clients > 1:
+      raise ValueError(f'fl.profiles give clients different batches or local steps: they train '
+                       f'one at a time, so mesh.clients must be 1, got {self.mesh.clients}')
+    if fl.fragments > 1:
+      raise ValueError(f'fl.profiles give clients different batches or local steps, which '
+                       f'streaming fragments cannot schedule: fl.fragments must be 1, got '
+                       f'{fl.fragments}')
 
 
 def _check_finite(tree: dict[str, Any], prefix: str = '') -> None:

@@ -14,6 +14,7 @@ from fedjax_pt import aggregation
 from fedjax_pt import compression as compression_lib
 from fedjax_pt import fragments as fragments_lib
 from fedjax_pt import optimizers
+from fedjax_pt import profiles as profiles_lib
 from fedjax_pt import sharding
 
 
@@ -32,6 +33,7 @@ class FLConfig:
   fragments: int = 1
   fragment_mixing: float = 0.0
   compression: compression_lib.CompressionConfig = compression_lib.CompressionConfig()
+  profiles: tuple[profiles_lib.ClientProfile, ...] = ()  # one per client, or () (identical)
 
   @property
   def keeps_client_models(self) -> bool:
@@ -71,9 +73,13 @@ class FLConfig:
 
   @classmethod
   def from_config(cls, fl: ml_collections.ConfigDict) -> 'FLConfig':
-    fields = {f.name for f in dataclasses.fields(cls)} - {'compression'}
+    fields = {f.name for f in dataclasses.fields(cls)} - {'compression', 'profiles'}
     return cls(**{k: v for k, v in fl.to_dict().items() if k in fields},
-               compression=compression_lib.CompressionConfig.from_config(fl.compression))
+               compression=compression_lib.CompressionConfig.from_config(fl.compression),
+               profiles=profiles_lib.parse(fl.get('profiles', ''), fl.num_clients))
+
+  def profile(self, k: int) -> profiles_lib.ClientProfile | None:
+    return self.profiles[k] if self.profiles else None
 
 
 class ServerState(flax.struct.PyTreeNode):

@@ -29,20 +29,21 @@ from fedjax_pt.run_spec import RunSpec
 
 
 def _step_records(result: client_lib.ClientResult, round_idx: int, client: int,
-                  local_steps: int, start: int) -> list[records.StepRecord]:
+                  steps_per_round: int, start: int) -> list[records.StepRecord]:
+  # Numbered by fl.local_steps, as the lr schedule counts: whatever a client's own step count.
   return [records.StepRecord(round=round_idx, client=client,
-                             step=(round_idx - 1) * local_steps + start + m['local_step'],
+                             step=(round_idx - 1) * steps_per_round + start + m['local_step'],
                              **{**m, 'local_step': start + m['local_step']})
           for m in result.step_metrics]
 
 
-def _report(result: client_lib.ClientResult, round_idx: int, client: int, local_steps: int,
+def _report(result: client_lib.ClientResult, round_idx: int, client: int, steps_per_round: int,
             start: int = 0, **fields) -> ClientReport:
   return ClientReport(
       client=client, num_tokens=result.num_tokens,
       mean_loss=result.mean_loss, last_loss=result.last_loss,
       mean_grad_norm=result.mean_grad_norm, mean_update_norm=result.mean_update_norm,
-      steps=_step_records(result, round_idx, client, local_steps, start), **fields)
+      steps=_step_records(result, round_idx, client, steps_per_round, start), **fields)
 
 
 @dataclasses.dataclass
@@ -67,7 +68,10 @@ class SimulatedClients:
 
   def __init__(self, spec: RunSpec, trainer: client_lib.Trainer, data, progress):
     self._spec, self._trainer, self._progress = spec, trainer, progress
-    self.iterators = [data.client_iterator(k) for k in range(spec.fl.num_clients)]
+    # Each client's batch and local steps per round (`fl.profiles`; the same for all without).
+    self._plans = [spec.client_plan(k) for k in range(spec.fl.num_clients)]
+    self.iterators = [data.client_iterator(k, self._plans[k].batch_size)
+                      for k in range(spec.fl.num_clients)]
     self._num_examples = [data.client_num_tokens(k) for k in range(spec.fl.num_clients)]
     # A client keeps its Adam moments when its round ended with finite parameters; the server's
     # verdict on a late report is not known to it, as on a real node.
@@ -91,12 +95,17 @@ class SimulatedClients:
       self._upload = [compression.Codec(comp.upload, comp.block_size, self._fragment(params, f))
                       for f in range(fl.fragments)]
     if attempt:  # a retry trains more clients than the round's share of the progress bar
-      self._progress.add_total(len(client_ids) * segment.steps)
+      self._progress.add_total(sum(self._steps(k, segment) for k in client_ids))
     broadcast = self._broadcast(params, segment)
     for group in sampling.client_groups(client_ids, self._trainer.parallel):
       self._progress.describe(f'round {round_idx}/{self._spec.fl.rounds} client '
                               f'{",".join(map(str, group))}')
       yield from self._train_group(broadcast, round_idx, group, attempt, segment)
+
+  def _steps(self, k: int, segment: fragments.Segment) -> int:
+    """Client k's local steps in this segment: its own per round, unless streaming fragments
+    split the round (their clients all do the same work: `RunSpec.check_profiles`)."""
+    return self._plans[k].local_steps if self._spec.fl.fragments == 1 else segment.steps
 
   def _fragment(self, tree, fragment: int):
     return (tree if self._spec.fl.fragments == 1 else
@@ -147,7 +156,7 @@ class SimulatedClients:
     reports = {}
     for k in group:
       if fault[k] == 'fail':
-        self._progress.advance(segment.steps)  # its share of the round, done at once
+        self._progress.advance(self._steps(k, segment))  # its share of the round, done at once
         e = faults.InjectedFailure('injected failure (fl.fault.failure_prob)')
         logging.warning('round %d: client %d raised %s: %s; left out of the average', round_idx,
                         k, type(e).__name__, e)
@@ -157,7 +166,10 @@ class SimulatedClients:
       return [reports[k] for k in group]
     # A crashed client of a parallel group, or an empty slot of a short group, trains on zeros and
     # is dropped: every real client's data stream stays where it would be alone.
-    idle = itertools.repeat(np.zeros((spec.data.batch_size, spec.data.seq_len + 1), np.int32))
+    # The clients of a parallel group do the same work (`RunSpec.check_profiles`).
+    plan = self._plans[group[0]]
+    steps = self._steps(group[0], segment)
+    idle = itertools.repeat(np.zeros((plan.batch_size, spec.data.seq_len + 1), np.int32))
     slots = group + [None] * (self._trainer.parallel - len(group))
     batches = [self.iterators[k] if k is not None and k not in reports else idle for k in slots]
     opt_states = [self._opt_state(k, segment) for k in slots]
@@ -169,7 +181,7 @@ class SimulatedClients:
     try:
       results = self._trainer.train(
           start_params, (round_idx - 1) * fl.local_steps + segment.start, batches, opt_states,
-          segment.steps, spec.log_every_steps, lambda _: self._progress.advance(training))
+          steps, spec.log_every_steps, lambda _: self._progress.advance(training))
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('round %d: clients %s raised %s: %s; left out of the average', round_idx,
                       group, type(e).__name__, e)
@@ -190,6 +202,7 @@ class SimulatedClients:
       reports[k] = _report(
           result, round_idx, k, fl.local_steps, segment.start, update=update,
           num_examples=self._num_examples[k], injected=fault[k] == 'nan', elapsed_s=elapsed,
+          compute_s=elapsed, local_steps=steps,
           download_bytes=received[k]['download_bytes'],
           upload_bytes=compression.payload_bytes(update),
           uncompressed_bytes=received[k]['uncompressed_bytes'] + upload_uncompressed)
@@ -263,11 +276,15 @@ class CentralizedClient:
             round_idx: int) -> tuple[client_lib.LocalState, ClientReport]:
     fl = self._spec.fl
     self._progress.describe(f'round {round_idx}/{fl.rounds} centralized')
+    start = time.perf_counter()
     result = client_lib.client_update(self._trainer.train_step, state, self.iterators[0],
                                       fl.local_steps, self._spec.log_every_steps,
                                       lambda _: self._progress.advance())
     self._progress.loss(result.last_loss)
-    return result.state, _report(result, round_idx, -1, fl.local_steps, update=None)
+    # One learner on this host: its simulated time is its measured time.
+    return result.state, _report(result, round_idx, -1, fl.local_steps, update=None,
+                                 compute_s=time.perf_counter() - start,
+                                 local_steps=fl.local_steps)
 
   def iterator_states(self) -> list[dict[str, Any]]:
     return [self.iterators[0].get_state()]

@@ -60,7 +60,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_clients=None) -> R
 def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
            make_clients=None) -> RunResult:
   fl = spec.fl
-  steps_per_round = fl.local_steps * (fl.clients_per_round if spec.mode == 'federated' else 1)
+  steps_per_round = fl.local_steps
+  if spec.mode == 'federated':  # clients' steps may differ (fl.profiles): the mean client's
+    steps_per_round = round(fl.clients_per_round * sum(
+        spec.client_plan(k).local_steps for k in range(fl.num_clients)) / fl.num_clients)
   progress = reporting.Progress(fl.rounds * steps_per_round, spec.progress)
   algorithm, clients = build.round_object(parts, progress, make_clients)
   state = algorithm.init(parts.model.params)
@@ -93,6 +96,7 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
       totals.tokens += result.tokens
       totals.bytes_sent += result.bytes_sent
       totals.bytes_received += result.bytes_received
+      totals.sim_wall_time_s += result.stats.get('sim_round_time_s') or 0.0
       record = _round_record(parts, round_idx, state.params, result, totals)
       elapsed = time.perf_counter() - round_start
       record.round_time_s, record.tokens_per_s = elapsed, result.tokens / elapsed
@@ -144,6 +148,7 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
 def _initial_record(parts: build.Parts, params) -> records.RoundRecord:
   """Round 0: the initial model, before any training, so every curve starts at the same point."""
   return records.RoundRecord(round=0, tokens=0, bytes_sent=0, bytes_received=0,
+                             sim_wall_time_s=0.0,
                              global_norm=float(metrics.l2_norm(params)),
                              **parts.evaluator(params, 0, force=True))
 
@@ -155,7 +160,8 @@ def _round_record(parts: build.Parts, round_idx: int, params, result,
   train_ppl = None if result.train_loss is None else metrics.perplexity(result.train_loss)
   record = records.RoundRecord(
       round=round_idx, tokens=totals.tokens, bytes_sent=totals.bytes_sent,
-      bytes_received=totals.bytes_received, train_loss=result.train_loss, train_ppl=train_ppl,
+      bytes_received=totals.bytes_received, sim_wall_time_s=totals.sim_wall_time_s,
+      train_loss=result.train_loss, train_ppl=train_ppl,
       global_norm=float(metrics.l2_norm(params)),
       lr=float(parts.lr_schedule(round_idx * spec.fl.local_steps - 1)),
       **parts.evaluator(params, round_idx), **result.stats)

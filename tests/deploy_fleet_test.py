@@ -189,3 +189,20 @@ def test_streaming_fragments_are_refused_before_anything_runs(tmp_path):
   with pytest.raises(ValueError, match='fl.fragments=2, fl.fragment_mixing=0.0: streaming'):
     server_app.serve(grid, _run_config(tmp_path / 'dep', '--config.fl.fragments=2'))
   assert grid.log == [] and not (tmp_path / 'dep').exists()
+
+
+def test_client_profiles_and_the_simulated_deadline_match_the_simulation(tmp_path):
+  """Time budgets: each node plans its own batch and steps from the server's config, as the
+  simulated client does; the server times the replies under the profiles and leaves out the
+  same late client (1 s of compute + 2 x 2 s of latency > 4.5 s)."""
+  table = ('[{"tokens_per_s":128,"time_budget_s":4},'
+           '{"tokens_per_s":128,"time_budget_s":1,"latency_ms":2000}]')
+  simulated = train.run(_config(profiles=table, round_deadline_s=4.5), str(tmp_path / 'sim'))
+  deployed = server_app.serve(FakeGrid(_nodes(tmp_path)), _run_config(
+      tmp_path / 'dep', f"--config.fl.profiles='{table}' --config.fl.round_deadline_s=4.5"))
+  assert _val_losses(deployed) == _val_losses(simulated)
+  for dep, sim in zip(deployed.rounds[1:], simulated.rounds[1:]):
+    assert dep.client_local_steps == sim.client_local_steps == {0: 4, 1: 1}
+    assert dep.failed_clients == sim.failed_clients == {
+        1: 'late: simulated 5.0s > fl.round_deadline_s=4.5'}
+    assert dep.client_sim_time_s == pytest.approx(sim.client_sim_time_s)

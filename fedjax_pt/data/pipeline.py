@@ -43,15 +43,16 @@ class FederatedData:
     """Training target tokens of client k: its windows times seq_len."""
     return len(self._train[self._check_client(k)]) * self.seq_len
 
-  def client_iterator(self, k: int) -> grain.DatasetIterator:
-    """Infinite [batch_size, seq_len + 1] int32 batches of client k, reshuffled every epoch."""
+  def client_iterator(self, k: int, batch_size: int | None = None) -> grain.DatasetIterator:
+    """Infinite [batch_size, seq_len + 1] int32 batches of client k, reshuffled every epoch
+    (batches of its own size for a client whose profile says so: `fedjax_pt.profiles`)."""
     k = self._check_client(k)
     if self.only_client >= 0 and k != self.only_client:
       # A federated run asks every client for its data: fail at once rather than silently
       # ignoring a key that is meant for the centralized solo baseline.
       raise ValueError(f'data.only_client={self.only_client} trains that client alone (with '
                        'mode=centralized); a federated run needs every client: set it to -1')
-    return self._iterator(self._train[k], k)
+    return self._iterator(self._train[k], k, batch_size)
 
   def centralized_iterator(self) -> grain.DatasetIterator:
     """The same over the union of all clients' training windows.
@@ -82,14 +83,15 @@ class FederatedData:
       stops = stops[:max_batches]
     return [np.array(wins[i:i + batch_size], dtype=np.int32) for i in stops]
 
-  def _iterator(self, windows: np.ndarray, stream_id: int) -> grain.DatasetIterator:
+  def _iterator(self, windows: np.ndarray, stream_id: int,
+                batch_size: int | None = None) -> grain.DatasetIterator:
     ds = grain.MapDataset.source(windows)
     if self._shuffle:
       seed = np.random.SeedSequence([self._seed, partition_lib.SHUFFLE_STREAM, stream_id])
       ds = ds.shuffle(seed=int(seed.generate_state(1)[0]))
     # repeat() reseeds the shuffle every epoch; batching after it lets a batch span two epochs, so
     # no window is ever skipped.
-    ds = ds.repeat().batch(self.batch_size, drop_remainder=True)
+    ds = ds.repeat().batch(batch_size or self.batch_size, drop_remainder=True)
     return iter(ds.to_iter_dataset(_READ_OPTIONS))
 
   def _check_client(self, k: int) -> int:

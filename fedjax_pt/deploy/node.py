@@ -159,12 +159,13 @@ def train(content, node: NodeConfig) -> Any:
   state = node_state.NodeState(os.path.join(node.state_dir, 'runs', request.run_key,
                                             f'client-{k}'))
   snapshot = state.start(r, attempt, trainer.opt_state_shapes(), trainer.param_shapes())
-  iterator = data.client_iterator(node.shard)
+  plan = spec.client_plan(k)  # its batch and local steps, as the simulation's client k
+  iterator = data.client_iterator(node.shard, plan.batch_size)
   if snapshot.iterator is not None:
     iterator.set_state(snapshot.iterator)
   kept = None if spec.fl.reset_optimizer else snapshot.opt_state
   result, = trainer.train(params, (r - 1) * spec.fl.local_steps, [iterator], [kept],
-                          spec.fl.local_steps, spec.log_every_steps)
+                          plan.local_steps, spec.log_every_steps)
   if fault == 'nan':
     result.state = result.state.replace(params=faults.poisoned(result.state.params))
     reply.injected = True
@@ -179,6 +180,7 @@ def train(content, node: NodeConfig) -> Any:
   model = move.put(jax.device_get(update),
                    protocol.storage_name(request.run_key, r, attempt, f'client-{k}'))
   reply.num_tokens, reply.steps = result.num_tokens, result.step_metrics
+  reply.local_steps = plan.local_steps
   reply.mean_loss, reply.last_loss = result.mean_loss, result.last_loss
   reply.mean_grad_norm, reply.mean_update_norm = result.mean_grad_norm, result.mean_update_norm
   reply.timings = {'build': ready - started, 'fetch': fetched - ready, 'train': trained - fetched,

@@ -51,6 +51,7 @@ class TrainReply:
   injected: bool = False  # the failure (or NaN model) was injected on purpose (fl.fault.*)
   num_tokens: int = 0
   num_examples: int = 0
+  local_steps: int = 0  # its own count (fl.profiles may give each client its own)
   mean_loss: float = math.nan
   last_loss: float = math.nan
   mean_grad_norm: float = math.nan
@@ -61,7 +62,8 @@ class TrainReply:
   def to_content(self, model: dict[str, Any] | None = None) -> RecordDict:
     numbers = {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)
                if f.name in ('mean_loss', 'last_loss', 'mean_grad_norm', 'mean_update_norm')}
-    numbers.update(num_tokens=self.num_tokens, num_examples=self.num_examples)
+    numbers.update(num_tokens=self.num_tokens, num_examples=self.num_examples,
+                   local_steps=self.local_steps)
     numbers.update({f'step/{c}': [float(s[c]) for s in self.steps] for c in _STEP_COLUMNS})
     numbers.update({f'time/{k}': float(v) for k, v in self.timings.items()})
     status = ConfigRecord({'client': self.client, 'failure': self.failure,
@@ -76,6 +78,7 @@ class TrainReply:
     return cls(client=int(status['client']), failure=str(status['failure']),
                injected=bool(status['injected']), num_tokens=int(numbers['num_tokens']),
                num_examples=int(numbers['num_examples']),
+               local_steps=int(numbers['local_steps']) if 'local_steps' in numbers else 0,
                mean_loss=float(numbers['mean_loss']), last_loss=float(numbers['last_loss']),
                mean_grad_norm=float(numbers['mean_grad_norm']),
                mean_update_norm=float(numbers['mean_update_norm']), steps=steps,
@@ -93,7 +96,8 @@ class TrainReply:
         client=self.client, update=update, num_tokens=self.num_tokens,
         num_examples=self.num_examples, mean_loss=self.mean_loss, last_loss=self.last_loss,
         mean_grad_norm=self.mean_grad_norm, mean_update_norm=self.mean_update_norm, steps=steps,
-        injected=self.injected, **fields)
+        injected=self.injected, local_steps=self.local_steps,
+        compute_s=self.timings.get('train'), **fields)
 
 
 def storage_name(run_key: str, round_idx: int, attempt: int | None = None,
