@@ -21,6 +21,7 @@ from fedjax_pt import federation
 from fedjax_pt import metrics
 from fedjax_pt import model as model_lib
 from fedjax_pt import optimizers
+from fedjax_pt import profiles
 from fedjax_pt import sharding
 from fedjax_pt import simulation
 from fedjax_pt.run_spec import RunSpec
@@ -39,6 +40,8 @@ def resolved_config(config: ml_collections.ConfigDict,
   """The config as a run records it (config.json): with the model's derived values."""
   resolved = config.to_dict()
   resolved['model'] = dataclasses.asdict(model_cfg)
+  # The profiles themselves, not the path of a file that may change between sessions.
+  resolved['fl']['profiles'] = profiles.canonical(config.fl.profiles, config.fl.num_clients)
   return resolved
 
 

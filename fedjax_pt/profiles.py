@@ -63,6 +63,18 @@ def parse(value: Any, num_clients: int) -> tuple[ClientProfile, ...]:
   return tuple(profiles[k % len(profiles)] for k in range(num_clients))
 
 
+def canonical(value: Any, num_clients: int) -> str:
+  """`fl.profiles` as the inline JSON of its per-client profiles ('' for none): what a run records
+  in config.json and sends to the nodes of a deployment, so that neither depends on a file that
+  may change or be elsewhere."""
+  table = parse(value, num_clients)
+  if not table:
+    return ''
+  default = ClientProfile()
+  return json.dumps([{k: v for k, v in dataclasses.asdict(p).items()
+                      if v != getattr(default, k)} for p in table], separators=(',', ':'))
+
+
 def _load(value: str) -> Any:
   if value.lstrip().startswith(('[', '{')):
     try:

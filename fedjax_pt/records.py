@@ -95,6 +95,12 @@ class RoundRecord:
   global_norm_per_module: dict[str, float] | None = None
 
 
+# Keys read off this machine's clock (simulated times include the compute and server time
+# measured here, unless fl.profiles give throughputs): they differ between identical runs, and
+# between a resumed run and an uninterrupted one; every other key is reproducible.
+CLOCK_KEYS = ('round_time_s', 'tokens_per_s', 'sim_round_time_s', 'sim_wall_time_s',
+              'server_time_s', 'client_sim_time_s')
+
 _ROUND_FIELDS = {f.name for f in dataclasses.fields(RoundRecord)}
 _STEP_FIELDS = {f.name for f in dataclasses.fields(StepRecord)}
 
@@ -194,6 +200,14 @@ class RecordWriter:
       for tag, value in _scalars({key: getattr(record, key) for key in
                                   ('loss', 'grad_norm', 'update_norm', 'lr')}):
         self._steps_tb.add_scalar(f'step/{tag}/client_{record.client}', value, record.step)
+
+  def flush(self) -> None:
+    """Puts every TensorBoard event so far on disk. Called at each checkpoint: a resume purges
+    the events after the checkpoint's round only, so the events up to it must all be there (a
+    SIGKILL would otherwise lose a buffered part of a round's events)."""
+    for tb in (self._rounds_tb, self._steps_tb):
+      if tb is not None:
+        tb.flush()
 
   def tell(self) -> int:
     """Bytes of metrics.jsonl written so far: where a resumed run cuts the file back to."""

@@ -16,6 +16,7 @@ from configs import tiny
 from fedjax_pt import checkpoint as checkpoint_lib
 from fedjax_pt import errors
 from fedjax_pt import optimizers
+from fedjax_pt import records
 from fedjax_pt import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +25,7 @@ FLAGS = ['--config=configs/tiny.py:test', '--config.fl.num_clients=2',
          '--config.fl.clients_per_round=2', '--config.log.every_steps=1',
          # Kept Adam moments make the per-client optimizer state part of what must be restored.
          '--config.fl.reset_optimizer=False']
-TIMING = ('round_time_s', 'tokens_per_s')
+TIMING = records.CLOCK_KEYS
 
 
 def _config(**fl):

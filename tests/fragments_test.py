@@ -15,6 +15,7 @@ from fedjax_pt import faults
 from fedjax_pt import federation
 from fedjax_pt import fragments
 from fedjax_pt import metrics
+from fedjax_pt import records
 from fedjax_pt import server
 from fedjax_pt import train
 
@@ -127,7 +128,7 @@ def _config(**fl):
 
 def _records(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [{k: v for k, v in r.items() if k not in ('round_time_s', 'tokens_per_s')}
+    return [{k: v for k, v in r.items() if k not in records.CLOCK_KEYS}
             for r in map(json.loads, f)]
 
 

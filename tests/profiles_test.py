@@ -120,3 +120,13 @@ def test_availability_is_seeded_and_has_the_stated_rate():
   # Binomial(4000, 0.75): standard deviation 0.0068; 5 of them cannot fail by chance.
   assert abs(rate - 0.75) < 5 * np.sqrt(0.75 * 0.25 / 4000)
   assert draws != [profiles.absent(table, seed=4, round_idx=r) for r in range(1, 4001)]
+
+
+def test_a_profiles_file_is_recorded_by_its_contents(tmp_path):
+  path = tmp_path / 'fleet.yaml'
+  path.write_text('- {tokens_per_s: 2048, uplink_mbps: 20}\n- {local_steps: 2}\n')
+  text = profiles.canonical(str(path), 4)
+  assert json.loads(text) == [{'tokens_per_s': 2048.0, 'uplink_mbps': 20.0}, {'local_steps': 2},
+                              {'tokens_per_s': 2048.0, 'uplink_mbps': 20.0}, {'local_steps': 2}]
+  assert profiles.parse(text, 4) == profiles.parse(str(path), 4)  # the same clients, inline
+  assert profiles.canonical('', 4) == ''

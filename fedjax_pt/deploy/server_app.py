@@ -32,6 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 import ml_collections
 from ml_collections import config_flags
 
+from fedjax_pt import profiles
 from fedjax_pt import train
 from fedjax_pt.deploy import arrays
 from fedjax_pt.deploy import fleet
@@ -105,6 +106,8 @@ def serve(grid: Grid, run_config: dict) -> train.RunResult:
   if not os.path.isabs(workdir):
     raise ValueError(f'run config workdir={workdir!r} must be an absolute path')
   check_config(config)
+  # Nodes get the profiles inline: a profiles file is on the server's disk, not theirs.
+  config.fl.profiles = profiles.canonical(config.fl.profiles, config.fl.num_clients)
   config.log.progress = False  # the run's log is a stream: one line per round, no bar
   shared_dir = str(run_config['shared-dir']) or os.path.join(workdir, 'shared')
   move = transport_lib.make(str(run_config['transport']), shared_dir)
