@@ -302,18 +302,20 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
 
 
 @functools.lru_cache(maxsize=16)
+def _abstract_boxed_params(cfg: ModelConfig) -> Any:
+  # Cached: tracing the init of a deep model takes seconds, and a plan asks for it many times.
+  tokens = jax.ShapeDtypeStruct((1, cfg.max_seq_len), jnp.int32)
+  return jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), tokens)['params'])
+
+
 def param_shapes(cfg: ModelConfig) -> Any:
-  """The parameters as ShapeDtypeStructs, allocating nothing (cached: tracing the init of a deep
-  model takes seconds, and a plan asks for it many times)."""
-  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  """The parameters (those of `init_params`) as ShapeDtypeStructs, allocating nothing."""
+  return nn.unbox(_abstract_boxed_params(cfg))
 
 
-@functools.lru_cache(maxsize=16)
 def logical_axes(cfg: ModelConfig) -> Any:
   """PartitionSpec of logical axis names for every parameter, without allocating any."""
-  tokens = jax.ShapeDtypeStruct((1, cfg.max_seq_len), jnp.int32)
-  boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), tokens)['params'])
-  return nn.get_partition_spec(boxed)
+  return nn.get_partition_spec(_abstract_boxed_params(cfg))
 
 
 def param_count(cfg: ModelConfig) -> int:

@@ -30,81 +30,23 @@ if __name__ == '__main__':
   os.environ['JAX_PLATFORMS'] = 'cpu'  # the planner compiles for CPU devices whatever the host has
 
 # pylint: disable=wrong-import-position
-import concurrent.futures
 import dataclasses
 import functools
-import time
+import pathlib
 from collections.abc import Sequence
 
 import jax
 import ml_collections
-import numpy as np
 
 from fedjax_pt import build
-from fedjax_pt import client as client_lib
 from fedjax_pt import compression
 from fedjax_pt import devices as devices_lib
 from fedjax_pt import memory
 from fedjax_pt import model as model_lib
-from fedjax_pt import sharding
 from fedjax_pt import wallclock
 from fedjax_pt.run_spec import RunSpec
 
 GIB = memory.GIB
-# Only LLVM's optimisation of the generated code: it halves XLA:CPU's compile time and leaves the
-# buffer assignment, hence the memory analysis, unchanged (identical figures, measured).
-_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
-
-
-@dataclasses.dataclass(frozen=True)
-class XlaMemory:
-  """XLA's memory analysis of the compiled local train step, bytes per device."""
-  argument: int
-  output: int
-  alias: int  # outputs written into donated arguments
-  temp: int
-  compiled_layers: tuple[int, ...]  # (1, 2): compiled at 1 and 2 layers and extrapolated
-  compile_s: float
-
-  @property
-  def total(self) -> int:
-    return self.argument + self.output + self.temp - self.alias
-
-
-def _lower(spec: RunSpec, model_cfg: model_lib.ModelConfig, layout: sharding.Layout):
-  step = client_lib.make_train_step(model_cfg, spec.opt, spec.data.micro_batch_size, layout)
-  shapes = model_lib.param_shapes(model_cfg)
-  state = jax.eval_shape(lambda p: client_lib.init_local_state(p, spec.opt, 0), shapes)
-  batch = jax.ShapeDtypeStruct((spec.data.batch_size, spec.data.seq_len + 1), np.int32)
-  return step.lower(state, batch)
-
-
-def _analysis(lowered) -> np.ndarray:
-  a = lowered.compile(_COMPILER_OPTIONS).memory_analysis()
-  return np.array([a.argument_size_in_bytes, a.output_size_in_bytes, a.alias_size_in_bytes,
-                   a.temp_size_in_bytes], np.int64)
-
-
-def xla_memory(spec: RunSpec, model_cfg: model_lib.ModelConfig,
-               devices: Sequence[jax.Device] | None = None) -> XlaMemory:
-  """XLA's compiled memory analysis of the local step on `spec.mesh` over `devices` (default:
-  JAX's), lowered on abstract arrays: nothing is allocated.
-
-  A model of more than 2 layers is compiled with 1 and 2 and extrapolated: its blocks are
-  identical, so every figure grows by the same amount per block (to the byte for arguments and
-  outputs; temporaries matched full compiles of configs/75m.py, 125m.py, 350m.py and 1p3b.py to
-  within 0.01%), and compiling 24 unrolled blocks took 30-40 s against 10-15 s for both."""
-  layout = sharding.Layout.create(spec.mesh, devices)
-  start = time.perf_counter()
-  if model_cfg.num_layers <= 2:
-    figures, layers = _analysis(_lower(spec, model_cfg, layout)), (model_cfg.num_layers,)
-  else:
-    lowered = [_lower(spec, dataclasses.replace(model_cfg, num_layers=n), layout) for n in (1, 2)]
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # XLA compiles without the GIL
-      one, two = pool.map(_analysis, lowered)
-    figures, layers = one + (model_cfg.num_layers - 1) * (two - one), (1, 2)
-  return XlaMemory(*(int(x) for x in figures), compiled_layers=layers,
-                   compile_s=time.perf_counter() - start)
 
 
 def payload_bytes(model_cfg: model_lib.ModelConfig, codec: str, block_size: int) -> int:
@@ -171,41 +113,42 @@ def _bytes(n: float) -> str:
 def full_plan(config: ml_collections.ConfigDict, accelerator: devices_lib.Accelerator,
               hardware: wallclock.Hardware,
               devices: Sequence[jax.Device] | None = None) -> str:
-  """The planner's report for one client of `hardware.devices_per_client` accelerators, with
-  the XLA analysis on `devices` (default: JAX's; the mesh must find its devices there)."""
+  """The planner's report for one client of `hardware.devices_per_client` accelerators, XLA's
+  analysis compiled over `devices` (default: JAX's, which must hold the client's mesh)."""
   spec, model_cfg = one_client_spec(config)
   if spec.mesh.num_devices != hardware.devices_per_client:
     raise ValueError(f'mesh.data x mesh.fsdp = {spec.mesh.data} x {spec.mesh.fsdp} devices per '
                      f'client, but --gpus_per_client={hardware.devices_per_client}')
   platform = 'cpu' if accelerator.measured else 'gpu'
   est = memory.estimate(spec, model_cfg, platform)
-  xla = xla_memory(spec, model_cfg, devices)
+  xla = memory.xla_analysis(spec, model_cfg, devices)
   w = workload(spec, model_cfg)
   p = wallclock.predict(w, hardware)
-  fl, mesh = spec.fl, spec.mesh
+  fl, mesh, c = spec.fl, spec.mesh, spec.fl.compression
+  k = fl.clients_per_round
+  extrapolated = (f', at 1 and 2 layers and extrapolated per layer to {model_cfg.num_layers} '
+                  '(the blocks are identical)' if xla.compiled_layers == (1, 2) else '')
   lines = [
       f'model: {model_lib.param_count(model_cfg):,} parameters, d_model {model_cfg.d_model}, '
       f'{model_cfg.num_layers} layers, {model_cfg.num_heads} heads, vocab {model_cfg.vocab_size}, '
       f'seq {spec.data.seq_len}, {model_cfg.dtype}, remat {model_cfg.remat}, attention '
-      f'{model_cfg.attention} [computed from the config, jax.eval_shape]',
+      f'{model_cfg.attention} [computed: jax.eval_shape of the config\'s model]',
       f'training FLOPs per token: {w.flops_per_token:.3g} (model.flops_per_token: 6 N + '
-      f'attention, no remat recompute) [computed]',
-      f'one client: {hardware.devices_per_client} x {accelerator.describe()}',
-      f'mesh per client: data {mesh.data} x fsdp {mesh.fsdp}; batch {spec.data.batch_size} x '
-      f'{spec.data.seq_len} tokens a step, micro-batch '
-      f'{spec.data.micro_batch_size or spec.data.batch_size} [config]',
+      'attention, remat\'s recomputation not counted) [computed]',
+      f'client: {hardware.devices_per_client} x {accelerator.describe()}',
+      f'client mesh: data {mesh.data} x fsdp {mesh.fsdp}; a step takes {spec.data.batch_size} x '
+      f'{spec.data.seq_len} tokens in micro-batches of '
+      f'{spec.data.micro_batch_size or spec.data.batch_size} sequences [config]',
       f'memory per device, XLA: {_gib(xla.total)} = arguments {_gib(xla.argument)} + outputs '
-      f'{_gib(xla.output)} + temporaries {_gib(xla.temp)} - outputs aliased to donated '
-      f'arguments {_gib(xla.alias)} [measured: the local train step compiled for '
-      f'{mesh.num_devices} CPU device(s) in {xla.compile_s:.1f} s' +
-      (f', at 1 and 2 layers, extrapolated per layer to {model_cfg.num_layers} (identical '
-       'blocks)]' if xla.compiled_layers == (1, 2) else ']'),
+      f'{_gib(xla.output)} + temporaries {_gib(xla.temp)} - outputs aliased to donated arguments '
+      f'{_gib(xla.alias)} [measured: memory_analysis() of the local train step compiled on '
+      f'abstract arrays for {mesh.num_devices} CPU device(s), in {xla.compile_s:.1f} s'
+      f'{extrapolated}]',
       '  note: XLA:CPU is not a GPU: it keeps bfloat16 activations in float32, runs the CPU\'s '
-      'blocked attention, fuses differently and does not honour model.remat, so its figure is '
-      'the CPU\'s',
-      f'memory per device, formula ({platform} attention path): {_gib(est.local)} = '
+      'blocked attention, fuses differently and does not turn model.remat into a saving',
+      f'memory per device, formula for the {platform.upper()} path: {_gib(est.local)} = '
       f'{est.breakdown(server=False)} [computed: memory.estimate]; the server\'s arrays add '
-      f'{_gib(est.server)} where the server runs',
+      f'{_gib(est.server)} where it runs',
   ]
   have = accelerator.memory_bytes
   if est.local * (1 - memory.FIT_TOLERANCE) > have:
@@ -214,42 +157,37 @@ def full_plan(config: ml_collections.ConfigDict, accelerator: devices_lib.Accele
     fits = 'not by the formula, though within its 20% error band'
   else:
     fits = 'yes, by the formula'
-  lines.append(f'fits {accelerator.name} ({_gib(accelerator.memory_bytes)}): {fits}')
-  c = fl.compression
   lines += [
+      f'fits {accelerator.name} ({_gib(have)}): {fits}',
       f'compute: {w.tokens_per_step:,} tokens x {w.flops_per_token:.3g} FLOPs / '
       f'({hardware.devices_per_client} x {accelerator.peak_flops / 1e12:.3g} TFLOP/s x MFU '
-      f'{hardware.mfu:g}) = {p.step_compute_s:.3g} s per local step [computed; MFU assumed]',
-      f'links: {hardware.bandwidth_bps / 1e6:g} Mbit/s each way per client, '
-      f'{hardware.latency_s * 1e3:g} ms per message; the server\'s link carries all K clients '
-      'at once; no overlap of compute and communication, except DDP\'s all-reduce during the '
-      'backward pass [assumed]',
-      f'federated, K = {fl.clients_per_round} clients, tau = {fl.local_steps}, '
-      f'{fl.rounds} rounds: down {_bytes(w.download_bytes)} ({c.download}) + up '
-      f'{_bytes(w.upload_bytes)} ({c.upload}) per client per round '
-      f'[computed: compression.payload_bytes on abstract shapes]',
-      f'  round {_duration(p.federated_round_s)} (communication '
-      f'{_duration(p.federated_comm_s)}), run {_duration(p.federated_run_s)}, '
-      f'{_bytes(p.federated_bytes)} sent in all [computed]',
-      f'DDP, K = {fl.clients_per_round} workers of {hardware.devices_per_client} devices, the '
-      f'same tokens: ring all-reduce of the float32 gradient, 2(K-1)/K x '
-      f'{_bytes(w.gradient_bytes)} = {_bytes(2 * (w.clients - 1) / w.clients * w.gradient_bytes)} '
-      f'per worker per step, {_duration(p.ddp_comm_s)} [computed]',
+      f'{hardware.mfu:g}) = {_duration(p.step_compute_s)} per local step [computed; MFU assumed]',
+      f'links: {hardware.bandwidth_bps / 1e6:g} Mbit/s each way for every client, '
+      f'{hardware.latency_s * 1e3:g} ms a message, the server\'s link carrying all K at once; '
+      'communication does not overlap compute, except DDP\'s all-reduce during the backward '
+      'pass (2/3 of a step) [assumed]',
+      f'federated, K = {k} clients, tau = {fl.local_steps}, {fl.rounds} rounds: '
+      f'{_bytes(w.download_bytes)} down ({c.download}) + {_bytes(w.upload_bytes)} up '
+      f'({c.upload}) per client a round [computed: compression.payload_bytes of abstract shapes]',
+      f'  round {_duration(p.federated_round_s)} (communication {_duration(p.federated_comm_s)}),'
+      f' run {_duration(p.federated_run_s)}, {_bytes(p.federated_bytes)} sent [computed]',
+      f'DDP, {k} workers like the clients, the same tokens: ring all-reduce of the float32 '
+      f'gradient at every step, 2(K-1)/K x {_bytes(w.gradient_bytes)} = '
+      f'{_bytes(2 * (k - 1) / k * w.gradient_bytes)} per worker, {_duration(p.ddp_comm_s)} '
+      '[computed]',
       f'  step {_duration(p.ddp_step_s)}, {fl.local_steps} steps (a round\'s tokens) '
-      f'{_duration(p.ddp_round_s)}, run {_duration(p.ddp_run_s)}, {_bytes(p.ddp_bytes)} sent in '
-      'all [computed]',
+      f'{_duration(p.ddp_round_s)}, run {_duration(p.ddp_run_s)}, {_bytes(p.ddp_bytes)} sent '
+      '[computed]',
   ]
   ratio = p.communication_ratio
-  lines.append(
-      f'federated vs DDP: {ratio:.0f}x less communication, ' if ratio else 'federated vs DDP: ')
-  lines[-1] += (f'{p.ddp_run_s / p.federated_run_s:.2f}x the speed (DDP time / federated time) '
-                '[computed]')
+  lines.append(f'federated vs DDP: {f"{ratio:.0f}x" if ratio else "no"} less communication, '
+               f'DDP takes {p.ddp_run_s / p.federated_run_s:.3g}x the wall time [computed]')
   if p.break_even_bps is None:
-    lines.append('break-even bandwidth: none (one of the two is faster at every link speed) '
-                 '[computed]')
+    lines.append(f'break-even bandwidth: none, {wallclock.faster_at_every_bandwidth(w, hardware)} '
+                 'is faster per token at every link speed [computed]')
   else:
-    lines.append(f'break-even bandwidth: {p.break_even_bps / 1e6:,.0f} Mbit/s: below it '
-                 'federated training is faster per token, above it DDP [computed]')
+    lines.append(f'break-even bandwidth: {p.break_even_bps / 1e9:.3g} Gbit/s; below it federated '
+                 'training takes less time per token, above it DDP [computed]')
   return '\n'.join(lines)
 
 
@@ -285,6 +223,21 @@ def describe(config: ml_collections.ConfigDict) -> str:
   return '\n'.join(lines)
 
 
+def check_flags(gpu: str, gpus_per_client: int, mfu: float, bandwidth_mbps: float,
+                latency_ms: float) -> None:
+  """Raises ValueError naming the first flag out of its range."""
+  if gpu not in devices_lib.NAMES:
+    raise ValueError(f'--gpu must be one of {", ".join(devices_lib.NAMES)}, got {gpu!r}')
+  if gpus_per_client <= 0:
+    raise ValueError(f'--gpus_per_client must be positive, got {gpus_per_client}')
+  if not 0 < mfu <= 1:
+    raise ValueError(f'--mfu must be in (0, 1], got {mfu:g}')
+  if not bandwidth_mbps > 0:
+    raise ValueError(f'--bandwidth_mbps must be positive, got {bandwidth_mbps:g}')
+  if not latency_ms >= 0:
+    raise ValueError(f'--latency_ms must be >= 0, got {latency_ms:g}')
+
+
 def _main() -> None:
   """The CLI: flags, one-line errors (exit 2), the plan on stdout."""
   from absl import app  # pylint: disable=import-outside-toplevel
@@ -299,7 +252,8 @@ def _main() -> None:
 
   try:
     config_flag = config_flags.DEFINE_config_file(
-        'config', 'configs/1p3b.py', 'Path to a config file (configs/*.py).', lock_config=True)
+        'config', str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / '1p3b.py'),
+        'Path to a config file (configs/*.py).', lock_config=True)
   except (AttributeError, KeyError) as e:
     fail(f'unknown config key: {e}')
   gpu = flags.DEFINE_string('gpu', 'h100', f'Accelerator of every client: '
@@ -322,14 +276,10 @@ def _main() -> None:
       fail(f'--config does not load: {e}')
     if len(rest) > 1:
       fail(f'unexpected arguments: {" ".join(rest[1:])}')
-    if gpus.value <= 0:
-      fail(f'--gpus_per_client must be positive, got {gpus.value}')
-    if not 0 < mfu.value <= 1:
-      fail(f'--mfu must be in (0, 1], got {mfu.value:g}')
-    if not bandwidth.value > 0:
-      fail(f'--bandwidth_mbps must be positive, got {bandwidth.value:g}')
-    if not latency.value >= 0:
-      fail(f'--latency_ms must be >= 0, got {latency.value:g}')
+    try:
+      check_flags(gpu.value, gpus.value, mfu.value, bandwidth.value, latency.value)
+    except ValueError as e:
+      fail(e)
     return rest
 
   def main(argv):

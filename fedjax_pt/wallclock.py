@@ -108,15 +108,31 @@ def ddp_comm_s(w: Workload, hw: Hardware) -> float:
           2 * (k - 1) * hw.latency_s)
 
 
+def _excess_bytes(w: Workload) -> float:
+  """How many more bytes a DDP worker sends than a client, per step."""
+  k = w.clients
+  return 2 * (k - 1) / k * w.gradient_bytes - (w.upload_bytes + w.download_bytes) / w.local_steps
+
+
+def _slack_s(w: Workload, hw: Hardware) -> float:
+  """What DDP's overlap hides, per step, less the latency it pays beyond federated training."""
+  k, tau = w.clients, w.local_steps
+  return DDP_OVERLAP * step_compute_s(w, hw) + 2 * hw.latency_s / tau - 2 * (k - 1) * hw.latency_s
+
+
 def break_even_bps(w: Workload, hw: Hardware) -> float | None:
   """The bandwidth at which both take equal time per token (None: no such bandwidth)."""
-  k, tau = w.clients, w.local_steps
-  sent = 2 * (k - 1) / k * w.gradient_bytes - (w.upload_bytes + w.download_bytes) / tau
-  slack = (DDP_OVERLAP * step_compute_s(w, hw) + 2 * hw.latency_s / tau -
-           2 * (k - 1) * hw.latency_s)
+  sent, slack = _excess_bytes(w), _slack_s(w, hw)
   if sent <= 0 or slack <= 0:
     return None
   return 8 * sent / slack
+
+
+def faster_at_every_bandwidth(w: Workload, hw: Hardware) -> str | None:
+  """'federated' or 'DDP' when one of them is faster per token whatever the bandwidth."""
+  if _excess_bytes(w) <= 0:
+    return 'DDP'
+  return 'federated' if _slack_s(w, hw) <= 0 else None
 
 
 def predict(w: Workload, hw: Hardware) -> Prediction:

@@ -16,7 +16,7 @@ from fedjax_pt.run_spec import RunSpec
 
 def _estimate_and_xla(config):
   spec, model_cfg = plan.one_client_spec(config)
-  return memory.estimate(spec, model_cfg, 'cpu'), plan.xla_memory(spec, model_cfg), model_cfg
+  return memory.estimate(spec, model_cfg, 'cpu'), memory.xla_analysis(spec, model_cfg), model_cfg
 
 
 @pytest.mark.parametrize('remat', ['none', 'full'])
