@@ -28,7 +28,7 @@ class Accelerator:
     how = ('measured: a 2048^3 float32 matmul timed now, MemAvailable of this host'
            if self.measured else 'assumed: datasheet')
     return (f'{self.name}, {self.peak_flops / 1e12:.3g} TFLOP/s peak, '
-            f'{self.memory_bytes / memory.GIB:.0f} GiB{bandwidth} [{how}]')
+            f'{memory.format_bytes(self.memory_bytes)}{bandwidth} [{how}]')
 
 
 _GIB = memory.GIB
@@ -42,17 +42,20 @@ _DATASHEETS = {
 NAMES = (*_DATASHEETS, 'cpu')
 
 
-def accelerator(name: str) -> Accelerator:
-  """The named accelerator: a datasheet, or this host's CPU measured now ('cpu')."""
+def accelerator(name: str, shares: int = 1) -> Accelerator:
+  """The named accelerator: a datasheet, or this host's CPU measured now ('cpu'), split into
+  `shares` devices (the fake devices of --xla_force_host_platform_device_count share it; a GPU is
+  its own device whatever `shares` says)."""
   if name == 'cpu':
-    return measure_cpu()
+    return measure_cpu(shares)
   if name not in _DATASHEETS:
     raise ValueError(f'--gpu must be one of {", ".join(NAMES)}, got {name!r}')
   return _DATASHEETS[name]
 
 
-def measure_cpu(size: int = 2048, repeats: int = 5) -> Accelerator:
-  """This host's CPU: the best of `repeats` timed size^3 float32 matmuls, and its free memory."""
+def measure_cpu(shares: int = 1, size: int = 2048, repeats: int = 5) -> Accelerator:
+  """1/`shares` of this host's CPU: the best of `repeats` timed size^3 float32 matmuls (on all
+  its cores), and its free memory."""
   cpu = jax.devices('cpu')[0]
   a = jax.device_put(jnp.ones((size, size), jnp.float32), cpu)
   matmul = jax.jit(jnp.matmul)
@@ -63,5 +66,6 @@ def measure_cpu(size: int = 2048, repeats: int = 5) -> Accelerator:
     matmul(a, a).block_until_ready()
     best = min(best, time.perf_counter() - start)
   have, _ = memory.available_bytes(cpu)
-  return Accelerator(f'this host\'s CPU ({os.cpu_count()} cores)', 2 * size ** 3 / best, have,
-                     None, True)
+  name = f'this host\'s CPU ({os.cpu_count()} cores)'
+  return Accelerator(name if shares == 1 else f'1/{shares} of {name}',
+                     2 * size ** 3 / best / shares, have // shares, None, True)

@@ -61,10 +61,15 @@ class Estimate:
     return self.params + self.gradients + self.optimizer + self.activations
 
   def breakdown(self, server: bool = True) -> str:
-    gib = lambda n: f'{n / GIB:.2f} GiB'
+    gib = format_bytes
     return (f'parameters {gib(self.params)} + gradients {gib(self.gradients)} + Adam '
             f'{gib(self.optimizer)} + activations {gib(self.activations)}' +
             (f' + server {gib(self.server)}' if server else ''))
+
+
+def format_bytes(n: float) -> str:
+  """GiB, or MiB below one GiB."""
+  return f'{n / GIB:.2f} GiB' if n >= GIB else f'{n / 2**20:.2f} MiB'
 
 
 def _ways(axes, rules, mesh_sizes: dict[str, int]) -> int:

@@ -93,8 +93,7 @@ def _fits_with(spec: RunSpec, model_cfg: model_lib.ModelConfig, have: int,
   return 'no micro-batch size fits by the formula: add devices or set model.remat'
 
 
-def _gib(n: float) -> str:
-  return f'{n / GIB:.2f} GiB'
+_gib = memory.format_bytes
 
 
 def _duration(seconds: float) -> str:
@@ -104,7 +103,7 @@ def _duration(seconds: float) -> str:
 
 
 def _bytes(n: float) -> str:
-  for unit, size in (('TB', 1e12), ('GB', 1e9), ('MB', 1e6)):
+  for unit, size in (('PB', 1e15), ('TB', 1e12), ('GB', 1e9), ('MB', 1e6)):
     if n >= size:
       return f'{n / size:.3g} {unit}'
   return f'{n:.0f} B'
@@ -250,12 +249,16 @@ def _main() -> None:
     print(f'fedjax_pt: error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
     sys.exit(errors.EXIT_BAD_INPUT)
 
+  def unknown_key() -> None:
+    overrides = [a.split('=')[0] for a in sys.argv[1:] if a.startswith('--config.')]
+    fail(f'unknown config key among {", ".join(overrides)}')
+
   try:
     config_flag = config_flags.DEFINE_config_file(
         'config', str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / '1p3b.py'),
         'Path to a config file (configs/*.py).', lock_config=True)
-  except (AttributeError, KeyError) as e:
-    fail(f'unknown config key: {e}')
+  except (AttributeError, KeyError):
+    unknown_key()
   gpu = flags.DEFINE_string('gpu', 'h100', f'Accelerator of every client: '
                             f'{", ".join(devices_lib.NAMES)} (cpu: this host, measured).')
   gpus = flags.DEFINE_integer('gpus_per_client', 8, 'Accelerators per client (FSDP over them).')
@@ -267,11 +270,14 @@ def _main() -> None:
   def parse(argv: list[str]) -> list[str]:
     try:
       rest = flags.FLAGS(argv)
+      path = config_flags.get_config_filename(flags.FLAGS['config']).split(':')[0]
+      if not os.path.isfile(path):
+        fail(f'--config={path}: no such config file')
       config_flag.value  # pylint: disable=pointless-statement
     except flags.Error as e:
       fail(str(e).splitlines()[0])
-    except (AttributeError, KeyError) as e:
-      fail(f'unknown config key: {e}')
+    except (AttributeError, KeyError):
+      unknown_key()
     except Exception as e:  # pylint: disable=broad-except
       fail(f'--config does not load: {e}')
     if len(rest) > 1:
@@ -285,7 +291,7 @@ def _main() -> None:
   def main(argv):
     del argv
     try:
-      accelerator = devices_lib.accelerator(gpu.value)
+      accelerator = devices_lib.accelerator(gpu.value, shares=gpus.value)
       hardware = wallclock.Hardware(
           peak_flops=accelerator.peak_flops, devices_per_client=gpus.value, mfu=mfu.value,
           bandwidth_bps=bandwidth.value * 1e6, latency_s=latency.value / 1e3)
