@@ -9,6 +9,7 @@ V vocabulary, T and S the query and key positions of an attention block.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -182,6 +183,18 @@ def _blocked_causal_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLx
   return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
 
 
+def scores_per_query(cfg: 'ModelConfig', length: int, platform: str) -> float:
+  """Attention scores one query computes, and the backward pass keeps, on average over a sequence
+  of `length`: all `length` keys where jax.nn.dot_product_attention's XLA path masks a full
+  [L, L] (accelerators), the causal blocks of `_blocked_causal_attention` on CPUs, and none with
+  cuDNN's flash attention, which keeps O(L) statistics instead."""
+  if cfg.attention == 'cudnn':
+    return 0.0
+  if platform != 'cpu':
+    return float(length)
+  return sum((end - start) * end for start, end in _query_blocks(length)) / length
+
+
 def _causal_attention(cfg: 'ModelConfig', q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array,
                       v_BxLxNxH: jax.Array, bias_1xNxLxL: jax.Array | None) -> jax.Array:
   if cfg.attention == 'cudnn':
@@ -288,16 +301,25 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
   return nn.unbox(Decoder(cfg).init(rng, tokens)['params'])
 
 
+@functools.lru_cache(maxsize=16)
+def _abstract_boxed_params(cfg: ModelConfig) -> Any:
+  # Cached: tracing the init of a deep model takes seconds, and a plan asks for it many times.
+  tokens = jax.ShapeDtypeStruct((1, cfg.max_seq_len), jnp.int32)
+  return jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), tokens)['params'])
+
+
+def param_shapes(cfg: ModelConfig) -> Any:
+  """The parameters (those of `init_params`) as ShapeDtypeStructs, allocating nothing."""
+  return nn.unbox(_abstract_boxed_params(cfg))
+
+
 def logical_axes(cfg: ModelConfig) -> Any:
   """PartitionSpec of logical axis names for every parameter, without allocating any."""
-  tokens = jax.ShapeDtypeStruct((1, cfg.max_seq_len), jnp.int32)
-  boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), tokens)['params'])
-  return nn.get_partition_spec(boxed)
+  return nn.get_partition_spec(_abstract_boxed_params(cfg))
 
 
 def param_count(cfg: ModelConfig) -> int:
-  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(cfg)))
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -1,55 +1,56 @@
-"""The memory estimate: exact for parameters and optimizer state, a lower bound overall (checked
-against XLA's compiled memory analysis of the local step), and the up-front refusal."""
+"""The memory estimate: exact for parameters and optimizer state, within 20% of XLA's compiled
+memory analysis of the local step on CPU (float32), and the up-front refusal."""
+
+import dataclasses
 
 import jax
-import numpy as np
 import pytest
 
 from configs import tiny
 from fedjax_pt import build
 from fedjax_pt import memory
+from fedjax_pt import model as model_lib
+from fedjax_pt import plan
 from fedjax_pt.run_spec import RunSpec
 
 
 def _estimate_and_xla(config):
-  spec = RunSpec.from_config(config)
-  model_cfg = build.model_config(config)
-  est = memory.estimate(spec, model_cfg)
-  model = build.build_model(model_cfg, spec.opt, spec.mesh, spec.data.micro_batch_size)
-  batch = jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len + 1), np.int32)
-  state = model.trainer.init(model.params, 0)
-  analysis = model.trainer.train_step.lower(state, batch).compile().memory_analysis()
-  return est, analysis, model
+  spec, model_cfg = plan.one_client_spec(config)
+  return memory.estimate(spec, model_cfg, 'cpu'), memory.xla_analysis(spec, model_cfg), model_cfg
 
 
 @pytest.mark.parametrize('remat', ['none', 'full'])
-def test_estimate_is_a_lower_bound_of_the_compiled_step(remat):
+def test_estimate_tracks_the_compiled_step(remat):
   config = tiny.get_config()
   config.model.remat = remat
   config.mesh.fsdp = 1
-  est, analysis, model = _estimate_and_xla(config)
-  n = sum(x.size for x in jax.tree.leaves(model.params))
+  est, xla, model_cfg = _estimate_and_xla(config)
+  n = model_lib.param_count(model_cfg)
   assert est.params == 4 * n and est.optimizer == 8 * n  # float32 values, two Adam moments
   # The step's arguments are the parameters, two moments and the batch: exact up to the batch.
-  assert 0 <= analysis.argument_size_in_bytes - 3 * est.params < 1e5
-  xla = analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
-  local = est.params + est.gradients + est.optimizer + est.activations
-  # Measured on XLA:CPU: 1.9x (none) and 3.0x (full remat, which XLA:CPU does not turn into a
-  # saving here); below 1 the estimate would refuse runs that fit.
-  assert 1.0 <= xla / local <= 4.0, (xla, local)
+  assert 0 <= xla.argument - 3 * est.params < 1e5
+  if remat == 'none':
+    # Measured 1.01x (and 1.01-1.05x for fsdp 2 and 8, 4 layers, seq 512, micro-batches).
+    assert 0.8 <= est.local / xla.total <= 1.2, (est.local, xla.total)
+  else:
+    # XLA:CPU keeps what full remat would recompute (measured 0.56x): the estimate, which counts
+    # the saving that remat is for, stays below it, so it never refuses a run that fits.
+    assert est.local < xla.total, (est.local, xla.total)
 
 
-def test_fsdp_splits_the_parameters_over_the_devices():
+def test_fsdp_splits_the_parameters_and_activations_and_gathers_one_block():
   config = tiny.get_config()
   config.mesh.fsdp = 8  # conftest: 8 fake devices
-  spec = RunSpec.from_config(config)
-  split = memory.estimate(spec, build.model_config(config))
+  split = memory.estimate(RunSpec.from_config(config), build.model_config(config), 'cpu')
   config.mesh.fsdp = 1
-  whole = memory.estimate(RunSpec.from_config(config), build.model_config(config))
+  whole = memory.estimate(RunSpec.from_config(config), build.model_config(config), 'cpu')
   # Every matrix is split along d_model; only the norm scales (d_model values each) are not.
   norms = 4 * (2 * 2 + 1) * 128
   assert split.params == pytest.approx((whole.params - norms) / 8 + norms, abs=8)
-  assert split.activations == pytest.approx(whole.activations / 8)
+  # One block's gathered weights (12 d^2) and the embeddings ((vocab 384 + positions 128) x d),
+  # float32 values and float32 gradients.
+  gathered = (12 * 128 ** 2 + (384 + 128) * 128) * (4 + 4)
+  assert split.activations == pytest.approx(whole.activations / 8 + gathered, abs=8)
 
 
 def test_a_run_that_cannot_fit_is_refused_naming_what_it_needs():
@@ -60,3 +61,17 @@ def test_a_run_that_cannot_fit_is_refused_naming_what_it_needs():
   with pytest.raises(ValueError, match=r'this run needs at least [\d.]+ GiB of memory .* but cpu '
                      r'has [\d.]+ GiB \(MemAvailable of this host\); lower data.batch_size'):
     memory.check_fits(est)
+
+
+def test_the_refusal_allows_for_the_estimates_error_band():
+  config = tiny.get_config()
+  est = memory.estimate(RunSpec.from_config(config), build.model_config(config))
+  cpu = jax.devices()[0]
+  have, _ = memory.available_bytes(cpu)
+  # A run whose estimate is 10% over the memory may still fit (the estimate is within 20%).
+  over = dataclasses.replace(est, params=0, gradients=0, optimizer=0, server=0, devices=8,
+                             activations=int(have / 8 * 1.1))
+  memory.check_fits(over, cpu)
+  far_over = dataclasses.replace(over, activations=int(have / 8 * 1.3))
+  with pytest.raises(ValueError, match='this run needs at least'):
+    memory.check_fits(far_over, cpu)
