@@ -128,7 +128,9 @@ def estimate(spec: RunSpec, cfg: model_lib.ModelConfig, platform: str | None = N
       lambda shape, spec_: math.prod(shape.shape) / _ways(spec_, mesh.rules, sizes), shapes, axes,
       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   param_bytes = int(4 * sum(jax.tree.leaves(per_device)))
-  batch_per_device = (spec.data.micro_batch_size or spec.data.batch_size) / (mesh.data * mesh.fsdp)
+  # The largest batch any client trains (fl.profiles may give a client its own).
+  batch = max([spec.data.batch_size] + [p.batch_size for p in spec.fl.profiles if p.batch_size])
+  batch_per_device = (spec.data.micro_batch_size or batch) / (mesh.data * mesh.fsdp)
   tokens = batch_per_device * spec.data.seq_len
   activations = tokens * _activation_bytes_per_token(cfg, spec.data.seq_len, platform)
   if mesh.fsdp > 1:

@@ -34,6 +34,7 @@ the slower at every bandwidth. Neither case has a break-even.
 import dataclasses
 
 from fedjax_pt import communication
+from fedjax_pt import sim_clock
 
 # The share of a step's FLOPs that DDP's gradient all-reduce can hide behind: the backward pass
 # (2 of the 6 N FLOPs per token are the forward pass).
@@ -99,7 +100,9 @@ def step_compute_s(w: Workload, hw: Hardware) -> float:
 
 
 def federated_comm_s(w: Workload, hw: Hardware) -> float:
-  return 8 * (w.download_bytes + w.upload_bytes) / hw.bandwidth_bps + 2 * hw.latency_s
+  """A client's round trip, as the simulated clock times it (`sim_clock.client_time_s`)."""
+  return (sim_clock.transfer_s(w.download_bytes + w.upload_bytes, hw.bandwidth_bps / 1e6) +
+          2 * hw.latency_s)
 
 
 def ddp_comm_s(w: Workload, hw: Hardware) -> float:

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from fedjax_pt import build
+from fedjax_pt import memory
 from fedjax_pt import profiles
 from fedjax_pt.run_spec import RunSpec
 
@@ -130,3 +132,11 @@ def test_a_profiles_file_is_recorded_by_its_contents(tmp_path):
                               {'tokens_per_s': 2048.0, 'uplink_mbps': 20.0}, {'local_steps': 2}]
   assert profiles.parse(text, 4) == profiles.parse(str(path), 4)  # the same clients, inline
   assert profiles.canonical('', 4) == ''
+
+
+def test_the_memory_estimate_counts_the_largest_client_batch():
+  config = tiny.get_config('test')
+  plain = memory.estimate(_spec(''), build.model_config(config))
+  bigger = memory.estimate(_spec([{}, {'batch_size': 8}]), build.model_config(config))
+  assert bigger.activations == 2 * plain.activations  # batch 8 against data.batch_size=4
+  assert bigger.params == plain.params
