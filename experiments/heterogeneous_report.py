@@ -63,19 +63,24 @@ def _stats(values: Sequence[float | None]) -> tuple[float | None, float | None]:
 
 
 def rows(fleets: Mapping[str, list[plot.Run]]) -> list[dict[str, Any]]:
-  reference = fleets.get(REFERENCE)
-  end = statistics.mean(r.rounds[-1].sim_wall_time_s for r in reference) if reference else None
+  # Equal simulated time: when the first run of any fleet ended.
+  end = min(run.rounds[-1].sim_wall_time_s for runs in fleets.values() for run in runs)
+  reference = {_seed(run): run.rounds[-1].val_ppl for run in fleets.get(REFERENCE, [])}
   out = []
   for name, runs in fleets.items():
     trained = [[r for r in run.rounds if r.round > 0] for run in runs]
     final = _stats([run.rounds[-1].val_ppl for run in runs])
-    at_end = _stats([ppl_at(run, end) for run in runs]) if end else (None, None)
+    at_end = _stats([ppl_at(run, end) for run in runs])
+    # Paired with the reference fleet's run of the same seed (same data split and batches).
+    paired = [run.rounds[-1].val_ppl / reference[_seed(run)] - 1 for run in runs
+              if _seed(run) in reference]
     out.append({
         'fleet': name,
         'seeds': len(runs),
         'rounds': min(len(t) for t in trained),
         'final_val_ppl': final[0], 'final_val_ppl_std': final[1],
-        'val_ppl_at_reference_end': at_end[0], 'val_ppl_at_reference_end_std': at_end[1],
+        'final_vs_reference_per_seed': paired,
+        'val_ppl_at_equal_time': at_end[0], 'val_ppl_at_equal_time_std': at_end[1],
         'sim_wall_s': statistics.mean(run.rounds[-1].sim_wall_time_s for run in runs),
         'sim_round_s': statistics.mean(r.sim_round_time_s for t in trained for r in t),
         'local_steps_per_round': statistics.mean(sum(r.client_local_steps.values())
@@ -84,25 +89,30 @@ def rows(fleets: Mapping[str, list[plot.Run]]) -> list[dict[str, Any]]:
         'wall_s': sum(sweep_runner.read_state(run.workdir).get('wall_s') or 0 for run in runs),
     })
   for row in out:
-    row['reference_end_s'] = end
+    row['equal_time_s'] = end
   return out
 
 
+def _seed(run: plot.Run) -> int:
+  return run.config['seed']
+
+
 def write_tables(table: Sequence[Mapping[str, Any]], out: str) -> tuple[str, str]:
-  end = table[0]['reference_end_s']
+  end = table[0]['equal_time_s']
   fmt = sweep_report.fmt
 
   def pm(mean, std):
     return f'{fmt(mean, ".2f")} ± {fmt(std, ".2f")}'
 
-  lines = [f'| fleet | final val ppl | val ppl at {fmt(end, ".0f")} s (`{REFERENCE}` ends) | '
-           'simulated wall time | per round | local steps per round (all clients) | clients '
-           'averaged per round | seeds | CPU time |',
-           '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+  lines = [f'| fleet | final val ppl | final vs `{REFERENCE}`, per seed | val ppl at '
+           f'{fmt(end, ".0f")} s | simulated wall time | per round | local steps per round (all '
+           'clients) | clients averaged per round | seeds | CPU time |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for r in table:
+    paired = ', '.join(f'{v:+.1%}' for v in r['final_vs_reference_per_seed'])
     lines.append(
-        f"| `{r['fleet']}` | {pm(r['final_val_ppl'], r['final_val_ppl_std'])} | "
-        f"{pm(r['val_ppl_at_reference_end'], r['val_ppl_at_reference_end_std'])} | "
+        f"| `{r['fleet']}` | {pm(r['final_val_ppl'], r['final_val_ppl_std'])} | {paired} | "
+        f"{pm(r['val_ppl_at_equal_time'], r['val_ppl_at_equal_time_std'])} | "
         f"{fmt(r['sim_wall_s'], '.0f')} s | {fmt(r['sim_round_s'], '.1f')} s | "
         f"{fmt(r['local_steps_per_round'], '.0f')} | {fmt(r['aggregated_per_round'], '.0f')} | "
         f"{r['seeds']} | {fmt(r['wall_s'] / 60, '.1f')} min |")
