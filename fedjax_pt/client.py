@@ -70,7 +70,7 @@ def state_shardings(model_cfg: model_lib.ModelConfig, opt_cfg: optimizers.OptCon
   """Where a LocalState lives: parameters and Adam moments split by the rules (the moments on
   host memory with mesh.offload_optimizer), the step replicated."""
   params = layout.params(model_cfg, stacked=stacked)
-  shapes = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
+  shapes = model_lib.param_shapes(model_cfg)
   opt_state = sharding.optimizer_shardings(
       optimizers.local_optimizer(opt_cfg), shapes, params, layout.replicated(stacked=stacked),
       host=layout.cfg.offload_optimizer)
@@ -227,7 +227,7 @@ class Trainer:
     self._place = jax.jit(place, out_shardings=group)
     self._init_opt = jax.jit(tx.init, out_shardings=one.opt_state)
     self._opt_shardings = one.opt_state
-    param_shapes = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
+    param_shapes = model_lib.param_shapes(model_cfg)
     self._opt_shapes = jax.tree.map(
         lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
         jax.eval_shape(tx.init, param_shapes), one.opt_state)

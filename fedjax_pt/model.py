@@ -308,14 +308,20 @@ def _abstract_boxed_params(cfg: ModelConfig) -> Any:
   return jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), tokens)['params'])
 
 
+def _traceable(cfg: ModelConfig) -> ModelConfig:
+  # The parameters do not depend on the attention kernel, and cuDNN's cannot be traced where
+  # there is no GPU (a plan for an H100 made on a laptop).
+  return dataclasses.replace(cfg, attention='xla')
+
+
 def param_shapes(cfg: ModelConfig) -> Any:
   """The parameters (those of `init_params`) as ShapeDtypeStructs, allocating nothing."""
-  return nn.unbox(_abstract_boxed_params(cfg))
+  return nn.unbox(_abstract_boxed_params(_traceable(cfg)))
 
 
 def logical_axes(cfg: ModelConfig) -> Any:
   """PartitionSpec of logical axis names for every parameter, without allocating any."""
-  return nn.get_partition_spec(_abstract_boxed_params(cfg))
+  return nn.get_partition_spec(_abstract_boxed_params(_traceable(cfg)))
 
 
 def param_count(cfg: ModelConfig) -> int:

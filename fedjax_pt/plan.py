@@ -120,13 +120,15 @@ def full_plan(config: ml_collections.ConfigDict, accelerator: devices_lib.Accele
                      f'client, but --gpus_per_client={hardware.devices_per_client}')
   platform = 'cpu' if accelerator.measured else 'gpu'
   est = memory.estimate(spec, model_cfg, platform)
-  xla = memory.xla_analysis(spec, model_cfg, devices)
+  # cuDNN's attention compiles only for an NVIDIA GPU: XLA:CPU cannot analyse that step.
+  xla = (None if model_cfg.attention == 'cudnn' and jax.default_backend() != 'gpu' else
+         memory.xla_analysis(spec, model_cfg, devices))
   w = workload(spec, model_cfg)
   p = wallclock.predict(w, hardware)
   fl, mesh, c = spec.fl, spec.mesh, spec.fl.compression
   k = fl.clients_per_round
   extrapolated = (f', at 1 and 2 layers and extrapolated per layer to {model_cfg.num_layers} '
-                  '(the blocks are identical)' if xla.compiled_layers == (1, 2) else '')
+                  '(the blocks are identical)' if xla and xla.compiled_layers == (1, 2) else '')
   lines = [
       f'model: {model_lib.param_count(model_cfg):,} parameters, d_model {model_cfg.d_model}, '
       f'{model_cfg.num_layers} layers, {model_cfg.num_heads} heads, vocab {model_cfg.vocab_size}, '
@@ -138,11 +140,13 @@ def full_plan(config: ml_collections.ConfigDict, accelerator: devices_lib.Accele
       f'client mesh: data {mesh.data} x fsdp {mesh.fsdp}; a step takes {spec.data.batch_size} x '
       f'{spec.data.seq_len} tokens in micro-batches of '
       f'{spec.data.micro_batch_size or spec.data.batch_size} sequences [config]',
-      f'memory per device, XLA: {_gib(xla.total)} = arguments {_gib(xla.argument)} + outputs '
-      f'{_gib(xla.output)} + temporaries {_gib(xla.temp)} - outputs aliased to donated arguments '
-      f'{_gib(xla.alias)} [measured: memory_analysis() of the local train step compiled on '
-      f'abstract arrays for {mesh.num_devices} CPU device(s), in {xla.compile_s:.1f} s'
-      f'{extrapolated}]',
+      (f'memory per device, XLA: {_gib(xla.total)} = arguments {_gib(xla.argument)} + outputs '
+       f'{_gib(xla.output)} + temporaries {_gib(xla.temp)} - outputs aliased to donated '
+       f'arguments {_gib(xla.alias)} [measured: memory_analysis() of the local train step '
+       f'compiled on abstract arrays for {mesh.num_devices} CPU device(s), in '
+       f'{xla.compile_s:.1f} s{extrapolated}]' if xla else
+       'memory per device, XLA: not analysed: model.attention=cudnn compiles only for an NVIDIA '
+       'GPU (plan with --config.model.attention=xla for XLA:CPU\'s figure of the XLA path)'),
       '  note: XLA:CPU is not a GPU: it keeps bfloat16 activations in float32, runs the CPU\'s '
       'blocked attention, fuses differently and does not turn model.remat into a saving',
       f'memory per device, formula for the {platform.upper()} path: {_gib(est.local)} = '

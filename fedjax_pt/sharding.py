@@ -188,7 +188,7 @@ class Layout:
   def params(self, model_cfg: model_lib.ModelConfig, *, stacked: bool = False) -> Any:
     """Shardings of the model's parameters, checked to split every dimension evenly."""
     axes = model_lib.logical_axes(model_cfg)
-    shapes = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
+    shapes = model_lib.param_shapes(model_cfg)
 
     def checked(spec, shape):
       named = self.named(tuple(spec), stacked=stacked)

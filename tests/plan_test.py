@@ -101,7 +101,7 @@ def test_every_paper_config_is_planned_in_bounded_time_without_allocating_the_mo
   hardware = wallclock.Hardware(peak_flops=989e12, devices_per_client=8, mfu=0.4,
                                 bandwidth_bps=1e9, latency_s=0.01)
   rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  for name, params in (('75m', '74,954,880'), ('125m', '125,209,344'), ('350m', '3'),
+  for name, params in (('75m', '74,954,880'), ('125m', '125,209,344'), ('350m', '355,714,048'),
                        ('1p3b', '1,315,407,872')):
     start = time.perf_counter()
     report = plan.full_plan(importlib.import_module(f'configs.{name}').get_config(),
@@ -113,6 +113,25 @@ def test_every_paper_config_is_planned_in_bounded_time_without_allocating_the_mo
   assert sum(x.nbytes for x in jax.live_arrays()) < 2**20
   # Allocating 1p3b's float32 parameters alone would take 5.3 GB.
   assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before < 4e9
+
+
+def test_a_cudnn_config_is_planned_on_a_host_without_cudnn():
+  """cuDNN's attention cannot be traced or compiled here: the shapes come from the XLA path (the
+  parameters are the same), XLA's analysis is skipped with a reason, the formula counts no
+  [L, L] attention probabilities."""
+  config = tiny.get_config()
+  config.model.attention = 'cudnn'
+  config.mesh.fsdp = 1
+  hardware = wallclock.Hardware(peak_flops=989e12, devices_per_client=1, mfu=0.4,
+                                bandwidth_bps=1e9, latency_s=0.01)
+  report = plan.full_plan(config, devices.accelerator('h100'), hardware)
+  assert 'memory per device, XLA: not analysed: model.attention=cudnn compiles only' in report
+  xla_path = config.copy_and_resolve_references()
+  xla_path.model.attention = 'xla'
+  spec, cudnn_cfg = plan.one_client_spec(config)
+  _, xla_cfg = plan.one_client_spec(xla_path)
+  assert (memory.estimate(spec, cudnn_cfg, 'gpu').activations <
+          memory.estimate(spec, xla_cfg, 'gpu').activations)
 
 
 @pytest.mark.parametrize('flags, message', [
