@@ -8,8 +8,11 @@ that fails to load (a truncated file) is moved aside, never deleted, and the pre
 """
 
 from collections.abc import Callable
+import contextlib
 import dataclasses
 import os
+import signal
+import threading
 from typing import Any
 
 from absl import logging
@@ -120,8 +123,9 @@ class Checkpointer:
   def save(self, round_idx: int, state: Any, meta: RunMeta) -> None:
     """Starts saving; with async_save the files are written while the next round trains."""
     try:
-      self._manager.save(round_idx, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta.to_json())))
+      with _interrupts_deferred():
+        self._manager.save(round_idx, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta.to_json())))
     except Exception as e:  # pylint: disable=broad-except  (orbax raises a disk error as it can)
       raise SaveFailed(self._failure_message(e)) from e
 
@@ -187,6 +191,26 @@ class Checkpointer:
     stop the event loop under orbax's other writers, which then print tracebacks of their own."""
     self.check()
     self._manager.close()
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+  """Ctrl-C or SIGTERM during the block is delivered when it ends. A KeyboardInterrupt inside
+  orbax's `save` leaves its background commit thread waiting for a signal that never comes (300 s,
+  orbax's timeout), and the interrupted run hanging at exit after its last line."""
+  if threading.current_thread() is not threading.main_thread():
+    yield  # signals are delivered to the main thread only
+    return
+  received = []
+  previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+              for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+  if received:
+    signal.raise_signal(received[0])  # now, to the handler it was meant for
 
 
 def abstract(tree: Any) -> Any:

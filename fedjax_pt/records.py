@@ -166,22 +166,25 @@ class RecordWriter:
   The JSON line is flushed at every record, so a crash never leaves a half-written line and a live
   run can be tailed or plotted. TensorBoard has two runs: `tensorboard/` (round records, step =
   round) and `tensorboard/steps/` (step records under `step/`, one curve per client, step = global
-  local step). A resumed run passes where it resumes (`resume_round`, `resume_step`): TensorBoard
-  then drops the events an earlier session logged from there on, as metrics.jsonl is cut back.
+  local step). A resumed run passes the records it keeps (`previous`: metrics.jsonl cut back to
+  its checkpoint): TensorBoard then drops every event an earlier session logged, and gets the
+  kept records again from metrics.jsonl, so it holds exactly what the file holds even when the
+  earlier session was killed before its writer thread had put all of a round's events on disk.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True, resume_round: int | None = None,
-               resume_step: int | None = None):
+  def __init__(self, workdir: str, tensorboard: bool = True, previous: 'Records | None' = None):
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._file = open(self.path, 'a', encoding='utf-8')
     self._rounds_tb = self._steps_tb = None
     if tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       directory = os.path.join(workdir, 'tensorboard')
-      self._rounds_tb = tensorboardX.SummaryWriter(directory, purge_step=resume_round,
-                                                   flush_secs=30)
+      purge = 0 if previous is not None else None  # a SessionLog START at step 0 drops them all
+      self._rounds_tb = tensorboardX.SummaryWriter(directory, purge_step=purge, flush_secs=30)
       self._steps_tb = tensorboardX.SummaryWriter(os.path.join(directory, 'steps'),
-                                                  purge_step=resume_step, flush_secs=30)
+                                                  purge_step=purge, flush_secs=30)
+      for record in (previous.rounds + previous.steps) if previous is not None else ():
+        self._to_tensorboard(record, to_json(record))
 
   def write(self, record: RoundRecord | StepRecord) -> None:
     obj = to_json(record)
@@ -190,6 +193,9 @@ class RecordWriter:
       self._file.flush()
     except OSError as e:  # a full disk: say which file, not just the errno
       raise OSError(e.errno, f'{self.path} could not be written ({e.strerror})') from e
+    self._to_tensorboard(record, obj)
+
+  def _to_tensorboard(self, record: RoundRecord | StepRecord, obj: dict[str, Any]) -> None:
     if self._rounds_tb is None:
       return
     if isinstance(record, RoundRecord):
@@ -200,14 +206,6 @@ class RecordWriter:
       for tag, value in _scalars({key: getattr(record, key) for key in
                                   ('loss', 'grad_norm', 'update_norm', 'lr')}):
         self._steps_tb.add_scalar(f'step/{tag}/client_{record.client}', value, record.step)
-
-  def flush(self) -> None:
-    """Puts every TensorBoard event so far on disk. Called at each checkpoint: a resume purges
-    the events after the checkpoint's round only, so the events up to it must all be there (a
-    SIGKILL would otherwise lose a buffered part of a round's events)."""
-    for tb in (self._rounds_tb, self._steps_tb):
-      if tb is not None:
-        tb.flush()
 
   def tell(self) -> int:
     """Bytes of metrics.jsonl written so far: where a resumed run cuts the file back to."""

@@ -112,7 +112,6 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
             'opt.lr or fl.outer_lr); this round is not checkpointed, ' +
             (f'the last checkpoint is round {saved[-1]}' if saved else 'and no earlier one was'))
       if session.checkpointer.should_save(round_idx, fl.rounds):
-        session.writer.flush()
         meta = checkpoint_lib.RunMeta(round_idx, dataclasses.replace(totals),
                                       clients.iterator_states(), sorted(clients.kept),
                                       session.writer.tell(),

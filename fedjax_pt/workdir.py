@@ -142,21 +142,19 @@ class Workdir:
     checkpointer = checkpoint_lib.Checkpointer(self.path, self._spec.ckpt)
     try:
       restored = checkpointer.restore_latest(abstract_state) if holds_run else None
-      previous = self._continue_metrics(restored) if holds_run else []
+      previous = self._continue_metrics(restored) if holds_run else None
       with open(self._config, 'w', encoding='utf-8') as f:
         json.dump(self._resolved, f, indent=2, sort_keys=True)
-      resume_round = restored.round + 1 if restored else None
-      writer = records.RecordWriter(
-          self.path, tensorboard=self._spec.tensorboard, resume_round=resume_round,
-          resume_step=restored.round * self._spec.fl.local_steps + 1 if restored else None)
+      writer = records.RecordWriter(self.path, tensorboard=self._spec.tensorboard,
+                                    previous=previous)
     except BaseException:
       checkpointer.close()
       raise
-    return Session(writer, checkpointer, restored, previous)
+    return Session(writer, checkpointer, restored, previous.rounds if previous else [])
 
-  def _continue_metrics(self, restored: checkpoint_lib.Restored | None
-                        ) -> list[records.RoundRecord]:
-    """Cuts metrics.jsonl back to the restored checkpoint, or sets it aside if there is none."""
+  def _continue_metrics(self, restored: checkpoint_lib.Restored | None) -> records.Records | None:
+    """Cuts metrics.jsonl back to the restored checkpoint and returns what it keeps, or sets it
+    aside if there is none (None)."""
     exists = os.path.exists(self._metrics)
     if restored is None:
       if exists:
@@ -166,7 +164,7 @@ class Workdir:
       tensorboard = os.path.join(self.path, 'tensorboard')
       if os.path.isdir(tensorboard):
         _set_aside(tensorboard)
-      return []
+      return None
     size = os.path.getsize(self._metrics) if exists else 0
     keep = restored.meta.metrics_bytes
     if size < keep:
@@ -176,7 +174,7 @@ class Workdir:
       # Records written after that checkpoint will be written again, identically.
       os.truncate(self._metrics, keep)
     logging.info('resuming %s from the checkpoint of round %d', self.path, restored.round)
-    return records.read_records(self._metrics).rounds if size else []
+    return records.read_records(self._metrics) if size else records.Records([], [])
 
 
 def _set_aside(path: str) -> str:

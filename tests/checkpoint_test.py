@@ -257,3 +257,27 @@ def test_tensorboard_has_no_duplicate_points_after_a_resume(uninterrupted, tmp_p
   assert rounds == _tensorboard_points(uninterrupted / 'tensorboard')
   steps = _tensorboard_points(tmp_path / 'tensorboard' / 'steps')
   assert steps['step/loss/client_0'] == list(range(1, ROUNDS * 3 + 1))
+
+
+class _Stopped(Exception):
+  pass
+
+
+def test_a_signal_during_a_save_is_delivered_when_the_save_call_returns():
+  """A KeyboardInterrupt inside orbax's save left its commit thread waiting and the interrupted
+  run hanging at exit: the signal must wait until the save call has returned."""
+  def stop(signum, frame):
+    raise _Stopped(signum)
+
+  previous = signal.signal(signal.SIGTERM, stop)
+  try:
+    finished = []
+    with pytest.raises(_Stopped):
+      with checkpoint_lib._interrupts_deferred():  # pylint: disable=protected-access
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the signal has arrived: it would have been raised by now
+        finished.append(True)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGTERM) is stop  # the handler is back
+  finally:
+    signal.signal(signal.SIGTERM, previous)
