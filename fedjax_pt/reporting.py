@@ -129,7 +129,8 @@ def summary_table(rounds: list[records.RoundRecord], total_time_s: float) -> str
   ]
   sim = rounds[-1].sim_wall_time_s if rounds else None
   if sim is not None and rounds[-1].clients is not None:
-    rows.insert(5, ('simulated wall time', f'{sim:.1f} s (clients in parallel, fl.profiles)'))
+    rows.insert(5, ('simulated wall time',
+                    f'{sim:.1f} s (clients training at once, fedjax_pt/sim_clock.py)'))
   ratio = communication.ddp_ratio(s.ddp_equivalent_bytes, s.bytes_communicated)
   if ratio is not None:
     rows.append(('vs data-parallel (ring all-reduce)',
