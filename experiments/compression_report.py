@@ -11,7 +11,6 @@ perplexity against cumulative bytes communicated, and at the end of the runs).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -119,21 +118,11 @@ def figure(runs: Mapping[str, plot.Run], path: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--root', required=True, help="the study's sweep root")
-  parser.add_argument('--spec', default=os.path.join(REPO, 'experiments', 'compression.yaml'))
-  parser.add_argument('--out', default=os.path.join(REPO, 'experiments', 'results'))
-  args = parser.parse_args(argv)
-  runs = load(args.root, args.spec)
-  if not runs:
-    print(f'compression_report: error: no run of {args.spec} under {args.root}', file=sys.stderr)
-    return 2
-  paths = [*write_tables(rows(runs, args.root), args.out),
-           figure(runs, os.path.join(args.out, 'compression.png'))]
-  with open(paths[1], encoding='utf-8') as f:
-    print(f.read())
-  print('\n'.join(paths))
-  return 0
+  def write(runs, root, out):
+    return [*write_tables(rows(runs, root), out),
+            figure(runs, os.path.join(out, 'compression.png'))]
+
+  return sweep_report.report_cli(argv, __doc__, 'compression', load, write)
 
 
 if __name__ == '__main__':

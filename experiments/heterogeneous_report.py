@@ -10,7 +10,6 @@ the run and of a round, the local steps and clients per round) and OUT/heterogen
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import statistics
@@ -135,22 +134,12 @@ def figure(fleets: Mapping[str, list[plot.Run]], path: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--root', required=True, help="the study's sweep root")
-  parser.add_argument('--spec', default=os.path.join(REPO, 'experiments', 'heterogeneous.yaml'))
-  parser.add_argument('--out', default=os.path.join(REPO, 'experiments', 'results'))
-  args = parser.parse_args(argv)
-  fleets = by_fleet(args.root, args.spec)
-  if not fleets:
-    print(f'heterogeneous_report: error: no run of {args.spec} under {args.root}',
-          file=sys.stderr)
-    return 2
-  paths = [*write_tables(rows(fleets), args.out),
-           figure(fleets, os.path.join(args.out, 'heterogeneous.png'))]
-  with open(paths[1], encoding='utf-8') as f:
-    print(f.read())
-  print('\n'.join(paths))
-  return 0
+  def write(fleets, root, out):
+    del root  # the runs carry their workdirs
+    return [*write_tables(rows(fleets), out),
+            figure(fleets, os.path.join(out, 'heterogeneous.png'))]
+
+  return sweep_report.report_cli(argv, __doc__, 'heterogeneous', by_fleet, write)
 
 
 if __name__ == '__main__':

@@ -10,7 +10,6 @@ perplexity against local steps, i.e. a client's wall-clock, for the three compar
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -170,22 +169,11 @@ def figure(runs: Mapping[tuple[int, str], plot.Run], path: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--root', required=True, help='the study\'s sweep root')
-  parser.add_argument('--spec', default=os.path.join(REPO, 'experiments', 'study.yaml'))
-  parser.add_argument('--out', default=os.path.join(REPO, 'experiments', 'results'))
-  args = parser.parse_args(argv)
-  runs = load(args.root, args.spec)
-  if not runs:
-    print(f'study_report: error: no run of {args.spec} under {args.root}', file=sys.stderr)
-    return 2
-  table, cross = rows(runs, args.root), crossings(runs)
-  paths = [*write_tables(table, cross, args.out), figure(runs, os.path.join(args.out,
-                                                                            'study.png'))]
-  with open(paths[1], encoding='utf-8') as f:
-    print(f.read())
-  print('\n'.join(paths))
-  return 0
+  def write(runs, root, out):
+    return [*write_tables(rows(runs, root), crossings(runs), out),
+            figure(runs, os.path.join(out, 'study.png'))]
+
+  return sweep_report.report_cli(argv, __doc__, 'study', load, write)
 
 
 if __name__ == '__main__':

@@ -6,9 +6,11 @@ validation perplexity, tokens, bytes communicated, time); blank where a run has 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from experiments import sweep_runner
@@ -108,3 +110,27 @@ def _duration(seconds: Any) -> str:
   if not records.finite(seconds):
     return ''
   return f'{seconds / 60:.1f} min' if seconds >= 120 else f'{seconds:.0f} s'
+
+
+def report_cli(argv: Sequence[str] | None, doc: str, name: str,
+               load: Callable[[str, str], Any],
+               write: Callable[[Any, str, str], Sequence[str]]) -> int:
+  """The command line of a study's report: --root (its sweep root), --spec (default
+  experiments/NAME.yaml), --out (default experiments/results). `load(root, spec)` gives the runs
+  (none: exit 2), `write(runs, root, out)` the paths it wrote, the markdown table second; prints
+  that table and the paths."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  parser = argparse.ArgumentParser(description=doc.split('\n\n')[0])
+  parser.add_argument('--root', required=True, help="the study's sweep root")
+  parser.add_argument('--spec', default=os.path.join(repo, 'experiments', f'{name}.yaml'))
+  parser.add_argument('--out', default=os.path.join(repo, 'experiments', 'results'))
+  args = parser.parse_args(argv)
+  runs = load(args.root, args.spec)
+  if not runs:
+    print(f'{name}_report: error: no run of {args.spec} under {args.root}', file=sys.stderr)
+    return 2
+  paths = write(runs, args.root, args.out)
+  with open(paths[1], encoding='utf-8') as f:
+    print(f.read())
+  print('\n'.join(paths))
+  return 0
