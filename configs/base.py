@@ -92,8 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shuffle = True
   c.data.only_client = -1  # k >= 0 with mode=centralized: client k trains alone on its shard
 
-  # Local training on the devices of this host (fedjax_pt/sharding.py): a mesh of
-  # clients x data x fsdp devices.
+  # Local training on a mesh of clients x data x fsdp devices (fedjax_pt/sharding.py): this
+  # process's devices, or those of every process of a multi-host client (fedjax_pt/distributed.py).
   c.mesh = ml_collections.ConfigDict()
   c.mesh.clients = 1  # P clients train at once, each on its own data x fsdp devices
   c.mesh.data = 1  # data-parallel replicas within a client (parameters replicated)
@@ -103,6 +103,12 @@ def get_config() -> ml_collections.ConfigDict:
                   ('heads', None), ('mlp', None), ('norm', None))
   c.mesh.offload_optimizer = False  # keep Adam's moments in pinned host memory between steps
   c.mesh.memory_check = True  # refuse, before any work, a run that cannot fit the devices' memory
+  # One client on several processes/hosts (jax.distributed; `python -m fedjax_pt.launch_local`).
+  c.mesh.num_processes = 1  # 1: this process alone; 0: detect from the cluster (SLURM, Open MPI)
+  c.mesh.process_id = 0  # this process's index, 0 .. num_processes-1 (0 writes the files)
+  c.mesh.coordinator = ''  # 'host:port' where process 0 serves; the same on every process
+  c.mesh.heartbeat_timeout_s = 100  # a process silent this long is dead, and all others stop
+  c.mesh.init_timeout_s = 300  # how long processes wait for each other to start
 
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_rounds = 1  # 0: never (the last round is always saved otherwise)

@@ -56,8 +56,9 @@ class Model:
 
 
 def build_model(model_cfg: model_lib.ModelConfig, opt_cfg: optimizers.OptConfig,
-                mesh_cfg: sharding.MeshConfig, micro_batch_size: int = 0, seed: int = 0) -> Model:
-  layout = sharding.Layout.create(mesh_cfg)
+                mesh_cfg: sharding.MeshConfig, micro_batch_size: int = 0, seed: int = 0,
+                layout: sharding.Layout | None = None) -> Model:
+  layout = layout or sharding.Layout.create(mesh_cfg)
   logging.info('mesh: %s', dict(layout.mesh.shape))
   return Model(
       cfg=model_cfg, layout=layout,
@@ -77,16 +78,21 @@ class Parts:
 
 def build(spec: RunSpec, model_cfg: model_lib.ModelConfig) -> Parts:
   """Reads, tokenizes and partitions the data, then builds the model and its compiled steps."""
-  data = data_lib.build_federated_data(spec.data, num_clients=spec.fl.num_clients, seed=spec.seed)
+  layout = sharding.Layout.create(spec.mesh)
+  # With several processes each loads only its rows of every batch (`fedjax_pt.distributed`).
+  data = data_lib.build_federated_data(spec.data, num_clients=spec.fl.num_clients, seed=spec.seed,
+                                       process_rows=layout.process_rows(spec.data.batch_size))
   logging.info('model: %s parameters (%s)', f'{model_lib.param_count(model_cfg):,}', model_cfg)
   logging.info('data: %d clients, tokenizer %s (vocab %d, model vocab %d)', data.num_clients,
                data.tokenizer.name, data.tokenizer.vocab_size, model_cfg.vocab_size)
-  model = build_model(model_cfg, spec.opt, spec.mesh, spec.data.micro_batch_size, spec.seed)
+  model = build_model(model_cfg, spec.opt, spec.mesh, spec.data.micro_batch_size, spec.seed,
+                      layout)
   ways = spec.mesh.data * spec.mesh.fsdp
 
   def val_set(client=None):
-    return metrics.padded(data.val_batches(spec.eval_batch_size, spec.eval_max_batches, client),
-                          ways)
+    batches = metrics.padded(
+        data.val_batches(spec.eval_batch_size, spec.eval_max_batches, client), ways)
+    return [_global_eval_batch(layout, tokens, mask) for tokens, mask in batches]
 
   per_client = spec.eval_per_client and spec.mode == 'federated'
   evaluator = metrics.Evaluator(
@@ -94,6 +100,17 @@ def build(spec: RunSpec, model_cfg: model_lib.ModelConfig) -> Parts:
       [val_set(k) for k in range(data.num_clients)] if per_client else [],
       spec.eval_every_rounds, spec.fl.rounds)
   return Parts(spec, model, data, evaluator, optimizers.lr_schedule(spec.opt))
+
+
+def _global_eval_batch(layout: sharding.Layout, tokens, mask) -> metrics.EvalBatch:
+  """With several processes, a validation batch as global arrays that each process fills with
+  its own rows (the same batch, as it is, for one process)."""
+  if jax.process_count() == 1:
+    return tokens, mask
+  block, blocks = layout.process_rows(len(tokens))
+  rows = slice(block * len(tokens) // blocks, (block + 1) * len(tokens) // blocks)
+  return (layout.global_batch(tokens[rows]),
+          layout.global_batch(mask[rows], layout.named(('batch',))))
 
 
 def round_object(parts: Parts, progress, make_clients=None) -> tuple[Any, Any]:

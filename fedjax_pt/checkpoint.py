@@ -174,6 +174,9 @@ class Checkpointer:
 
   def _move_aside(self, step: int) -> str:
     source = os.path.join(self.directory, str(step))
+    if jax.process_index() != 0:  # process 0 moves it; every process reads the same files
+      self._manager.reload()
+      return f'{source} (moved by process 0)'
     target = os.path.join(os.path.dirname(self.directory), f'corrupted-checkpoint-{step}')
     suffix = 0
     while os.path.exists(target if not suffix else f'{target}.{suffix}'):

@@ -205,6 +205,7 @@ class Trainer:
   def __init__(self, model_cfg: model_lib.ModelConfig, opt_cfg: optimizers.OptConfig,
                layout: sharding.Layout, micro_batch_size: int = 0):
     self.parallel = layout.clients
+    self._layout = layout
     self.train_step = make_train_step(model_cfg, opt_cfg, micro_batch_size, layout)
     tx = optimizers.local_optimizer(opt_cfg)
     one = state_shardings(model_cfg, opt_cfg, layout, stacked=False)
@@ -247,6 +248,11 @@ class Trainer:
     error-feedback residual into."""
     return self._param_shapes
 
+  def global_batches(self, batches: Iterator[np.ndarray]) -> Iterator[Any]:
+    """This process's rows of each batch as the global batch (`fedjax_pt.distributed`); the
+    batches themselves with one process."""
+    return map(self._layout.global_batch, batches)
+
   def init(self, params, step: int, opt_states: Sequence[Any | None] | None = None) -> LocalState:
     """The state of a group starting from `params` at global step `step`: fresh Adam moments, or
     the clients' own where `opt_states` has them (fl.reset_optimizer=False)."""
@@ -270,7 +276,8 @@ class Trainer:
       raise ValueError(f'a group has mesh.clients={self.parallel} clients, got {len(batches)}')
     state = self.init(params, step, opt_states)
     if self.parallel == 1:
-      return [client_update(self.train_step, state, batches[0], num_steps, log_every, on_step)]
+      return [client_update(self.train_step, state, self.global_batches(batches[0]), num_steps,
+                            log_every, on_step)]
     state, steps = _local_steps(self.train_step, state,
                                 lambda: np.stack([next(b) for b in batches]), num_steps,
                                 log_every, on_step, clients=self.parallel)

@@ -141,6 +141,10 @@ def main(argv):
     except (ValueError, OSError, ImportError) as e:
       _fail(e)
     return
+  if config.mesh.num_processes != 1 and not _WORKDIR.value:
+    # Every process must write to one directory, which a timestamped default would not be.
+    _fail(f'mesh.num_processes={config.mesh.num_processes} needs --workdir: the same directory '
+          '(on a file system that every host sees) for every process')
   workdir = _WORKDIR.value or _default_workdir(_config_file())
   logging.info('workdir: %s', workdir)
   signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -158,6 +162,9 @@ def main(argv):
     # Bad input or an unusable workdir (not a directory, not writable, disk full): one line that
     # names the culprit, no traceback.
     _fail(e)
+  if not result.rounds:  # a process other than 0 of a resumed run that had nothing left to do
+    print(f'done: results in {workdir}')
+    return
   last = result.last_round
   print(f'done: {last.round} rounds, val_ppl {last.val_ppl:.2f}, results in {workdir}')
 

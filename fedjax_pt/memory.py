@@ -229,7 +229,7 @@ def check_fits(est: Estimate, device: jax.Device | None = None) -> None:
 
   It refuses only when the least the run can need, the estimate less its error band
   (`FIT_TOLERANCE`), exceeds the memory."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]  # another process's has no stats here
   have, source = available_bytes(device)
   if have is None:
     return

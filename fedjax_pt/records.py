@@ -218,6 +218,19 @@ class RecordWriter:
         tb.close()
 
 
+class NullWriter:
+  """The writer of a process other than 0 in a multi-process run: process 0 writes the records."""
+
+  def write(self, record: RoundRecord | StepRecord) -> None:
+    del record
+
+  def tell(self) -> int:
+    return 0  # what the checkpoint's meta says is process 0's (orbax writes its JSON)
+
+  def close(self) -> None:
+    pass
+
+
 @dataclasses.dataclass
 class Records:
   rounds: list[RoundRecord]

@@ -4,6 +4,7 @@ import logging as std_logging
 import sys
 
 from absl import logging
+import jax
 import tqdm
 
 from fedjax_pt import communication
@@ -61,7 +62,11 @@ class Progress:
 
   def write(self, text: str) -> None:
     # Printed even when the bar is disabled: with log.progress=False a run shows one line per round.
-    tqdm.tqdm.write(text)
+    # A process other than 0 of a multi-process run logs it: process 0 prints the run's lines.
+    if jax.process_index():
+      logging.info('%s', text)
+    else:
+      tqdm.tqdm.write(text)
 
   def close(self) -> None:
     if self._handler is not None:

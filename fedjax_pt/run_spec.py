@@ -8,6 +8,7 @@ import ml_collections
 
 from fedjax_pt import checkpoint as checkpoint_lib
 from fedjax_pt import data as data_lib
+from fedjax_pt import distributed
 from fedjax_pt import faults
 from fedjax_pt import optimizers
 from fedjax_pt import profiles as profiles_lib
@@ -25,6 +26,7 @@ class RunSpec:
   data: data_lib.DataConfig
   ckpt: checkpoint_lib.CheckpointConfig
   mesh: sharding.MeshConfig
+  processes: distributed.ProcessConfig
   eval_batch_size: int
   eval_max_batches: int
   eval_every_rounds: int
@@ -59,6 +61,7 @@ class RunSpec:
                    config.mesh, mode=config.mode, batch_size=config.data.batch_size,
                    micro_batch_size=config.data.micro_batch_size,
                    clients_per_round=config.fl.clients_per_round),
+               processes=distributed.ProcessConfig.from_config(config.mesh),
                eval_batch_size=config.eval.batch_size, eval_max_batches=config.eval.max_batches,
                eval_every_rounds=config.eval.every_rounds, eval_per_client=config.eval.per_client,
                log_every_steps=config.log.every_steps, progress=config.log.progress,

@@ -29,6 +29,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from fedjax_pt import distributed
 from fedjax_pt import model as model_lib
 
 MESH_AXES = ('clients', 'data', 'fsdp')
@@ -67,15 +68,19 @@ class MeshConfig:
   @classmethod
   def from_config(cls, mesh: ml_collections.ConfigDict, *, mode: str, batch_size: int,
                   micro_batch_size: int, clients_per_round: int,
-                  num_devices: int | None = None) -> 'MeshConfig':
+                  num_devices: int | None = None,
+                  num_processes: int | None = None) -> 'MeshConfig':
     """Validates `mesh.*` against the local devices and the batch; one-line errors name the keys.
 
     `mesh.fsdp = -1` takes the devices that `mesh.clients x mesh.data` leave, or the largest part
     of them that splits every client's batch (and micro-batch) evenly, so the default config runs
-    on any number of local devices.
+    on any number of local devices. With several processes (`fedjax_pt.distributed`) the devices
+    are all of theirs, and the mesh must use every one.
     """
-    values = mesh.to_dict()
+    # The processes that make up the mesh (mesh.num_processes, ...) are `fedjax_pt.distributed`'s.
+    values = {k: v for k, v in mesh.to_dict().items() if k not in distributed.KEYS}
     num_devices = num_devices or jax.device_count()
+    num_processes = num_processes or jax.process_count()
     for name in ('clients', 'data'):
       if not _is_int(values[name]) or values[name] < 1:
         raise ValueError(f'mesh.{name} must be a positive integer, got {values[name]!r}')
@@ -109,6 +114,15 @@ class MeshConfig:
     if clients_per_round % clients:
       raise ValueError(f'fl.clients_per_round={clients_per_round} is not divisible by '
                        f'mesh.clients={clients} (clients train in groups of mesh.clients)')
+    if num_processes > 1:
+      if cfg.num_devices != num_devices:
+        raise ValueError(f'mesh.clients x mesh.data x mesh.fsdp = {cfg.num_devices} devices of the '
+                         f'{num_devices} of {num_processes} processes: a multi-process mesh must '
+                         f'use them all')
+      if clients > 1:
+        raise ValueError(f'mesh.clients={clients} with {num_processes} processes: a multi-process '
+                         'mesh trains one client at a time, split over the data and fsdp axes; '
+                         'set mesh.clients=1')
     if not isinstance(cfg.offload_optimizer, bool):
       raise ValueError(f'mesh.offload_optimizer must be a bool, got {cfg.offload_optimizer!r}')
     return cfg
@@ -180,6 +194,27 @@ class Layout:
   def batch(self, *, stacked: bool = False) -> NamedSharding:
     """[(P,) B, L+1] token batches: sequences split over a client's devices."""
     return self.named(('batch', None), stacked=stacked)
+
+  def process_rows(self, batch_size: int) -> tuple[int, int]:
+    """(i, n): this process holds block i of n equal blocks of rows of a [batch_size, ...] batch
+    (0, 1 for one process). It loads only those rows (`global_batch`)."""
+    if jax.process_count() == 1:
+      return 0, 1
+    rows = {(s[0].start or 0, s[0].stop or batch_size) for s in
+            self.batch().addressable_devices_indices_map((batch_size, 1)).values()}
+    start, stop = min(r[0] for r in rows), max(r[1] for r in rows)
+    size = stop - start
+    if batch_size % size or start % size or sum(b - a for a, b in rows) != size:
+      raise ValueError(f'mesh {dict(self.mesh.shape)}: the batch rows of process '
+                       f'{jax.process_index()} are not one contiguous block ({sorted(rows)})')
+    return start // size, batch_size // size
+
+  def global_batch(self, local: np.ndarray, sharding: NamedSharding | None = None) -> Any:
+    """A batch of which this process holds the rows `process_rows` names, as one global array
+    (as it is, for one process: jit places a host array itself)."""
+    if jax.process_count() == 1:
+      return local
+    return jax.make_array_from_process_local_data(sharding or self.batch(), local)
 
   def replicated(self, *, stacked: bool = False) -> NamedSharding:
     """Scalars (steps, metrics), or [P] vectors of them when stacked."""

@@ -20,6 +20,7 @@ import numpy as np
 
 from fedjax_pt import client as client_lib
 from fedjax_pt import compression
+from fedjax_pt import distributed
 from fedjax_pt import faults
 from fedjax_pt import fragments
 from fedjax_pt import records
@@ -183,13 +184,16 @@ class SimulatedClients:
           start_params, (round_idx - 1) * fl.local_steps + segment.start, batches, opt_states,
           steps, spec.log_every_steps, lambda _: self._progress.advance(training))
     except Exception as e:  # pylint: disable=broad-except
+      if jax.process_count() > 1:
+        raise  # one process of several cannot leave the others waiting in a collective
       logging.warning('round %d: clients %s raised %s: %s; left out of the average', round_idx,
                       group, type(e).__name__, e)
       return [reports.get(k) or ClientReport(client=k, update=None,
                                              failure=f'raised {type(e).__name__}: {e}',
                                              **received[k])
               for k in group]
-    elapsed = time.perf_counter() - start
+    # fl.round_timeout_s and the round deadline read this clock: every process decides on one.
+    elapsed = distributed.agree(time.perf_counter() - start)
     for k, result in zip(slots, results):
       if k is None or k in reports:
         continue
@@ -277,7 +281,8 @@ class CentralizedClient:
     fl = self._spec.fl
     self._progress.describe(f'round {round_idx}/{fl.rounds} centralized')
     start = time.perf_counter()
-    result = client_lib.client_update(self._trainer.train_step, state, self.iterators[0],
+    result = client_lib.client_update(self._trainer.train_step, state,
+                                      self._trainer.global_batches(self.iterators[0]),
                                       fl.local_steps, self._spec.log_every_steps,
                                       lambda _: self._progress.advance())
     self._progress.loss(result.last_loss)

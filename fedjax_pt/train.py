@@ -7,16 +7,19 @@ Re-running the same command on the same workdir resumes from the latest good che
 """
 
 import dataclasses
+import os
 import sys
 import time
 from typing import Any
 
 from absl import logging
+import jax
 import ml_collections
 
 from fedjax_pt import build
 from fedjax_pt import checkpoint as checkpoint_lib
 from fedjax_pt import communication
+from fedjax_pt import distributed
 from fedjax_pt import errors
 from fedjax_pt import faults
 from fedjax_pt import memory
@@ -46,6 +49,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_clients=None) -> R
   `make_clients(parts)`, if given, makes the clients that the federated rounds drive in place of
   the in-process simulation: the nodes of a Flower deployment (`fedjax_pt.deploy.server_app`).
   """
+  # Before JAX touches a device: with several processes, the devices are all of theirs.
+  processes = distributed.ProcessConfig.from_config(config.mesh)
+  distributed.initialize(processes)
   spec = RunSpec.from_config(config)
   model_cfg = build.model_config(config)
   if spec.mesh.memory_check:
@@ -53,6 +59,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_clients=None) -> R
   run_dir = workdir_lib.Workdir(workdir, spec, build.resolved_config(config, model_cfg))
   with run_dir.lock():
     run_dir.check()
+    if not distributed.is_primary():
+      distributed.log_to_file(os.path.join(workdir, 'logs', f'process_{jax.process_index()}.log'))
     parts = build.build(spec, model_cfg)
     return _train(spec, parts, run_dir, make_clients)
 
@@ -64,7 +72,8 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
   if spec.mode == 'federated':  # clients' steps may differ (fl.profiles): the mean client's
     steps_per_round = round(fl.clients_per_round * sum(
         spec.client_plan(k).local_steps for k in range(fl.num_clients)) / fl.num_clients)
-  progress = reporting.Progress(fl.rounds * steps_per_round, spec.progress)
+  primary = distributed.is_primary()  # process 0 of several shows the progress and the summary
+  progress = reporting.Progress(fl.rounds * steps_per_round, spec.progress and primary)
   algorithm, clients = build.round_object(parts, progress, make_clients)
   state = algorithm.init(parts.model.params)
   kept_shapes = parts.model.trainer.opt_state_shapes()
@@ -132,11 +141,12 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
         f'interrupted at round {round_idx}; re-run the same command to resume ' +
         (f'(from the checkpoint of round {saved[-1]})' if saved else '(no round was checkpointed '
          'yet: it starts over)'))
-  summary = reporting.summary_table(rounds, time.perf_counter() - start)
-  if spec.progress:
-    print(summary)
-  else:
-    logging.info('summary of %s:\n%s', run_dir.path, summary)
+  if primary:  # the others know only this session's rounds
+    summary = reporting.summary_table(rounds, time.perf_counter() - start)
+    if spec.progress:
+      print(summary)
+    else:
+      logging.info('summary of %s:\n%s', run_dir.path, summary)
   trained = [r for r in rounds if r.round > 0]
   if spec.mode == 'federated' and trained and all(r.skipped for r in trained):
     raise errors.TrainingFailed(

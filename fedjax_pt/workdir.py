@@ -22,6 +22,7 @@ from absl import logging
 
 from configs import base as base_config
 from fedjax_pt import checkpoint as checkpoint_lib
+from fedjax_pt import distributed
 from fedjax_pt import errors
 from fedjax_pt import records
 from fedjax_pt.run_spec import RunSpec
@@ -73,8 +74,12 @@ class Workdir:
 
     A second process on the same workdir (a forgotten run, a sweep's orphaned trainer) is refused
     with the holder's pid instead of appending to the same metrics.jsonl. The lock is an flock on
-    `.lock`: the operating system releases it when the holder exits, however it exits.
+    `.lock`: the operating system releases it when the holder exits, however it exits. Of the
+    processes of one multi-process run, process 0 holds it (it writes the files).
     """
+    if not distributed.is_primary():
+      yield
+      return
     os.makedirs(self.path, exist_ok=True)
     path = os.path.join(self.path, '.lock')
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -96,6 +101,7 @@ class Workdir:
     self.path, self._spec, self._resolved = path, spec, resolved
     self._metrics = os.path.join(path, 'metrics.jsonl')
     self._config = os.path.join(path, 'config.json')
+    self._held: bool | None = None  # holds_run() as `check` saw it
 
   def holds_run(self) -> bool:
     """Whether an earlier session left a checkpoint or a record here."""
@@ -107,8 +113,14 @@ class Workdir:
   def check(self) -> None:
     """Refuses a workdir that holds another experiment (or any run, with ckpt.restore=False).
 
-    Reads only: call it before the data is read, so a wrong command fails in a second."""
-    if not self.holds_run():
+    Reads only: call it before the data is read, so a wrong command fails in a second. Every
+    process of a multi-process run checks, then waits for the others (process 0 writes next)."""
+    self._held = self.holds_run()
+    self._check()
+    distributed.barrier('workdir checked')
+
+  def _check(self) -> None:
+    if not self._held:
       return
     if not self._spec.ckpt.restore:
       raise errors.WorkdirRefused(f'--workdir={self.path} already holds a run and '
@@ -135,13 +147,16 @@ class Workdir:
   def open(self, abstract_state: Callable[[checkpoint_lib.RunMeta], Any]) -> Session:
     """Restores the latest good checkpoint (if any), writes config.json and opens the writers.
 
-    `abstract_state(meta)` gives the arrays to restore into (shapes and shardings).
+    `abstract_state(meta)` gives the arrays to restore into (shapes and shardings). Every process
+    restores its shards; process 0 alone writes config.json, metrics.jsonl and TensorBoard.
     """
-    holds_run = self.holds_run()
+    holds_run = self.holds_run() if self._held is None else self._held
     os.makedirs(self.path, exist_ok=True)
     checkpointer = checkpoint_lib.Checkpointer(self.path, self._spec.ckpt)
     try:
       restored = checkpointer.restore_latest(abstract_state) if holds_run else None
+      if not distributed.is_primary():
+        return Session(records.NullWriter(), checkpointer, restored, [])
       previous = self._continue_metrics(restored) if holds_run else None
       with open(self._config, 'w', encoding='utf-8') as f:
         json.dump(self._resolved, f, indent=2, sort_keys=True)

@@ -42,6 +42,11 @@ def _set(config, dotted, value):
     ('opt.lr', float('inf'), 'opt.lr must be a finite number, got inf'),
     ('fl.outer_lr', float('nan'), 'fl.outer_lr must be a finite number, got nan'),
     ('fl.round_timeout_s', float('-inf'), 'fl.round_timeout_s must be a finite number, got -inf'),
+    ('mesh.num_processes', -1, 'mesh.num_processes must be an integer >= 0, got -1'),
+    ('mesh.num_processes', 2, 'mesh.num_processes=2 needs mesh.coordinator'),
+    ('mesh.process_id', 1, 'mesh.process_id=1 / mesh.coordinator=\'\' join a multi-process run'),
+    ('mesh.coordinator', 'localhost', "mesh.coordinator must be 'host:port', got 'localhost'"),
+    ('mesh.heartbeat_timeout_s', 0, 'mesh.heartbeat_timeout_s must be a positive integer'),
 ])
 def test_config_error_is_one_line_and_immediate(tmp_path, key, value, message):
   config = tiny.get_config()

@@ -279,3 +279,22 @@ def test_real_c4_sample_with_neox_dirichlet_by_domain():
   data = build_federated_data(cfg, num_clients=4, seed=0)
   batch = next(data.client_iterator(3))
   assert batch.shape == (8, 257) and batch.max() < data.tokenizer.vocab_size
+
+
+def test_processes_load_their_blocks_of_the_same_batches(tmp_path):
+  """Two processes (`fedjax_pt.distributed`) each read half the rows of every batch: stacked in
+  process order they are one process's batches, through two epochs, and the iterators' positions
+  (what a checkpoint saves) are the same on both and on one process."""
+  cfg = _cfg(source='jsonl', path=str(_corpus(tmp_path)), seq_len=8, batch_size=4)
+  whole = build_federated_data(cfg, num_clients=2, seed=3)
+  halves = [build_federated_data(cfg, num_clients=2, seed=3, process_rows=(i, 2))
+            for i in range(2)]
+  steps = 2 * whole.client_num_tokens(1) // (8 * 4) + 3  # past two epochs
+  for make in (lambda d: d.client_iterator(1), lambda d: d.centralized_iterator(),
+               lambda d: d.client_iterator(0, batch_size=2)):
+    one, parts = make(whole), [make(h) for h in halves]
+    for _ in range(steps):
+      rows = [next(p) for p in parts]
+      assert rows[0].shape[0] == rows[1].shape[0] > 0
+      np.testing.assert_array_equal(np.concatenate(rows), next(one))
+    assert parts[0].get_state() == parts[1].get_state() == one.get_state()

@@ -25,7 +25,8 @@ class FederatedData:
 
   def __init__(self, tokenizer: Tokenizer, seq_len: int, batch_size: int,
                train_windows: list[np.ndarray], val_windows: list[np.ndarray], seed: int,
-               shuffle: bool = True, only_client: int = -1):
+               shuffle: bool = True, only_client: int = -1,
+               process_rows: tuple[int, int] = (0, 1)):
     if not -1 <= only_client < len(train_windows):
       raise ValueError(f'data.only_client={only_client} names no client of '
                        f'{len(train_windows)} (fl.num_clients); -1 turns it off')
@@ -38,6 +39,9 @@ class FederatedData:
     self._seed = seed
     self._shuffle = shuffle
     self.only_client = only_client
+    # (i, n): with n processes (`fedjax_pt.distributed`) this one loads block i of n of every
+    # batch's rows; the n blocks together are exactly the batch one process would load.
+    self.process_rows = process_rows
 
   def client_num_tokens(self, k: int) -> int:
     """Training target tokens of client k: its windows times seq_len."""
@@ -91,7 +95,12 @@ class FederatedData:
       ds = ds.shuffle(seed=int(seed.generate_state(1)[0]))
     # repeat() reseeds the shuffle every epoch; batching after it lets a batch span two epochs, so
     # no window is ever skipped.
-    ds = ds.repeat().batch(batch_size or self.batch_size, drop_remainder=True)
+    block, blocks = self.process_rows
+    ds = ds.repeat().batch((batch_size or self.batch_size) // blocks, drop_remainder=True)
+    if blocks > 1:
+      # Global batch t is sub-batches t*n .. t*n+n-1; this process reads its own, the i-th: the
+      # iterator's position (t) is then the same on every process, and in the checkpoint.
+      ds = ds[block::blocks]
     return iter(ds.to_iter_dataset(_READ_OPTIONS))
 
   def _check_client(self, k: int) -> int:
@@ -106,8 +115,10 @@ def _interleave(parts: list[np.ndarray]) -> np.ndarray:
   return np.stack([p[i] for i in range(longest) for p in parts if i < len(p)])
 
 
-def build_federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedData:
-  """Reads, tokenizes, partitions, splits and packs the corpus of `cfg` for `num_clients`."""
+def build_federated_data(cfg: DataConfig, num_clients: int, seed: int,
+                         process_rows: tuple[int, int] = (0, 1)) -> FederatedData:
+  """Reads, tokenizes, partitions, splits and packs the corpus of `cfg` for `num_clients`; the
+  training batches are this process's block of rows (`FederatedData.process_rows`)."""
   if seed < 0:
     raise ValueError(f'seed must be >= 0, got {seed}')
   tokenizer = load_tokenizer(cfg.tokenizer)
@@ -131,7 +142,7 @@ def build_federated_data(cfg: DataConfig, num_clients: int, seed: int) -> Federa
                  '%d tokens, %d windows', k, len(train_docs), len(train_stream), len(train[-1]),
                  len(val_docs), len(val_stream), len(val[-1]))
   return FederatedData(tokenizer, cfg.seq_len, cfg.batch_size, train, val, seed, cfg.shuffle,
-                       cfg.only_client)
+                       cfg.only_client, process_rows)
 
 
 def _check_sizes(k: int, cfg: DataConfig, num_docs: int, train_tokens: int, train_windows: int,

@@ -111,6 +111,12 @@ def node_run_config(request: protocol.TrainRequest,
       raise ValueError(f'node config key {key!r} names no config key')
     config[group][name] = value
   config.mesh.clients = 1  # the node's devices all train its one client
+  if dict(node.overrides).get('mesh.num_processes', 1) != 1:
+    # Flower starts a ClientApp process per message: it cannot hold a jax.distributed group.
+    raise ValueError('a Flower node trains in one process on its own devices; mesh.num_processes '
+                     'must be 1 (several hosts per client: fedjax_pt.main with mesh.num_processes)')
+  # The server's own processes (if it ran on several) are not the node's.
+  config.mesh.num_processes, config.mesh.process_id, config.mesh.coordinator = 1, 0, ''
   return config
 
 

@@ -97,6 +97,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.eval.per_client:
     raise ValueError('eval.per_client=True is not supported by the deployment (the server has '
                      "no client's held-out data); set it to False")
+  if config.mesh.num_processes != 1:
+    raise ValueError(f'mesh.num_processes={config.mesh.num_processes}: the ServerApp runs in one '
+                     'process (it averages; the nodes train); set it to 1')
 
 
 def serve(grid: Grid, run_config: dict) -> train.RunResult:
