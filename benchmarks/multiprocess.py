@@ -1,6 +1,7 @@
 r"""One client on one process with N devices vs on P processes (jax.distributed) with N/P each.
 
   python -m benchmarks.multiprocess [--layouts=1x8,2x4,1x2,2x1] [--rounds=3] [--config=...]
+      [--overrides=mesh.data=8,mesh.fsdp=1]
 
 Runs the same config once per layout, PxD = P processes (`fedjax_pt.launch_local`) of D CPU devices
 each (`--xla_force_host_platform_device_count`), and reports, from metrics.jsonl, the mean
@@ -25,6 +26,7 @@ from absl import flags
 _LAYOUTS = flags.DEFINE_list('layouts', ['1x8', '2x4', '1x2', '2x1'], 'PxD layouts to run.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds per run; the first is left out.')
 _CONFIG = flags.DEFINE_string('config', 'configs/tiny.py', 'Config file.')
+_OVERRIDES = flags.DEFINE_list('overrides', [], 'Config overrides, e.g. mesh.data=8,mesh.fsdp=1.')
 _WORKDIR = flags.DEFINE_string('workdir', '', 'Where the runs go (default: a temporary dir).')
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -34,7 +36,7 @@ def _run(layout: str, workdir: str) -> dict[str, float]:
   processes, devices = map(int, layout.split('x'))
   args = [f'--config={_CONFIG.value}', f'--workdir={workdir}', f'--config.fl.rounds={_ROUNDS.value}',
           '--config.ckpt.every_rounds=0', '--config.log.progress=False',
-          '--config.log.tensorboard=False']
+          '--config.log.tensorboard=False', *(f'--config.{o}' for o in _OVERRIDES.value)]
   env = dict(os.environ)
   if processes == 1:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
@@ -63,7 +65,8 @@ def main(argv):
   for layout in _LAYOUTS.value:
     results[layout] = _run(layout, os.path.join(base, layout))
     print(f'{layout}: {results[layout]}', flush=True)
-  print(f'\n{_CONFIG.value}, {_ROUNDS.value} rounds, on {os.cpu_count()} CPU cores\n')
+  print(f'\n{_CONFIG.value} {" ".join(_OVERRIDES.value)}, {_ROUNDS.value} rounds, on '
+        f'{os.cpu_count()} CPU cores\n')
   print('| layout (processes x devices) | round (s) | local step (ms) | first round (s) | '
         'whole run (s) | final val_loss |')
   print('|---|---|---|---|---|---|')
