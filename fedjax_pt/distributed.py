@@ -170,3 +170,23 @@ def log_to_file(path: str) -> None:
   std_logging.getLogger().addHandler(handler)
   logging.get_absl_handler().setLevel(std_logging.ERROR)
   logging.info('process %d of %d logs here', jax.process_index(), jax.process_count())
+
+
+# What a collective or the coordination service raises when a peer process is gone.
+_PEER_GONE = ('Gloo', 'Connection reset by peer', 'Connection closed by peer',
+              'coordination service', 'Socket closed')
+
+
+def lost_peer(error: BaseException) -> str | None:
+  """A one-line account of `error` when it says that another process of this run is gone (its
+  collective's connection broke), else None."""
+  if jax.process_count() == 1:
+    return None
+  seen = error
+  while seen is not None:
+    text = ' '.join(str(seen).split())
+    if any(marker in text for marker in _PEER_GONE):
+      return (f'process {jax.process_index()}: another process of this run is gone (the '
+              f'collective failed: {text[-160:]})')
+    seen = seen.__cause__ or seen.__context__
+  return None

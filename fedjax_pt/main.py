@@ -37,7 +37,18 @@ def _fail(message: str, code: int = errors.EXIT_BAD_INPUT) -> None:
   # print while the interpreter shuts down would only bury it.
   devnull = os.open(os.devnull, os.O_WRONLY)
   os.dup2(devnull, sys.stderr.fileno())
+  if _joined_other_processes():
+    # Not through atexit's jax.distributed.shutdown: its barrier would wait for processes that
+    # may be blocked in a collective this one will never join (up to mesh.heartbeat_timeout_s).
+    # They stop when they see this one gone (fedjax_pt/distributed.py). The files are closed.
+    sys.stdout.flush()
+    os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
+
+
+def _joined_other_processes() -> bool:
+  jax = sys.modules.get('jax')
+  return jax is not None and jax.distributed.is_initialized()
 
 
 def _unknown_key(error: Exception) -> None:

@@ -61,8 +61,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_clients=None) -> R
     run_dir.check()
     if not distributed.is_primary():
       distributed.log_to_file(os.path.join(workdir, 'logs', f'process_{jax.process_index()}.log'))
-    parts = build.build(spec, model_cfg)
-    return _train(spec, parts, run_dir, make_clients)
+    try:
+      parts = build.build(spec, model_cfg)
+      return _train(spec, parts, run_dir, make_clients)
+    except Exception as e:  # pylint: disable=broad-except
+      lost = distributed.lost_peer(e)
+      if lost is None:
+        raise
+      raise errors.TrainingFailed(f'{lost}; once every process is restarted, the same commands '
+                                  'resume from the last checkpoint') from e
 
 
 def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
