@@ -167,8 +167,8 @@ def main(argv: list[str]) -> None:
   try:
     procs, workdir = start(args, _PROCESSES.value, _DEVICES.value, gpus_per_process=_GPUS.value)
     _STARTED.extend(procs)
-  except OSError as e:
-    print(f'fedjax_pt.launch_local: error: {e}', file=sys.stderr)
+  except OSError as e:  # the workdir's logs/ cannot be made: under a file, not writable
+    print(f'fedjax_pt.launch_local: error: {e.filename}: {e.strerror}', file=sys.stderr)
     sys.exit(errors.EXIT_BAD_INPUT)
   sys.exit(supervise(procs, workdir, _GRACE_S.value))
 

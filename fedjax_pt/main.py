@@ -87,6 +87,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError) as e:  # an override of a key that a --config= file lacks
     _unknown_key(e)
   except Exception as e:  # pylint: disable=broad-except
+    # A missing config file fails here when --config.* overrides follow it, with a long message.
+    named = [a.split('=', 1)[1].split(':')[0] for a in argv[1:] if a.startswith('--config=')]
+    if named and not os.path.isfile(named[-1]):
+      _fail(f'--config={named[-1]}: no such config file')
     _fail(f'bad flags: {e}')
   config_file = _config_file()
   if not os.path.isfile(config_file):

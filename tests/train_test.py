@@ -84,6 +84,7 @@ def test_one_client_fedavg_without_reset_equals_centralized(tmp_path):
     (['--config.data.source=jsonl', '--config.data.path=/nonexistent/c4-*.jsonl'],
      "'/nonexistent/c4-*.jsonl' matches no file"),
     (['--config=configs/nope.py'], 'configs/nope.py: no such config file'),
+    (['--config=configs/nope.py', '--config.fl.rounds=2'], 'configs/nope.py: no such config file'),
     # With an explicit --config= the override is applied at parse time: the same clean line.
     (['--config=configs/tiny.py', '--config.fl.outer_lrr=1'],
      'unknown config key among --config.fl.outer_lrr (did you mean "outer_lr"?)'),
