@@ -71,6 +71,27 @@ def get_config() -> ml_collections.ConfigDict:
   # Heterogeneous clients (fedjax_pt/profiles.py): per-client batch, local steps or time budget,
   # throughput, links and availability, as a JSON list inline or a .json/.yaml file; '' = identical.
   c.fl.profiles = ''
+  # Client-level differential privacy (fedjax_pt/privacy.py, DP-FedAvg): each client's delta is
+  # clipped to clip_norm, Gaussian noise of std noise_multiplier * clip_norm is added to their
+  # sum; (epsilon, delta) after every round is in the records (dp_epsilon, dp_delta).
+  c.fl.dp = ml_collections.ConfigDict()
+  c.fl.dp.enabled = False
+  c.fl.dp.clip_norm = 1.0  # C, the largest L2 norm of a client's delta ('inf': no clipping)
+  c.fl.dp.noise_multiplier = 1.0  # sigma
+  c.fl.dp.noise_at = 'server'  # 'server' | 'clients' (each adds its share; needed with secagg)
+  c.fl.dp.delta = 1e-5
+  c.fl.dp.accountant = 'rdp'  # 'rdp' | 'pld' (dp-accounting)
+  # Secure aggregation (Flower's SecAgg+; deployment only, fedjax_pt/deploy/secure.py): the server
+  # receives only the sum of the clients' deltas, quantised to quantization_bits over
+  # [-clip_range, clip_range]: the decoded mean is within 2 * clip_range / 2**bits of the plain
+  # mean, per value, for deltas inside the range (values outside are clipped, and counted).
+  c.fl.secagg = ml_collections.ConfigDict()
+  c.fl.secagg.enabled = False
+  c.fl.secagg.clip_range = 1.0
+  c.fl.secagg.quantization_bits = 22
+  c.fl.secagg.num_shares = 1.0  # fraction of the sampled clients each one shares its keys with
+  c.fl.secagg.reconstruction_threshold = 0.67  # fraction of the shares that rebuild a key
+  c.fl.secagg.timeout_s = 0.0  # each protocol stage waits this long for replies (0: forever)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'builtin'  # 'builtin' | 'jsonl' | 'text' | 'tfds'

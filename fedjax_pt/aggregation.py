@@ -62,7 +62,9 @@ class RunningAverage:
     self._total_weight = 0.0
     self.count = 0
 
-  def add(self, params, weight: float) -> None:
+  def add(self, params, weight: float, count: int = 1) -> None:
+    """Adds a client's tree with its weight; a tree that is already the mean of `count` clients
+    (a secure aggregate) comes with their total weight."""
     if weight <= 0:
       raise ValueError(f'a client weight must be positive, got {weight}')
     if self._unit is None:
@@ -75,7 +77,7 @@ class RunningAverage:
     else:
       self._sum = _add_scaled(self._sum, params, jnp.float32(weight))
     self._total_weight += weight
-    self.count += 1
+    self.count += count
 
   def result(self):
     if self._sum is None:

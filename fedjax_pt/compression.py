@@ -125,17 +125,20 @@ def decode(payload: Any) -> Any:
   return jax.tree.map(_decode_array, payload, is_leaf=_is_encoded)
 
 
-@functools.partial(jax.jit, static_argnames=('codec', 'block_size'))
+@functools.partial(jax.jit, static_argnames=('codec', 'block_size', 'privatize'))
 def compress_delta(local: Any, received: Any, residual: Any, codec: str,
-                   block_size: int = 64) -> tuple[Any, Any]:
+                   block_size: int = 64, privatize=None, key=None) -> tuple[Any, Any]:
   """A client's message and its new error-feedback residual.
 
   The message is the encoded delta `local - received` (the client's model minus the global
-  model it received). With a `residual` (error feedback), what earlier messages could not carry is
-  added to the delta first, and the new residual is what this message cannot carry: over many
-  messages the decoded ones add up to the true deltas, up to the last residual.
+  model it received). `privatize(delta, key)`, if given, clips and noises the delta first
+  (`fedjax_pt.privacy.ClientNoise`). With a `residual` (error feedback), what earlier messages
+  could not carry is added to the delta then, and the new residual is what this message cannot
+  carry: over many messages the decoded ones add up to the true deltas, up to the last residual.
   """
   delta = jax.tree.map(jnp.subtract, local, received)
+  if privatize is not None:
+    delta = privatize(delta, key)
   if residual is None:
     return encode(delta, codec, block_size), None
   delta = jax.tree.map(jnp.add, delta, residual)
@@ -180,14 +183,16 @@ class Codec:
     payload = jax.tree.map(_place, jax.eval_shape(encode_fn, like), tree, is_leaf=_is_encoded)
     self.encode = jax.jit(encode_fn, out_shardings=payload)
     self.decode = jax.jit(decode, out_shardings=tree)
-    self._delta = jax.jit(delta_fn, out_shardings=(payload, None))
-    self._delta_ef = jax.jit(delta_fn, out_shardings=(payload, tree))
+    self._delta = jax.jit(delta_fn, out_shardings=(payload, None), static_argnames='privatize')
+    self._delta_ef = jax.jit(delta_fn, out_shardings=(payload, tree),
+                             static_argnames='privatize')
 
-  def compress_delta(self, local: Any, received: Any, residual: Any) -> tuple[Any, Any]:
+  def compress_delta(self, local: Any, received: Any, residual: Any, privatize=None,
+                     key=None) -> tuple[Any, Any]:
     """`compress_delta` of this codec (error feedback when `residual` is not None)."""
     if residual is None:
-      return self._delta(local, received, None)
-    return self._delta_ef(local, received, residual)
+      return self._delta(local, received, None, privatize=privatize, key=key)
+    return self._delta_ef(local, received, residual, privatize=privatize, key=key)
 
 
 def _named(payload: Any) -> list[tuple[str, EncodedArray]]:

@@ -33,6 +33,7 @@ from fedjax_pt import faults as faults_lib
 from fedjax_pt import fragments as fragments_lib
 from fedjax_pt import metrics
 from fedjax_pt import optimizers
+from fedjax_pt import privacy
 from fedjax_pt import profiles as profiles_lib
 from fedjax_pt import records
 from fedjax_pt import sampling
@@ -69,13 +70,32 @@ class ClientReport:
   uncompressed_bytes: int = 0  # the same messages, both ways, as plain float32 arrays
 
 
+@dataclasses.dataclass
+class SecureSum:
+  """What the server learns from a secure aggregation (`fl.secagg`): the uniform mean of the
+  deltas of `clients`, never one of them, plus what each client says in the clear (its tokens,
+  local steps and the bytes it moved; no loss, no norm).
+
+  `update` is the mean as a payload (codec 'none') of the parameters' shapes."""
+  clients: list[int]
+  update: Any
+  num_tokens: int = 0
+  local_steps: dict[int, int] = dataclasses.field(default_factory=dict)
+  download_bytes: dict[int, int] = dataclasses.field(default_factory=dict)
+  upload_bytes: dict[int, int] = dataclasses.field(default_factory=dict)
+  uncompressed_bytes: int = 0
+  elapsed_s: float = 0.0
+  clipped_values: int = 0  # delta values outside ±fl.secagg.clip_range, all clients
+
+
 class Clients(Protocol):
   """The clients of a federation, as the round object sees them."""
 
   def train(self, params: Any, round_idx: int, client_ids: Sequence[int], attempt: int,
-            segment: fragments_lib.Segment) -> Iterator[ClientReport]:
+            segment: fragments_lib.Segment) -> Iterator[ClientReport | SecureSum]:
     """Each client trains `segment.steps` local steps and reports its delta of
-    `segment.fragment`; reports may arrive in any order. `params` is the server's model."""
+    `segment.fragment`; reports may arrive in any order. `params` is the server's model. With
+    secure aggregation, the clients whose deltas were summed come as one `SecureSum`."""
 
   def unavailable(self) -> Collection[int]:
     """Clients known to be unreachable now (no node connected): not sampled."""
@@ -91,6 +111,7 @@ class RoundResult:
   steps: list[records.StepRecord] = dataclasses.field(default_factory=list)
   stats: dict[str, Any] = dataclasses.field(default_factory=dict)  # mode-specific RoundRecord keys
   aggregated: bool = True  # the global model moved (False: the round was skipped)
+  synchronisations: int = 0  # that moved the model: with fl.dp, the mechanisms released
 
 
 class FederatedRunState(flax.struct.PyTreeNode):
@@ -126,6 +147,12 @@ class FederatedAlgorithm:
     self.schedule = fragments_lib.schedule(fl.local_steps, fl.fragments)
     self._param_shardings = param_shardings
     self._per_layer_norms = per_layer_norms
+    # With fl.dp.noise_at='server' the server clips each delta it decodes.
+    self._clip_at_server = fl.dp.enabled and fl.dp.noise_at == 'server'
+    if fl.dp.enabled:
+      logging.info('fl.dp: clip %g, noise multiplier %g, noise at the %s; epsilon at delta=%g '
+                   '(%s accountant) after every round in the records', fl.dp.clip_norm,
+                   fl.dp.noise_multiplier, fl.dp.noise_at, fl.dp.delta, fl.dp.accountant)
     self._assignment = None
     self._server_updates = None
     self._decoders = None
@@ -159,14 +186,14 @@ class FederatedAlgorithm:
     tally = _Tally(absent=profiles_lib.absent(self.fl.profiles, self.seed, round_idx))
     for segment in self.schedule:
       state = self._synchronise(state, round_idx, segment, clients, tally)
-    stats = tally.stats()
+    stats = tally.stats(self._clip_at_server, self.fl.secagg.enabled)
     stats['outer_momentum_norm'] = metrics.outer_momentum_norm(state.opt_state)
     losses = [_mean(v) for v in tally.per_client['client_train_loss'].values()]
     return state, RoundResult(
         tokens=tally.tokens, bytes_sent=sum(tally.download.values()),
         bytes_received=sum(tally.upload.values()),
         train_loss=sum(losses) / len(losses) if losses else None, steps=tally.steps,
-        stats=stats, aggregated=bool(tally.synced))
+        stats=stats, aggregated=bool(tally.synced), synchronisations=tally.synced)
 
   def _synchronise(self, state: server_lib.ServerState, round_idx: int,
                    segment: fragments_lib.Segment, clients: Clients,
@@ -183,6 +210,10 @@ class FederatedAlgorithm:
       sync.sampled.update(ids)
       raised = []  # the failures of clients that crashed on their own, sending nothing
       for report in clients.train(state.params, round_idx, ids, attempt, segment):
+        if isinstance(report, SecureSum):
+          raised.append(None)
+          self._absorb_sum(round_idx, report, attempt, sync, tally)
+          continue
         if report.update is None and report.failure and not (report.injected or report.lost):
           raised.append(report.failure)
         else:
@@ -213,6 +244,11 @@ class FederatedAlgorithm:
       return state
     update_start = time.perf_counter()
     mean_delta = sync.average.result()
+    noise_std = privacy.server_noise_std(fl.dp, fl.clients_per_round, sync.average.count)
+    if noise_std:  # on the sum of the clipped deltas: std / n on their mean
+      mean_delta = privacy.add_noise(
+          mean_delta, noise_std / sync.average.count,
+          privacy.noise_key(self.seed, round_idx, -1, segment.fragment))
     fragment = self._fragment(state.params, segment.fragment)
     tally.squares['mean_client_norm'] += float(metrics.l2_norm(
         jax.tree.map(lambda p, d: p + d, fragment, mean_delta))) ** 2
@@ -244,6 +280,9 @@ class FederatedAlgorithm:
       tally.upload[k] = tally.upload.get(k, 0) + report.upload_bytes
       sync.bytes += report.upload_bytes
     delta = None if report.update is None else self._decoders[fragment](report.update)
+    if delta is not None and self._clip_at_server:
+      delta, norm = privacy.clip(delta, self.fl.dp.clip_norm)
+      tally.dp_clipped += int(float(norm) > self.fl.dp.clip_norm)
     sim_time = sim_clock.client_time_s(
         self.fl.profile(k), report.download_bytes,
         report.upload_bytes if report.update is not None else 0, report.num_tokens,
@@ -273,6 +312,33 @@ class FederatedAlgorithm:
     model = jax.tree.map(lambda p, d: p + d, self._fragment(state.params, fragment), delta)
     per_client['client_norm'].setdefault(k, []).append(float(metrics.l2_norm(model)))
     per_client['client_delta_norm'].setdefault(k, []).append(float(metrics.l2_norm(delta)))
+
+  def _absorb_sum(self, round_idx: int, report: SecureSum, attempt: int, sync: '_Sync',
+                  tally: '_Tally') -> None:
+    """Counts a secure aggregate and, if it is finite and in time, adds it to the average with
+    the weight of the clients it sums (one diverged client spoils the sum: it cannot be told
+    apart)."""
+    tally.tokens += report.num_tokens
+    tally.uncompressed += report.uncompressed_bytes
+    tally.secagg_clipped += report.clipped_values
+    for k in report.clients:
+      tally.download[k] = tally.download.get(k, 0) + report.download_bytes.get(k, 0)
+      tally.upload[k] = tally.upload.get(k, 0) + report.upload_bytes.get(k, 0)
+      tally.local_steps[k] = tally.local_steps.get(k, 0) + report.local_steps.get(k, 0)
+      tally.sim_times[k] = tally.sim_times.get(k, 0.0) + report.elapsed_s
+    sync.bytes += sum(report.download_bytes.values()) + sum(report.upload_bytes.values())
+    mean = self._decoders[0](report.update)
+    failure = faults_lib.verdict(mean, report.elapsed_s, self.faults)
+    if failure:
+      logging.warning('round %d: the secure sum of clients %s has %s; left out', round_idx,
+                      report.clients, failure)
+      for k in report.clients:
+        tally.failed[k if not attempt else f'{k}@{attempt}'] = f'secure sum: {failure}'
+      return
+    sync.arrivals.append(report.elapsed_s)
+    # Equal clients: the mean of the sum, weighted as its clients together.
+    sync.average.add(mean, float(len(report.clients)), count=len(report.clients))
+    sync.aggregated.update(report.clients)
 
   def run_state(self, state: server_lib.ServerState, kept: dict[int, Any],
                 carried: dict[str, dict[int, Any]] | None = None) -> FederatedRunState:
@@ -330,6 +396,8 @@ class _Tally:
   skipped: bool = False  # some synchronisation was skipped
   synced: int = 0  # synchronisations that moved the model
   peak_sync_bytes: int = 0
+  dp_clipped: int = 0  # deltas the server clipped (fl.dp.noise_at='server')
+  secagg_clipped: int = 0  # delta values the clients clipped to ±fl.secagg.clip_range
   sim_s: float = 0.0  # simulated time the server waited for clients (`sim_clock`)
   server_s: float = 0.0  # measured time of the server's own work
   sim_times: dict[int, float] = dataclasses.field(default_factory=dict)  # per client, simulated
@@ -344,7 +412,7 @@ class _Tally:
       key: {} for key in ('client_train_loss', 'client_grad_norm', 'client_update_norm',
                           'client_norm', 'client_delta_norm')})
 
-  def stats(self) -> dict[str, Any]:
+  def stats(self, dp_clipping: bool = False, secagg: bool = False) -> dict[str, Any]:
     sent = sum(self.download.values()) + sum(self.upload.values())
     stats = dict(clients=sorted(self.sampled), num_aggregated=int(self.num_aggregated),
                  retries=self.retries, failed_clients=self.failed,
@@ -356,6 +424,10 @@ class _Tally:
                  client_local_steps=dict(sorted(self.local_steps.items())))
     if self.absent:
       stats['absent_clients'] = sorted(self.absent)
+    if dp_clipping:
+      stats['dp_clipped_clients'] = self.dp_clipped
+    if secagg:
+      stats['secagg_clipped_values'] = self.secagg_clipped
     for key, by_client in self.per_client.items():
       combine = _norm if key in ('client_norm', 'client_delta_norm') else _mean
       stats[key] = {k: combine(v) for k, v in sorted(by_client.items())}

@@ -88,6 +88,12 @@ class RoundRecord:
   client_val_loss: dict[int, float] | None = None
   client_val_ppl: dict[int, float] | None = None
   pseudo_grad_norm_per_module: dict[str, float] | None = None
+  # fl.dp: the (epsilon, delta)-DP guarantee of the model after this round (fedjax_pt/privacy.py),
+  # and how many client deltas the server clipped this round (noise at the server).
+  dp_epsilon: float | None = None
+  dp_delta: float | None = None
+  dp_clipped_clients: int | None = None
+  secagg_clipped_values: int | None = None  # fl.secagg: delta values clipped to the range
   # Centralized rounds: means over the round's steps.
   grad_norm: float | None = None
   update_norm: float | None = None

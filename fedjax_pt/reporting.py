@@ -105,6 +105,8 @@ def round_line(record: records.RoundRecord, rounds: int) -> str:
     line += f' | sim {record.sim_round_time_s:.1f}s'
   if record.pseudo_grad_norm is not None:
     line += f' | |Δ| {record.pseudo_grad_norm:.3g}'
+  if record.dp_epsilon is not None:
+    line += f' | ε {record.dp_epsilon:.3g}'
   if record.failed_clients:
     line += f' | {len(record.failed_clients)} client faults'
   if record.skipped:
@@ -141,5 +143,9 @@ def summary_table(rounds: list[records.RoundRecord], total_time_s: float) -> str
     rows.append(('vs data-parallel (ring all-reduce)',
                  f'{ratio:,.1f}x less communication than DDP '
                  f'({_human_bytes(s.ddp_equivalent_bytes)})'))
+  last = rounds[-1] if rounds else None
+  if last is not None and last.dp_epsilon is not None:
+    rows.append(('differential privacy', f'({last.dp_epsilon:.3g}, {last.dp_delta:g})-DP for '
+                 'each client (fl.dp)'))
   width = max(len(k) for k, _ in rows)
   return '\n'.join(f'{k.ljust(width)}  {v}' for k, v in rows)

@@ -67,6 +67,11 @@ class RunSpec:
                log_every_steps=config.log.every_steps, progress=config.log.progress,
                tensorboard=config.log.tensorboard, per_layer_norms=config.log.per_layer_norms)
     spec.check_profiles()
+    if (spec.fl.dp.enabled or spec.fl.secagg.enabled) and spec.fl.weighting == 'tokens' and (
+        not spec.uniform_clients):
+      raise ValueError("fl.dp / fl.secagg average the clients uniformly, but fl.profiles give "
+                       "them different work: set fl.weighting='uniform' (token weights would "
+                       "depend on the clients)")
     return spec
 
   def client_plan(self, k: int) -> profiles_lib.ClientPlan:
@@ -96,11 +101,16 @@ class RunSpec:
                        f'{fl.fragments}')
 
 
+_MAY_BE_INFINITE = ('fl.dp.clip_norm',)  # inf: no clipping
+
+
 def _check_finite(tree: dict[str, Any], prefix: str = '') -> None:
   """NaN or infinity is never a meaningful setting (and `x <= 0` is False for NaN, so the range
   checks of each group would let it through): refuse it for every key at once."""
   for key, value in tree.items():
     if isinstance(value, dict):
       _check_finite(value, f'{prefix}{key}.')
+    elif isinstance(value, float) and math.isinf(value) and f'{prefix}{key}' in _MAY_BE_INFINITE:
+      continue
     elif isinstance(value, float) and not math.isfinite(value):
       raise ValueError(f'{prefix}{key} must be a finite number, got {value}')

@@ -14,6 +14,7 @@ from fedjax_pt import aggregation
 from fedjax_pt import compression as compression_lib
 from fedjax_pt import fragments as fragments_lib
 from fedjax_pt import optimizers
+from fedjax_pt import privacy
 from fedjax_pt import profiles as profiles_lib
 from fedjax_pt import sharding
 
@@ -34,6 +35,8 @@ class FLConfig:
   fragment_mixing: float = 0.0
   compression: compression_lib.CompressionConfig = compression_lib.CompressionConfig()
   profiles: tuple[profiles_lib.ClientProfile, ...] = ()  # one per client, or () (identical)
+  dp: privacy.DPConfig = privacy.DPConfig()
+  secagg: privacy.SecAggConfig = privacy.SecAggConfig()
 
   @property
   def keeps_client_models(self) -> bool:
@@ -70,13 +73,39 @@ class FLConfig:
                        f'{self.fragment_mixing} keep every client\'s model between syncs: they '
                        f'need fl.clients_per_round = fl.num_clients, got {self.clients_per_round} '
                        f'of {self.num_clients}')
+    self._check_privacy()
+
+  def _check_privacy(self) -> None:
+    dp, secagg = self.dp, self.secagg
+    if dp.enabled or secagg.enabled:
+      what = 'fl.dp' if dp.enabled else 'fl.secagg'
+      if self.fragments > 1 or self.fragment_mixing:
+        raise ValueError(f'{what} needs whole-model synchronisations: fl.fragments must be 1 and '
+                         f'fl.fragment_mixing 0, got {self.fragments} and {self.fragment_mixing}')
+      if self.weighting == 'examples':
+        raise ValueError(f"{what} averages the clients uniformly (a weight that depends on a "
+                         f"client's data would unbound its influence): fl.weighting must be "
+                         f"'uniform' or 'tokens' with identical clients, got 'examples'")
+    if secagg.enabled:
+      secagg.check(self.clients_per_round)
+      if self.compression.upload != 'none':
+        raise ValueError(f'fl.secagg quantises the deltas itself: fl.compression.upload must be '
+                         f"'none', got {self.compression.upload!r}")
+      if dp.enabled and dp.noise_at != 'clients':
+        raise ValueError("fl.secagg hides each client's delta from the server, which can then "
+                         "neither clip it nor noise it alone: fl.dp.noise_at must be 'clients', "
+                         f'got {dp.noise_at!r}')
 
   @classmethod
   def from_config(cls, fl: ml_collections.ConfigDict) -> 'FLConfig':
-    fields = {f.name for f in dataclasses.fields(cls)} - {'compression', 'profiles'}
+    groups = {'compression', 'profiles', 'dp', 'secagg'}
+    fields = {f.name for f in dataclasses.fields(cls)} - groups
     return cls(**{k: v for k, v in fl.to_dict().items() if k in fields},
                compression=compression_lib.CompressionConfig.from_config(fl.compression),
-               profiles=profiles_lib.parse(fl.get('profiles', ''), fl.num_clients))
+               profiles=profiles_lib.parse(fl.get('profiles', ''), fl.num_clients),
+               dp=privacy.DPConfig.from_config(fl.dp) if 'dp' in fl else privacy.DPConfig(),
+               secagg=(privacy.SecAggConfig.from_config(fl.secagg) if 'secagg' in fl else
+                       privacy.SecAggConfig()))
 
   def profile(self, k: int) -> profiles_lib.ClientProfile | None:
     return self.profiles[k] if self.profiles else None

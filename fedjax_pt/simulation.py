@@ -23,6 +23,7 @@ from fedjax_pt import compression
 from fedjax_pt import distributed
 from fedjax_pt import faults
 from fedjax_pt import fragments
+from fedjax_pt import privacy
 from fedjax_pt import records
 from fedjax_pt import sampling
 from fedjax_pt.federation import ClientReport
@@ -201,7 +202,7 @@ class SimulatedClients:
         result.state = result.state.replace(params=faults.poisoned(result.state.params))
       finite = bool(faults.all_finite(result.state.params))
       update, upload_uncompressed = self._message(k, result.state.params, finite, broadcast,
-                                                  segment)
+                                                  segment, round_idx, attempt)
       self._progress.loss(result.last_loss)
       reports[k] = _report(
           result, round_idx, k, fl.local_steps, segment.start, update=update,
@@ -213,8 +214,16 @@ class SimulatedClients:
       self._keep(k, result.state, finite)
     return [reports[k] for k in group]
 
+  def _privatize(self, k: int, round_idx: int, attempt: int) -> dict[str, Any]:
+    """With fl.dp.noise_at='clients': client k's clipping and its share of the noise."""
+    spec = self._spec
+    noise = privacy.client_noise(spec.fl.dp, spec.fl.clients_per_round)
+    if noise is None:
+      return {}
+    return dict(privatize=noise, key=privacy.noise_key(spec.seed, round_idx, k, attempt))
+
   def _message(self, k: int, params, finite: bool, broadcast: _Broadcast,
-               segment: fragments.Segment) -> tuple[Any, int]:
+               segment: fragments.Segment, round_idx: int, attempt: int) -> tuple[Any, int]:
     """Client k's encoded delta of the segment's fragment (updating its residual), and the delta's
     size as float32."""
     comp = self._spec.fl.compression
@@ -225,7 +234,8 @@ class SimulatedClients:
     update, residual = self._upload[segment.fragment].compress_delta(
         self._fragment(params, segment.fragment),
         self._fragment(broadcast.received, segment.fragment),
-        None if whole is None else self._fragment(whole, segment.fragment))
+        None if whole is None else self._fragment(whole, segment.fragment),
+        **self._privatize(k, round_idx, attempt))
     if comp.error_feedback:
       if finite:
         residuals[k] = (residual if self._spec.fl.fragments == 1 else

@@ -24,6 +24,7 @@ from fedjax_pt import errors
 from fedjax_pt import faults
 from fedjax_pt import memory
 from fedjax_pt import metrics
+from fedjax_pt import privacy
 from fedjax_pt import records
 from fedjax_pt import reporting
 from fedjax_pt import workdir as workdir_lib
@@ -53,6 +54,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_clients=None) -> R
   processes = distributed.ProcessConfig.from_config(config.mesh)
   distributed.initialize(processes)
   spec = RunSpec.from_config(config)
+  if spec.fl.secagg.enabled and make_clients is None and spec.mode == 'federated':
+    raise ValueError('fl.secagg.enabled=True runs in a Flower deployment (python -m '
+                     'fedjax_pt.deploy.local, or a ServerApp): in the simulation the server holds '
+                     'every client, there is no one to hide an update from')
   model_cfg = build.model_config(config)
   if spec.mesh.memory_check:
     memory.check_fits(memory.estimate(spec, model_cfg))
@@ -113,6 +118,8 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
       totals.bytes_sent += result.bytes_sent
       totals.bytes_received += result.bytes_received
       totals.sim_wall_time_s += result.stats.get('sim_round_time_s') or 0.0
+      if spec.fl.dp.enabled and spec.mode == 'federated':
+        totals.dp_releases += result.synchronisations
       record = _round_record(parts, round_idx, state.params, result, totals)
       elapsed = time.perf_counter() - round_start
       record.round_time_s, record.tokens_per_s = elapsed, result.tokens / elapsed
@@ -186,6 +193,12 @@ def _round_record(parts: build.Parts, round_idx: int, params, result,
     record.ddp_equivalent_bytes = communication.ddp_equivalent_bytes(
         metrics.tree_bytes(params), spec.fl.clients_per_round,
         spec.data.batch_size * spec.data.seq_len, totals.tokens)
+  if spec.fl.dp.enabled and spec.mode == 'federated':
+    dp = spec.fl.dp
+    record.dp_epsilon = privacy.epsilon(dp.noise_multiplier,
+                                        spec.fl.clients_per_round / spec.fl.num_clients,
+                                        totals.dp_releases, dp.delta, dp.accountant)
+    record.dp_delta = dp.delta
   if spec.per_layer_norms:
     record.global_norm_per_module = metrics.per_module_norms(params)
   return record
