@@ -29,6 +29,7 @@ setuptools.setup(
         'tensorboardX>=2.6,<3',
         'matplotlib>=3.8,<4',
         'PyYAML>=6,<7',
+        'dp-accounting>=0.4,<0.7',
     ],
     extras_require={
         'cuda12': ['jax[cuda12]>=0.6,<0.11'],

@@ -8,15 +8,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import Key, RECORD_KEY_CONFIGS, Stage
 
 from fake_grid import FakeGrid, FakeNode
 from configs import tiny
 from fedjax_pt import compression
 from fedjax_pt import faults
 from fedjax_pt import federation
+from fedjax_pt import records
 from fedjax_pt import server
 from fedjax_pt import train
+from fedjax_pt.deploy import client_app
 from fedjax_pt.deploy import fleet
 from fedjax_pt.deploy import node as node_lib
 from fedjax_pt.deploy import protocol
@@ -206,3 +210,79 @@ def test_client_profiles_and_the_simulated_deadline_match_the_simulation(tmp_pat
     assert dep.failed_clients == sim.failed_clients == {
         1: 'late: simulated 5.0s > fl.round_deadline_s=4.5'}
     assert dep.client_sim_time_s == pytest.approx(sim.client_sim_time_s)
+
+
+# --- secure aggregation (fl.secagg) ------------------------------------------------------------------
+
+_FEDAVG = ('--config.fl.outer_optimizer=sgd --config.fl.outer_lr=1.0 '
+           '--config.fl.outer_momentum=0.0 --config.fl.rounds=1')
+
+
+def test_secure_aggregation_server_sees_only_the_sum_within_the_stated_bound(tmp_path,
+                                                                              monkeypatch):
+  """SecAgg+ over two nodes, one FedAvg round: every reply the server receives carries no
+  array (the masked deltas are integers mod 2**32, the clear metrics no update), the round
+  object is handed one secure sum and never a client's delta, and the new global model equals
+  the plain deployment's within the stated bound: 2 * clip_range / 2**bits per value for the
+  mean, plus float32 rounding of theta + mean (half an ulp of the result, twice)."""
+  plain = server_app.serve(FakeGrid(_nodes(tmp_path / 'plain')),
+                           _run_config(tmp_path / 'plain_run', _FEDAVG))
+  absorbed = []
+  real_absorb = federation.FederatedAlgorithm._absorb
+
+  def spy(self, state, round_idx, report, *args):
+    absorbed.append(report)
+    return real_absorb(self, state, round_idx, report, *args)
+
+  monkeypatch.setattr(federation.FederatedAlgorithm, '_absorb', spy)
+  grid = FakeGrid(_nodes(tmp_path / 'secure'))
+  secure = server_app.serve(grid, _run_config(tmp_path / 'secure_run',
+                                              _FEDAVG + ' --config.fl.secagg.enabled=True'))
+  assert absorbed == []  # no ClientReport: the only update was the secure sum
+  assert grid.replies and all(not r.has_error() for r in grid.replies)
+  for reply in grid.replies:
+    assert all(len(array.data) == 0 for record in reply.content.array_records.values()
+               for array in record.values())
+  bound = 2 * 1.0 / 2 ** 22
+  for a, b in zip(jax.tree.leaves(secure.params), jax.tree.leaves(plain.params)):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.all(np.abs(a - b) <= bound + np.spacing(np.abs(b)))
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(secure.params),
+                                                       jax.tree.leaves(plain.params)))
+  last = secure.rounds[-1]
+  assert last.num_aggregated == 2 and last.secagg_clipped_values == 0
+  assert not last.client_train_loss and not last.client_delta_norm  # nothing per client
+  assert last.tokens == plain.rounds[-1].tokens
+  # The masked upload (int64 values mod 2**32) is about twice the float32 delta.
+  assert 1.8 < last.bytes_received / plain.rounds[-1].bytes_received < 2.5
+
+
+def _drops_out_before_sending_its_delta(message, context):
+  """Answers the first two SecAgg+ stages (its key shares reach the others), then is gone."""
+  configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
+  if configs is not None and configs.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS:
+    return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason='Error: Node Unavailable'),
+                   reply_to=message)
+  return client_app.app(message=message, context=context)
+
+
+def test_secure_aggregation_with_distributed_dp_survives_a_node_that_drops_out(tmp_path):
+  """Three nodes with client-side noise under SecAgg+; node 2 drops out after the key exchange,
+  so the server unmasks the sum of the other two with its key shares (threshold 2 of 3). With
+  one node left, nothing is sent at all: the sum of one node is its update."""
+  nodes = {100 + k: FakeNode({'partition-id': k, 'num-partitions': 3,
+                              'state-dir': str(tmp_path / f'node{k}')}) for k in range(3)}
+  nodes[102].handler = _drops_out_before_sending_its_delta
+  overrides = (_FEDAVG + ' --config.fl.num_clients=3 --config.fl.clients_per_round=3 '
+               '--config.fl.secagg.enabled=True --config.fl.dp.enabled=True '
+               '--config.fl.dp.noise_at=clients --config.fl.dp.noise_multiplier=0.1')
+  result = server_app.serve(FakeGrid(nodes), _run_config(tmp_path / 'run', overrides))
+  last = result.rounds[-1]
+  assert not last.skipped and last.num_aggregated == 2 and last.dp_epsilon > 0
+  assert list(last.failed_clients) == [2] and 'unavailable' in last.failed_clients[2]
+  for k in (1, 2):
+    nodes[100 + k].online = False
+  with pytest.raises(train.errors.TrainingFailed, match='no round aggregated'):
+    server_app.serve(FakeGrid(nodes), _run_config(tmp_path / 'alone', overrides))
+  failed = records.read_records(str(tmp_path / 'alone')).rounds[-1].failed_clients
+  assert failed['0'] == 'secure aggregation needs 2 or more nodes online, 1 is (node 100)'

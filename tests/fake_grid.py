@@ -6,6 +6,7 @@ node side run their real code, without processes or sockets. Faults are scripted
 """
 
 from collections.abc import Callable
+import copy
 import dataclasses
 import types
 import uuid
@@ -34,7 +35,9 @@ class FakeGrid:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     self.nodes = nodes
     self.log = []  # (node id, message type, group id): every message delivered
+    self.replies = []  # every reply, as the server received it
     self._replies = {}
+    self._contexts = {}  # node id -> its Context, whose state persists across messages
 
   def get_nodes(self):
     return [types.SimpleNamespace(node_id=node_id, name=node.name)
@@ -54,11 +57,19 @@ class FakeGrid:
             Error(code=ErrorCode.NODE_UNAVAILABLE, reason='Error: Node Unavailable'),
             reply_to=message)
       elif not node.silent:
-        context = Context(run_id=1, node_id=node_id, node_config=dict(node.node_config),
-                          state=RecordDict(), run_config={})
+        context = self._contexts.setdefault(node_id, Context(
+            run_id=1, node_id=node_id, node_config=dict(node.node_config), state=RecordDict(),
+            run_config={}))
         handler = node.handler or (lambda m, c: client_app.app(message=m, context=c))
-        self._replies[message_id] = handler(message, context)
+        # Each node gets its own copy, as over the wire (Flower's mods edit what they receive).
+        self._replies[message_id] = handler(copy.deepcopy(message), context)
     return ids
 
   def pull_messages(self, message_ids):
-    return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+    replies = [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+    self.replies += replies
+    return replies
+
+  def send_and_receive(self, messages, *, timeout=None):
+    del timeout  # every node answers at once, or (silent) never
+    return self.pull_messages(self.push_messages(messages))

@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from fedjax_pt.deploy import node as node_lib
 from fedjax_pt.deploy import protocol
+from fedjax_pt.deploy import secure
 
 app = ClientApp()
 # Flower prints its own lines; once absl has configured the root logger it would repeat them.
@@ -27,8 +28,12 @@ def one_line(error: BaseException, limit: int = 600) -> str:
   return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
-@app.train()
+@app.train(mods=[secure.secagg_when_asked])
 def train(msg: Message, context: Context) -> Message:
+  if secure.is_secure(msg.content):  # a round of fl.secagg: the mod masks what this returns
+    node = node_lib.NodeConfig.parse(context.node_config)
+    node_lib.use_compilation_cache(node)
+    return Message(node_lib.train_secure(msg.content, node), reply_to=msg)
   started = time.perf_counter()
   request = msg.content['config']
   where = f'client {request["client"]} round {request["round"]} attempt {request["attempt"]}'

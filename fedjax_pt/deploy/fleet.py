@@ -28,12 +28,15 @@ from absl import logging
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 import jax
+import numpy as np
 
 from fedjax_pt import compression
 from fedjax_pt import fragments
+from fedjax_pt import privacy
 from fedjax_pt.deploy import protocol
+from fedjax_pt.deploy import secure
 from fedjax_pt.deploy import transport as transport_lib
-from fedjax_pt.federation import ClientReport
+from fedjax_pt.federation import ClientReport, SecureSum
 
 _NAMED = re.compile(r'client-(\d+)')
 # Errors that mean nothing came back from the node: faults of the federation, not of the code.
@@ -53,6 +56,7 @@ class RunInfo:
   local_steps: int
   round_timeout_s: float  # 0: wait for every reply (Flower reports dead nodes itself)
   compression: compression.CompressionConfig
+  secagg: privacy.SecAggConfig = privacy.SecAggConfig()
 
 
 class FlowerClients:
@@ -166,6 +170,9 @@ class FlowerClients:
     broadcast = jax.device_get(self._download.encode(params))
     model_bytes = compression.payload_bytes(broadcast)
     self._raw_download = compression.raw_bytes(broadcast)
+    if run.secagg.enabled:
+      yield from self._secure(broadcast, round_idx, attempt, sent, reports, model_bytes)
+      return
     payload = self._move.put(broadcast, name)
     logging.info('round %d: the model (%.1f MB, %s) put for %d clients (%s) in %.2fs', round_idx,
                  model_bytes / 1e6, run.compression.download, len(sent), self._move.kind,
@@ -190,6 +197,56 @@ class FlowerClients:
                               f'fl.round_timeout_s={run.round_timeout_s:g}', model_bytes)
     self._move.discard(name)
     yield from (reports[k] for k in sorted(reports))
+
+  def _secure(self, broadcast, round_idx: int, attempt: int, sent: Sequence[int],
+              reports: dict[int, ClientReport], model_bytes: int
+              ) -> Iterator[ClientReport | SecureSum]:
+    """The round by SecAgg+ (`secure.py`): the nodes' deltas arrive as one sum; each node that
+    dropped out is lost (Flower's error) or, if the protocol could not finish, all are."""
+    run = self._run
+    if len(sent) < 2:  # the sum of one node is its update: not sent at all
+      for k in sent:
+        reports[k] = self._lost(k, self._node_of[k], 'secure aggregation needs 2 or more nodes '
+                                f'online, {len(sent)} is', 0)
+      yield from (reports[k] for k in sorted(reports))
+      return
+    node_to_client = {self._node_of[k]: k for k in sent}
+    result = secure.secure_round(
+        self._grid, run.secagg, round_idx,
+        {self._node_of[k]: self._request(round_idx, attempt, k) for k in sent},
+        [np.asarray(x) for x in jax.tree.leaves(broadcast)])
+    summed = sorted(node_to_client[n] for n in result.metrics)
+    for node_id, k in node_to_client.items():
+      if k in summed:
+        continue
+      code, reason = result.errors.get(node_id, (None, 'dropped out of secure aggregation'))
+      if result.mean is None:
+        reason += '; secure aggregation could not finish (too few nodes left to unmask the sum)'
+      if code is None:  # its update was lost with the protocol: a fault of the federation
+        reports[k] = self._lost(k, node_id, reason, model_bytes)
+      elif code in _LOST:
+        reports[k] = self._lost(k, node_id, f'{_LOST[code]}: {reason}', model_bytes)
+      else:  # its own error (the ClientApp raised): what it says
+        reports[k] = self._failed(k, node_id, f'error {code}: {reason}', model_bytes)
+    yield from (reports[k] for k in sorted(reports))
+    if result.mean is None or not summed:
+      return
+    metrics = {node_to_client[n]: m for n, m in result.metrics.items()}
+    clipped = sum(int(m['clipped_values']) for m in metrics.values())
+    logging.info('round %d: secure sum of clients %s in %.2fs (the server saw no single delta)%s',
+                 round_idx, summed, result.elapsed_s,
+                 f'; {clipped} values clipped to ±fl.secagg.clip_range' if clipped else '')
+    update = jax.tree.unflatten(jax.tree.structure(self._update_like), result.mean)
+    update = jax.tree.map(lambda like, x: x.reshape(like.shape), self._update_like, update)
+    yield SecureSum(
+        clients=summed, update=update,
+        num_tokens=sum(int(m['num_tokens']) for m in metrics.values()),
+        local_steps={k: int(m['local_steps']) for k, m in metrics.items()},
+        download_bytes={k: result.download_bytes.get(self._node_of[k], 0) for k in summed},
+        upload_bytes={k: result.upload_bytes.get(self._node_of[k], 0) for k in summed},
+        uncompressed_bytes=len(summed) * (self._raw_download +
+                                          compression.raw_bytes(self._update_like)),
+        elapsed_s=result.elapsed_s, clipped_values=clipped)
 
   def _request(self, round_idx: int, attempt: int, client: int) -> ConfigRecord:
     run = self._run

@@ -37,9 +37,11 @@ from fedjax_pt import compression
 from fedjax_pt import data as data_lib
 from fedjax_pt import faults
 from fedjax_pt import model as model_lib
+from fedjax_pt import privacy
 from fedjax_pt import sharding
 from fedjax_pt.deploy import node_state
 from fedjax_pt.deploy import protocol
+from fedjax_pt.deploy import secure
 from fedjax_pt.deploy import transport as transport_lib
 from fedjax_pt.run_spec import RunSpec
 
@@ -129,10 +131,19 @@ def _trainer(model_cfg: model_lib.ModelConfig, opt_cfg, mesh_cfg: sharding.MeshC
                             micro_batch_size)
 
 
-def train(content, node: NodeConfig) -> Any:
-  """The reply content to a train message: client k's round from the global model."""
-  started = time.perf_counter()
-  request = protocol.TrainRequest.from_record(content['config'])
+@dataclasses.dataclass
+class _Setup:
+  """What a node builds for a round from the request: its config, data, trainer and codecs."""
+  request: protocol.TrainRequest
+  spec: RunSpec
+  data: Any
+  trainer: client_lib.Trainer
+  download: compression.Codec
+  upload: compression.Codec
+  payload_like: Any  # the broadcast's payload, as abstract arrays
+
+
+def _setup(request: protocol.TrainRequest, node: NodeConfig) -> _Setup:
   if request.client != node.partition_id:
     raise ValueError(f'the server asked for client {request.client}, this node is partition-id='
                      f'{node.partition_id}')
@@ -144,54 +155,94 @@ def train(content, node: NodeConfig) -> Any:
                      f'{model_cfg.vocab_size}, the server model has {request.vocab_size}')
   data = data_lib.build_federated_data(spec.data, num_clients=node.num_partitions, seed=spec.seed)
   trainer = _trainer(model_cfg, spec.opt, spec.mesh, spec.data.micro_batch_size)
-  move = transport_lib.make(request.transport, node.shared_dir or request.shared_dir)
   comp = spec.fl.compression
   like = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
   payload_like = jax.eval_shape(lambda p: compression.encode(p, comp.download, comp.block_size),
                                 like)
+  download, upload = _codecs(trainer, comp)
+  return _Setup(request, spec, data, trainer, download, upload, payload_like)
+
+
+def train(content, node: NodeConfig) -> Any:
+  """The reply content to a train message: client k's round from the global model."""
+  started = time.perf_counter()
+  setup = _setup(protocol.TrainRequest.from_record(content['config']), node)
+  request = setup.request
+  move = transport_lib.make(request.transport, node.shared_dir or request.shared_dir)
   ready = time.perf_counter()
   # The global model as this client holds it, as a simulated client receives it.
-  download, upload = _codecs(trainer, comp)
-  params = download.decode(move.get(content, payload_like))
+  params = setup.download.decode(move.get(content, setup.payload_like))
   fetched = time.perf_counter()
+  reply, update = local_round(setup, params, node)
+  if update is None:
+    return reply.to_content()
+  trained = time.perf_counter()
+  model = move.put(jax.device_get(update), protocol.storage_name(
+      request.run_key, request.round, request.attempt, f'client-{request.client}'))
+  reply.timings = {'build': ready - started, 'fetch': fetched - ready, 'train': trained - fetched,
+                   'send': time.perf_counter() - trained}
+  return reply.to_content(model)
 
+
+def train_secure(content, node: NodeConfig) -> Any:
+  """The FitRes content of a secure-aggregation round (fl.secagg; `secure.py`), which Flower's
+  `secaggplus_mod` masks before it leaves the node. A failure raises: the node drops out of the
+  protocol, and the server reads Flower's error."""
+  started = time.perf_counter()
+  request, leaves = secure.request_of(content)
+  setup = _setup(request, node)
+  payload = jax.tree.unflatten(jax.tree.structure(setup.payload_like), [
+      x.reshape(like.shape) for x, like in zip(leaves, jax.tree.leaves(setup.payload_like))])
+  params = setup.download.decode(payload)
+  fetched = time.perf_counter()
+  reply, update = local_round(setup, params, node)
+  if update is None:
+    raise RuntimeError(reply.failure)
+  timings = {'fetch': fetched - started, 'train': time.perf_counter() - fetched}
+  return secure.reply_content(reply, update, setup.spec.fl.secagg.clip_range, timings)
+
+
+def local_round(setup: _Setup, params, node: NodeConfig) -> tuple[protocol.TrainReply, Any]:
+  """Client k trains from `params` as the simulation's client k does; its reply and its encoded
+  delta (None when an injected failure stops it first). Saves the node's state snapshot."""
+  request, spec = setup.request, setup.spec
+  comp = spec.fl.compression
   k, r, attempt = request.client, request.round, request.attempt
-  reply = protocol.TrainReply(client=k, num_examples=data.client_num_tokens(node.shard))
+  reply = protocol.TrainReply(client=k, num_examples=setup.data.client_num_tokens(node.shard))
   fault = faults.injected_fault(spec.faults, spec.seed, r, k, attempt)
   if fault == 'fail':  # as the simulation: the client crashes before it trains
     reply.failure = 'raised InjectedFailure: injected failure (fl.fault.failure_prob)'
     reply.injected = True
-    return reply.to_content()
+    return reply, None
   state = node_state.NodeState(os.path.join(node.state_dir, 'runs', request.run_key,
                                             f'client-{k}'))
-  snapshot = state.start(r, attempt, trainer.opt_state_shapes(), trainer.param_shapes())
+  snapshot = state.start(r, attempt, setup.trainer.opt_state_shapes(),
+                         setup.trainer.param_shapes())
   plan = spec.client_plan(k)  # its batch and local steps, as the simulation's client k
-  iterator = data.client_iterator(node.shard, plan.batch_size)
+  iterator = setup.data.client_iterator(node.shard, plan.batch_size)
   if snapshot.iterator is not None:
     iterator.set_state(snapshot.iterator)
   kept = None if spec.fl.reset_optimizer else snapshot.opt_state
-  result, = trainer.train(params, (r - 1) * spec.fl.local_steps, [iterator], [kept],
-                          plan.local_steps, spec.log_every_steps)
+  result, = setup.trainer.train(params, (r - 1) * spec.fl.local_steps, [iterator], [kept],
+                                plan.local_steps, spec.log_every_steps)
   if fault == 'nan':
     result.state = result.state.replace(params=faults.poisoned(result.state.params))
     reply.injected = True
   finite = bool(faults.all_finite(result.state.params))
   if not spec.fl.reset_optimizer and finite:
     kept = result.state.opt_state  # the simulation's rule: only a finite round's moments are kept
-  update, residual = _message(upload, result.state.params, params, snapshot.residual,
-                              comp.error_feedback, finite)
-  trained = time.perf_counter()
+  noise = privacy.client_noise(spec.fl.dp, spec.fl.clients_per_round)
+  privatize = {} if noise is None else dict(privatize=noise,
+                                            key=privacy.noise_key(spec.seed, r, k, attempt))
+  update, residual = _message(setup.upload, result.state.params, params, snapshot.residual,
+                              comp.error_feedback, finite, privatize)
   state.save(r, attempt, node_state.Snapshot(iterator.get_state(), kept, residual),
              request.keep_snapshots)
-  model = move.put(jax.device_get(update),
-                   protocol.storage_name(request.run_key, r, attempt, f'client-{k}'))
   reply.num_tokens, reply.steps = result.num_tokens, result.step_metrics
   reply.local_steps = plan.local_steps
   reply.mean_loss, reply.last_loss = result.mean_loss, result.last_loss
   reply.mean_grad_norm, reply.mean_update_norm = result.mean_grad_norm, result.mean_update_norm
-  reply.timings = {'build': ready - started, 'fetch': fetched - ready, 'train': trained - fetched,
-                   'send': time.perf_counter() - trained}
-  return reply.to_content(model)
+  return reply, update
 
 
 @functools.lru_cache(maxsize=2)
@@ -205,12 +256,13 @@ def _codecs(trainer: client_lib.Trainer, comp: compression.CompressionConfig
 
 
 def _message(upload: compression.Codec, local, received, residual, error_feedback: bool,
-             finite: bool):
-  """The client's encoded delta and the residual it keeps, as `SimulatedClients` computes them:
-  with error feedback the residual starts at zero and a diverged client drops it."""
+             finite: bool, privatize: dict[str, Any]):
+  """The client's encoded delta and the residual it keeps, as `SimulatedClients` computes them
+  (clipped and noised first with fl.dp.noise_at='clients'): with error feedback the residual
+  starts at zero and a diverged client drops it."""
   if not error_feedback:
-    return upload.compress_delta(local, received, None)[0], None
+    return upload.compress_delta(local, received, None, **privatize)[0], None
   if residual is None:
     residual = jax.tree.map(jnp.zeros_like, local)
-  update, residual = upload.compress_delta(local, received, residual)
+  update, residual = upload.compress_delta(local, received, residual, **privatize)
   return update, residual if finite else None

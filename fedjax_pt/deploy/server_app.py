@@ -114,6 +114,14 @@ def serve(grid: Grid, run_config: dict) -> train.RunResult:
   config.log.progress = False  # the run's log is a stream: one line per round, no bar
   shared_dir = str(run_config['shared-dir']) or os.path.join(workdir, 'shared')
   move = transport_lib.make(str(run_config['transport']), shared_dir)
+  if config.fl.secagg.enabled:
+    if move.kind != 'inline':
+      raise ValueError(f"fl.secagg sends the masked deltas in Flower's messages: run config "
+                       f"transport must be 'inline', got {move.kind!r}")
+    logging.info('fl.secagg: the server receives only the sum of the clients\' deltas (SecAgg+, '
+                 'decoded mean within %.3g of the plain mean per value); per-client losses, '
+                 'norms and step records describe one client\'s update and are not reported',
+                 config.fl.secagg.clip_range * 2 / 2 ** config.fl.secagg.quantization_bits)
   key = run_key(workdir)
 
   def make_clients(parts):
@@ -122,7 +130,8 @@ def serve(grid: Grid, run_config: dict) -> train.RunResult:
         run_key=key, config_json=config.to_json(), vocab_size=parts.model.cfg.vocab_size,
         shared_dir=shared_dir, keep_snapshots=ckpt.keep * max(ckpt.every_rounds, 1) + 1,
         num_clients=parts.spec.fl.num_clients, local_steps=parts.spec.fl.local_steps,
-        round_timeout_s=parts.spec.faults.round_timeout_s, compression=parts.spec.fl.compression)
+        round_timeout_s=parts.spec.faults.round_timeout_s, compression=parts.spec.fl.compression,
+        secagg=parts.spec.fl.secagg)
     clients = fleet.FlowerClients(grid, run, move, arrays.abstract(parts.model.params))
     clients.wait_for_nodes(float(run_config['wait-for-nodes-s']))
     return clients
