@@ -10,10 +10,10 @@ With `fl.dp.enabled`, every synchronisation releases a Gaussian mechanism over t
              sees the model (other clients, its users), not against the server itself.
   'clients'  each of the m = fl.clients_per_round clients clips its own delta and adds
              N(0, sigma^2 C^2 / m) before it is encoded; the noise of m clients adds up to
-             sigma * C. Distributed DP: with secure aggregation (`fl.secagg`) the server never
-             sees a delta with less than the whole noise... unless clients drop out: when only
-             n < m arrive, the server adds the missing N(0, sigma^2 C^2 (m - n) / m), so the
-             released model has the full noise (the server itself saw sigma * sqrt(n / m)).
+             sigma * C. Distributed DP: with secure aggregation (`fl.secagg`) the server sees
+             only the sum, which carries the whole noise. When only n < m clients arrive, the
+             server adds the missing N(0, sigma^2 C^2 (m - n) / m), so the released model has the
+             full noise (the sum the server itself saw had sigma * sqrt(n / m)).
 Weights must not depend on the clients' data, or one client's influence is not bounded by C:
 the mean is uniform over the clients (fl.weighting 'uniform', or 'tokens' with identical
 clients, which is the same).
@@ -21,7 +21,8 @@ clients, which is the same).
 The budget: each synchronisation that moved the model samples m of N = fl.num_clients clients
 and releases one Gaussian mechanism of noise multiplier sigma; `epsilon` composes them with
 Google's `dp-accounting` (RDP, or PLD: tighter and slower), Poisson sampling at rate q = m / N
-(the customary stand-in for sampling m without replacement; q = 1, cross-silo, is exact). The
+(the customary stand-in for sampling m without replacement; q = 1, cross-silo, is exact; a
+retried round, fl.on_too_few_clients='retry', samples more clients than q says when q < 1). The
 round records carry `dp_epsilon` at `dp_delta`, for the model after that round.
 """
 
@@ -219,16 +220,20 @@ def epsilon(noise_multiplier: float, sampling_rate: float, releases: int, delta:
     return 0.0
   if noise_multiplier == 0:
     return math.inf
-  event = dp_event.GaussianDpEvent(noise_multiplier)
-  if sampling_rate < 1:
-    event = dp_event.PoissonSampledDpEvent(sampling_rate, event)
+  gaussian = dp_event.GaussianDpEvent(noise_multiplier)
   if accountant == 'pld':
+    event = gaussian if sampling_rate >= 1 else dp_event.PoissonSampledDpEvent(sampling_rate,
+                                                                               gaussian)
     acc = pld_privacy_accountant.PLDAccountant()
-  elif sampling_rate < 1:
-    # Orders below 2 do not converge for subsampled Gaussians (dp-accounting warns, then drops
-    # them); integer orders are exact for them.
-    acc = rdp.RdpAccountant(orders=list(range(2, 257)))
-  else:
-    acc = rdp.RdpAccountant()
-  acc.compose(event, releases)
-  return float(acc.get_epsilon(delta))
+    acc.compose(event, releases)
+    return float(acc.get_epsilon(delta))
+  unsampled = rdp.RdpAccountant()
+  unsampled.compose(gaussian, releases)
+  if sampling_rate >= 1:
+    return float(unsampled.get_epsilon(delta))
+  # Orders below 2 do not converge for subsampled Gaussians (dp-accounting warns, then drops
+  # them), and with little noise the best order is below 2: subsampling never costs privacy, so
+  # the unsampled bound (all orders) is a bound too, and the smaller of the two holds.
+  sampled = rdp.RdpAccountant(orders=list(range(2, 257)))
+  sampled.compose(dp_event.PoissonSampledDpEvent(sampling_rate, gaussian), releases)
+  return float(min(sampled.get_epsilon(delta), unsampled.get_epsilon(delta)))

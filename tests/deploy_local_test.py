@@ -103,6 +103,23 @@ def test_deployment_equals_the_simulation(transport, rounds, tmp_path, jax_cache
     assert not any((tmp_path / 'shared').iterdir())  # every model was deleted once read
 
 
+def test_secure_aggregation_across_processes(tmp_path, jax_cache, simulated):
+  """SecAgg+ between real SuperNodes, a ClientApp process per protocol message (its state kept
+  by Flower between them): the run completes, the server received only masked integers (about
+  twice the float32 bytes) and the model is the simulation's to within the quantisation
+  (deploy_fleet_test checks the bound per value; here a broken sum, e.g. one node's delta or a
+  wrong scale, would move val_loss by far more than 1e-4)."""
+  code, out = _launch(tmp_path, '--config.fl.rounds=1', '--config.fl.secagg.enabled=True',
+                      jax_cache=jax_cache)
+  assert code == 0, out[-4000:]
+  assert 'finished:completed' in out and 'Traceback' not in out
+  deployed = records.read_records(str(tmp_path)).rounds
+  assert deployed[1].num_aggregated == 2 and deployed[1].secagg_clipped_values == 0
+  assert deployed[1].val_loss == pytest.approx(simulated[1].val_loss, rel=1e-4)
+  assert deployed[1].val_loss != simulated[1].val_loss  # it went through the quantiser
+  assert 1.8 < deployed[1].bytes_received / simulated[1].bytes_received < 2.5
+
+
 def test_tls_and_node_authentication_refuse_strangers(tmp_path):
   federation = launcher.LocalFederation(tmp_path)
   try:

@@ -110,6 +110,9 @@ def test_epsilon_of_one_gaussian_release_is_the_exact_one():
   assert _gaussian_delta(pld, sigma) == pytest.approx(delta, rel=0.05)
   assert privacy.epsilon(sigma, 1.0, 1, delta, 'rdp') >= pld
   assert privacy.epsilon(sigma, 1.0, 0, delta) == 0.0
+  # Subsampling never costs privacy, even where the subsampled RDP bound is loose (little noise).
+  for noise in (0.05, 0.8, 3.0):
+    assert privacy.epsilon(noise, 0.25, 8, delta) <= privacy.epsilon(noise, 1.0, 8, delta)
   assert privacy.epsilon(0.0, 1.0, 3, delta) == math.inf
 
 
@@ -129,17 +132,22 @@ def plain(tmp_path_factory):
 
 def test_client_noise_epsilon_and_an_exact_resume(tmp_path, plain):
   """2 rounds, 2 of 4 clients, sigma 0.8 shared by the clients: the records' epsilon after round
-  r is what dp-accounting gives for r Poisson-sampled (q = 1/2) Gaussian releases. The noise is
+  r is what dp-accounting gives for r Poisson-sampled (q = 1/2) Gaussian releases (RDP over
+  integer orders, or unsampled over all orders if smaller). The noise is
   drawn per (seed, round, client): the run, resumed from round 1, ends exactly where it did,
   with the same epsilon, and away from the non-private run."""
   config = _config(noise_multiplier=0.8, clip_norm=0.3, noise_at='clients')
   workdir = tmp_path / 'run'
   whole = train.run(config, str(workdir))
   for record in whole.rounds[1:]:
-    accountant = rdp.RdpAccountant(orders=list(range(2, 257)))
-    accountant.compose(dp_event.PoissonSampledDpEvent(0.5, dp_event.GaussianDpEvent(0.8)),
-                       record.round)
-    assert record.dp_epsilon == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-12)
+    sampled = rdp.RdpAccountant(orders=list(range(2, 257)))
+    sampled.compose(dp_event.PoissonSampledDpEvent(0.5, dp_event.GaussianDpEvent(0.8)),
+                    record.round)
+    unsampled = rdp.RdpAccountant()
+    unsampled.compose(dp_event.GaussianDpEvent(0.8), record.round)
+    expected = min(sampled.get_epsilon(1e-5), unsampled.get_epsilon(1e-5))
+    assert expected < unsampled.get_epsilon(1e-5)  # sampling amplified the privacy here
+    assert record.dp_epsilon == pytest.approx(expected, rel=1e-12)
     assert record.dp_delta == 1e-5
   assert 0 < whole.rounds[1].dp_epsilon < whole.rounds[2].dp_epsilon
   assert whole.rounds[0].dp_epsilon is None  # the initial model released nothing
