@@ -1,6 +1,7 @@
 """What a person watching a run sees: the progress bar, one line per round, the final summary."""
 
 import logging as std_logging
+import math
 import sys
 
 from absl import logging
@@ -145,7 +146,8 @@ def summary_table(rounds: list[records.RoundRecord], total_time_s: float) -> str
                  f'({_human_bytes(s.ddp_equivalent_bytes)})'))
   last = rounds[-1] if rounds else None
   if last is not None and last.dp_epsilon is not None:
-    rows.append(('differential privacy', f'({last.dp_epsilon:.3g}, {last.dp_delta:g})-DP for '
-                 'each client (fl.dp)'))
+    rows.append(('differential privacy', 'none: epsilon = inf (fl.dp without noise clips only)'
+                 if math.isinf(last.dp_epsilon) else
+                 f'({last.dp_epsilon:.3g}, {last.dp_delta:g})-DP for each client (fl.dp)'))
   width = max(len(k) for k, _ in rows)
   return '\n'.join(f'{k.ljust(width)}  {v}' for k, v in rows)

@@ -1,5 +1,7 @@
 """What a person watching a run sees: the progress bar's count, round lines."""
 
+import math
+
 from configs import tiny
 from fedjax_pt import build
 from fedjax_pt import records
@@ -35,3 +37,12 @@ def test_round_line():
   line = reporting.round_line(record, 10)
   assert line == ('round 3/10 | val_loss 2.0000 | val_ppl 7.39 | train_loss 2.5000 | tokens '
                   '12.35k | 1.5s (8.23k tok/s) | |Δ| 0.25 | 1 client faults')
+
+
+def test_privacy_in_the_round_line_and_the_summary():
+  record = records.RoundRecord(round=2, tokens=10, val_loss=2.0, val_ppl=7.389, round_time_s=1.0,
+                               tokens_per_s=10.0, dp_epsilon=7.9412, dp_delta=1e-5)
+  assert reporting.round_line(record, 2).endswith('| ε 7.94')
+  assert '(7.94, 1e-05)-DP for each client (fl.dp)' in reporting.summary_table([record], 1.0)
+  record.dp_epsilon = math.inf
+  assert 'none: epsilon = inf' in reporting.summary_table([record], 1.0)
