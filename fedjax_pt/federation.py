@@ -74,7 +74,7 @@ class ClientReport:
 class SecureSum:
   """What the server learns from a secure aggregation (`fl.secagg`): the uniform mean of the
   deltas of `clients`, never one of them, plus what each client says in the clear (its tokens,
-  local steps and the bytes it moved; no loss, no norm).
+  local steps and the bytes it moved; no loss, no norm: only their mean loss).
 
   `update` is the mean as a payload (codec 'none') of the parameters' shapes."""
   clients: list[int]
@@ -86,6 +86,7 @@ class SecureSum:
   uncompressed_bytes: int = 0
   elapsed_s: float = 0.0
   clipped_values: int = 0  # delta values outside ±fl.secagg.clip_range, all clients
+  mean_loss: float | None = None  # the clients' mean training loss, summed securely too
 
 
 class Clients(Protocol):
@@ -189,6 +190,7 @@ class FederatedAlgorithm:
     stats = tally.stats(self._clip_at_server, self.fl.secagg.enabled)
     stats['outer_momentum_norm'] = metrics.outer_momentum_norm(state.opt_state)
     losses = [_mean(v) for v in tally.per_client['client_train_loss'].values()]
+    losses += [loss for loss, count in tally.secure_losses for _ in range(count)]
     return state, RoundResult(
         tokens=tally.tokens, bytes_sent=sum(tally.download.values()),
         bytes_received=sum(tally.upload.values()),
@@ -321,8 +323,8 @@ class FederatedAlgorithm:
     tally.tokens += report.num_tokens
     tally.uncompressed += report.uncompressed_bytes
     tally.secagg_clipped += report.clipped_values
-    for k in report.clients:
-      tally.download[k] = tally.download.get(k, 0) + report.download_bytes.get(k, 0)
+    for k in report.download_bytes:  # every client in the protocol, diverged ones too
+      tally.download[k] = tally.download.get(k, 0) + report.download_bytes[k]
       tally.upload[k] = tally.upload.get(k, 0) + report.upload_bytes.get(k, 0)
       tally.local_steps[k] = tally.local_steps.get(k, 0) + report.local_steps.get(k, 0)
       tally.sim_times[k] = tally.sim_times.get(k, 0.0) + report.elapsed_s
@@ -339,6 +341,8 @@ class FederatedAlgorithm:
     # Equal clients: the mean of the sum, weighted as its clients together.
     sync.average.add(mean, float(len(report.clients)), count=len(report.clients))
     sync.aggregated.update(report.clients)
+    if report.mean_loss is not None:
+      tally.secure_losses.append((report.mean_loss, len(report.clients)))
 
   def run_state(self, state: server_lib.ServerState, kept: dict[int, Any],
                 carried: dict[str, dict[int, Any]] | None = None) -> FederatedRunState:
@@ -398,6 +402,7 @@ class _Tally:
   peak_sync_bytes: int = 0
   dp_clipped: int = 0  # deltas the server clipped (fl.dp.noise_at='server')
   secagg_clipped: int = 0  # delta values the clients clipped to ±fl.secagg.clip_range
+  secure_losses: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # (mean, n)
   sim_s: float = 0.0  # simulated time the server waited for clients (`sim_clock`)
   server_s: float = 0.0  # measured time of the server's own work
   sim_times: dict[int, float] = dataclasses.field(default_factory=dict)  # per client, simulated

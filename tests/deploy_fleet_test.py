@@ -253,6 +253,8 @@ def test_secure_aggregation_server_sees_only_the_sum_within_the_stated_bound(tmp
   assert last.num_aggregated == 2 and last.secagg_clipped_values == 0
   assert not last.client_train_loss and not last.client_delta_norm  # nothing per client
   assert last.tokens == plain.rounds[-1].tokens
+  # The mean loss travels in the sum too, scaled by clip_range / 32 nats: same bound, scaled.
+  assert abs(last.train_loss - plain.rounds[-1].train_loss) <= bound * 32 + 1e-6
   # The masked upload (int64 values mod 2**32) is about twice the float32 delta.
   assert 1.8 < last.bytes_received / plain.rounds[-1].bytes_received < 2.5
 

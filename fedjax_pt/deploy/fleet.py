@@ -215,7 +215,13 @@ class FlowerClients:
         self._grid, run.secagg, round_idx,
         {self._node_of[k]: self._request(round_idx, attempt, k) for k in sent},
         [np.asarray(x) for x in jax.tree.leaves(broadcast)])
-    summed = sorted(node_to_client[n] for n in result.metrics)
+    metrics = {node_to_client[n]: m for n, m in result.metrics.items()}
+    summed = sorted(metrics)
+    finite = [k for k in summed if metrics[k]['finite']]
+    for k in summed:
+      if not metrics[k]['finite']:  # the round object's verdict, told by the client itself
+        reports[k] = self._failed(k, self._node_of[k], 'non-finite parameters (sent zeros)',
+                                  model_bytes, injected=bool(metrics[k]['injected']))
     for node_id, k in node_to_client.items():
       if k in summed:
         continue
@@ -229,23 +235,23 @@ class FlowerClients:
       else:  # its own error (the ClientApp raised): what it says
         reports[k] = self._failed(k, node_id, f'error {code}: {reason}', model_bytes)
     yield from (reports[k] for k in sorted(reports))
-    if result.mean is None or not summed:
+    if result.mean is None or not finite:
       return
-    metrics = {node_to_client[n]: m for n, m in result.metrics.items()}
     clipped = sum(int(m['clipped_values']) for m in metrics.values())
     logging.info('round %d: secure sum of clients %s in %.2fs (the server saw no single delta)%s',
-                 round_idx, summed, result.elapsed_s,
+                 round_idx, finite, result.elapsed_s,
                  f'; {clipped} values clipped to ±fl.secagg.clip_range' if clipped else '')
-    update = jax.tree.unflatten(jax.tree.structure(self._update_like), result.mean)
+    mean, loss = secure.split_mean(result.mean, run.secagg.clip_range, len(summed), len(finite))
+    update = jax.tree.unflatten(jax.tree.structure(self._update_like), mean)
     update = jax.tree.map(lambda like, x: x.reshape(like.shape), self._update_like, update)
     yield SecureSum(
-        clients=summed, update=update,
+        clients=finite, update=update, mean_loss=loss,
         num_tokens=sum(int(m['num_tokens']) for m in metrics.values()),
         local_steps={k: int(m['local_steps']) for k, m in metrics.items()},
         download_bytes={k: result.download_bytes.get(self._node_of[k], 0) for k in summed},
         upload_bytes={k: result.upload_bytes.get(self._node_of[k], 0) for k in summed},
         uncompressed_bytes=len(summed) * (self._raw_download +
-                                          compression.raw_bytes(self._update_like)),
+                                          compression.raw_bytes(self._update_like) + 4),
         elapsed_s=result.elapsed_s, clipped_values=clipped)
 
   def _request(self, round_idx: int, attempt: int, client: int) -> ConfigRecord:

@@ -7,8 +7,9 @@ that dropped out from the key shares of the others. This is Flower's SecAgg+ pro
 (`SecAggPlusWorkflow` on the server, `secaggplus_mod` on the nodes), which runs in Flower's
 legacy fit format: the train request travels as FitIns (its config the `TrainRequest`, its
 parameters the encoded global model) and the node answers with a FitRes holding its delta as
-float32 arrays, weight 1 (the mean is uniform), and in the clear only what `CLEAR_METRICS` names:
-its token count, local steps, how many delta values fell outside the range, its timings.
+float32 arrays plus its mean training loss, weight 1 (the mean is uniform), and in the clear only
+what `CLEAR_METRICS` names: its token count, local steps, how many values fell outside the
+range, whether it diverged (then it sends zeros), its timings.
 
 The server side, `secure_round`, gives the round object one `federation.SecureSum` (the mean and
 its clients) plus a lost or failed `ClientReport` for every node that dropped out. A strategy
@@ -43,7 +44,9 @@ from fedjax_pt import privacy
 from fedjax_pt.deploy import protocol
 
 _MODULUS = 2 ** privacy.SecAggConfig.MODULUS_BITS
-CLEAR_METRICS = ('client', 'num_tokens', 'local_steps', 'clipped_values', 'time/train')
+CLEAR_METRICS = ('client', 'num_tokens', 'local_steps', 'clipped_values', 'finite', 'injected',
+                 'time/train')
+LOSS_RANGE = 32.0  # nats: a client's mean loss travels as loss / LOSS_RANGE * clip_range
 
 
 # --- the node's side -------------------------------------------------------------------------------
@@ -70,18 +73,39 @@ def request_of(content: RecordDict) -> tuple[protocol.TrainRequest, list[np.ndar
 
 def reply_content(reply: protocol.TrainReply, update: Any, clip_range: float,
                   timings: Mapping[str, float]) -> RecordDict:
-  """The FitRes that `secaggplus_mod` masks: the delta's arrays, weight 1, the clear metrics."""
+  """The FitRes that `secaggplus_mod` masks: the delta's arrays and, last, the client's mean loss
+  (scaled into the range: the server gets the clients' mean loss, not one of them); weight 1;
+  the clear metrics. A diverged client sends zeros and says so (`finite` 0): quantising NaN
+  would give finite garbage that spoils the sum, while zeros let the server take the mean of the
+  others exactly (it knows how many were finite)."""
   arrays = [np.asarray(x, np.float32) for x in jax.tree.leaves(jax.device_get(update))]
+  finite = all(np.isfinite(a).all() for a in arrays) and np.isfinite(reply.mean_loss)
+  if finite:
+    arrays.append(np.asarray([reply.mean_loss * clip_range / LOSS_RANGE], np.float32))
+  else:
+    logging.warning('client %d: non-finite parameters; it sends zeros and says so',
+                    reply.client)
+    arrays = [np.zeros_like(a) for a in arrays] + [np.zeros(1, np.float32)]
   clipped = sum(int(np.count_nonzero(np.abs(a) > clip_range)) for a in arrays)
   if clipped:
-    logging.warning('client %d: %d delta values outside fl.secagg.clip_range=%g are clipped',
+    logging.warning('client %d: %d values outside fl.secagg.clip_range=%g are clipped',
                     reply.client, clipped, clip_range)
   metrics = {'client': reply.client, 'num_tokens': reply.num_tokens,
              'local_steps': reply.local_steps, 'clipped_values': clipped,
+             'finite': int(finite), 'injected': int(reply.injected),
              'time/train': float(timings.get('train', 0.0))}
   fitres = FitRes(Status(Code.OK, 'trained'), ndarrays_to_parameters(arrays), num_examples=1,
                   metrics=metrics)
   return compat.fitres_to_recorddict(fitres, keep_input=False)
+
+
+def split_mean(mean: Sequence[np.ndarray], clip_range: float, summed: int, finite: int
+               ) -> tuple[list[np.ndarray], float]:
+  """The mean delta and the mean loss of the `finite` clients, from the unmasked mean over all
+  `summed` (whose diverged ones sent zeros)."""
+  scale = summed / finite
+  delta = [np.asarray(np.asarray(a, np.float64) * scale, np.float32) for a in mean[:-1]]
+  return delta, float(mean[-1][0]) * scale * LOSS_RANGE / clip_range
 
 
 # --- the server's side -----------------------------------------------------------------------------
@@ -200,10 +224,13 @@ def secure_round(grid, cfg: privacy.SecAggConfig, round_idx: int,
   parameters = ndarrays_to_parameters(list(broadcast))
   strategy = _OneRound({node_id: FitIns(parameters, dict(request))
                         for node_id, request in requests.items()})
+  nodes = SimpleClientManager()
+  for node_id in requests:
+    nodes.register(_Node(node_id))
   context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                                   run_config={}),
                           config=ServerConfig(num_rounds=round_idx), strategy=strategy,
-                          client_manager=SimpleClientManager())
+                          client_manager=nodes)
   context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
       {WorkflowKey.CURRENT_ROUND: round_idx})
   context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(

@@ -119,8 +119,9 @@ def serve(grid: Grid, run_config: dict) -> train.RunResult:
       raise ValueError(f"fl.secagg sends the masked deltas in Flower's messages: run config "
                        f"transport must be 'inline', got {move.kind!r}")
     logging.info('fl.secagg: the server receives only the sum of the clients\' deltas (SecAgg+, '
-                 'decoded mean within %.3g of the plain mean per value); per-client losses, '
-                 'norms and step records describe one client\'s update and are not reported',
+                 'decoded mean within %.3g of the plain mean per value) and of their losses; '
+                 'per-client losses, norms and step records describe one client\'s update and '
+                 'are not reported',
                  config.fl.secagg.clip_range * 2 / 2 ** config.fl.secagg.quantization_bits)
   key = run_key(workdir)
 
