@@ -4,6 +4,8 @@ to, so that scripts (sweeps, schedulers) can act on the outcome without reading 
 Every one of these ends the run with a single line on stderr that names the culprit.
 """
 
+import threading
+
 EXIT_BAD_INPUT = 2  # a bad flag, config value, data file or checkpoint: fix the command
 EXIT_WORKDIR_REFUSED = 3  # --workdir holds another experiment (or ckpt.restore=False): move it
 EXIT_TRAINING_FAILED = 4  # the run diverged, or no round could update the model
@@ -25,3 +27,10 @@ class TrainingFailed(RuntimeError):
 
 class Interrupted(RuntimeError):
   """SIGINT or SIGTERM: the run stopped at a round boundary or mid-round, checkpoints intact."""
+
+
+# Set by `fedjax_pt.main` when SIGINT or SIGTERM arrives, besides raising KeyboardInterrupt: a
+# KeyboardInterrupt that lands in a finalizer (a __del__ run by the garbage collector) or in a
+# library that swallows it is lost, and the run would go on; the run loop checks this at every
+# round boundary, so a stop request is never lost.
+STOP_REQUESTED = threading.Event()

@@ -10,7 +10,8 @@ real federation. Everything between "the server holds θ" and "the server holds 
 in `apply`, each step in the module named after it: which clients train (`sampling`), which parts
 of the model are synchronised when (`fragments`), how the clients' deltas travel (`compression`:
 the server decodes them here), which updates are left out (`faults`), how the rest are weighted
-and averaged (`aggregation`) and the outer optimizer step (`server`). Clients may differ
+and averaged (`aggregation`; with `fl.dp` clipped and noised, `privacy`; with `fl.secagg` they
+arrive already summed, as one `SecureSum`) and the outer optimizer step (`server`). Clients may differ
 (`profiles`: local work, links, availability); every round is also timed as if they trained at
 the same time on their own hardware (`sim_clock`). The centralized baseline
 is a `CentralizedAlgorithm` with the same `init`/`apply`, so the run has one loop for both modes.

@@ -140,6 +140,7 @@ def _quiet_unraisable(hook):
 
 def _raise_interrupt(signum, frame):
   del signum, frame
+  errors.STOP_REQUESTED.set()  # in case the KeyboardInterrupt lands where it is swallowed
   raise KeyboardInterrupt  # SIGTERM (a scheduler, a sweep) stops the run like Ctrl-C
 
 
@@ -162,7 +163,9 @@ def main(argv):
           '(on a file system that every host sees) for every process')
   workdir = _WORKDIR.value or _default_workdir(_config_file())
   logging.info('workdir: %s', workdir)
+  errors.STOP_REQUESTED.clear()
   signal.signal(signal.SIGTERM, _raise_interrupt)
+  signal.signal(signal.SIGINT, _raise_interrupt)
   try:
     result = train.run(config, workdir)
   except errors.WorkdirRefused as e:

@@ -111,6 +111,8 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
       session.writer.write(rounds[-1])
     progress.begin(done=(first_round - 1) * steps_per_round)
     for round_idx in range(first_round, fl.rounds + 1):
+      if errors.STOP_REQUESTED.is_set():
+        raise KeyboardInterrupt  # a Ctrl-C whose exception was swallowed on the way
       round_start = time.perf_counter()
       state, result = algorithm.apply(state, round_idx, clients)
       session.checkpointer.check()  # the previous round's save, if it failed, ends the run here

@@ -10,8 +10,10 @@ import time
 
 import pytest
 
+from configs import tiny
 from fedjax_pt import errors
 from fedjax_pt import records
+from fedjax_pt import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = '--config=configs/tiny.py:test'
@@ -108,6 +110,19 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(tmp_path):
   assert 're-run the same command to resume (from the checkpoint of round' in last
   resumed = _main(tmp_path, TEST_CONFIG, '--config.fl.rounds=4')
   assert resumed.returncode == 0 and 'resuming' in resumed.stderr, resumed.stderr[-3000:]
+
+
+def test_a_stop_request_whose_interrupt_was_swallowed_still_stops_at_the_next_round(tmp_path):
+  """A KeyboardInterrupt raised inside a finalizer (Python prints "Exception ignored" and goes
+  on) or caught by a library is lost; main's handler also sets STOP_REQUESTED, which the run
+  loop checks at every round boundary."""
+  errors.STOP_REQUESTED.set()
+  try:
+    with pytest.raises(errors.Interrupted, match='interrupted at round 1; re-run the same'):
+      train.run(tiny.get_config('test'), str(tmp_path))
+  finally:
+    errors.STOP_REQUESTED.clear()
+  assert [r.round for r in records.read_records(str(tmp_path)).rounds] == [0]
 
 
 @pytest.mark.parametrize('workdir, message', [
