@@ -11,6 +11,7 @@ from collections.abc import Callable
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import threading
 from typing import Any
@@ -113,8 +114,8 @@ class Checkpointer:
   def _failure_message(self, error: Exception) -> str:
     steps = self.steps()
     last = f'round {steps[-1]}' if steps else 'none'
-    return (f'a checkpoint could not be written to {self.directory} ({type(error).__name__}: '
-            f'{_shortened(str(error))}); the last complete checkpoint is {last}, and re-running '
+    return (f'a checkpoint could not be written to {self.directory} ({_os_cause(error)}'
+            f'{type(error).__name__}: {_shortened(str(error))}); the last complete checkpoint is {last}, and re-running '
             'the same command resumes from it')
 
   def should_save(self, round_idx: int, last_round: int) -> bool:
@@ -222,6 +223,23 @@ def abstract(tree: Any) -> Any:
   to rebuild it exactly."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), tree)
+
+
+def _os_cause(error: BaseException) -> str:
+  """'No space left on device: ' when an OS error code is anywhere in the error or its causes.
+  Tensorstore (under orbax) ends its message with `[os_error_code='28']` and long specs, which
+  `_shortened` may cut, so the cause is named first."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    code = getattr(error, 'errno', None)
+    if not isinstance(code, int):
+      match = re.search(r"os_error_code='?(\d+)", str(error))
+      code = int(match.group(1)) if match else None
+    if code:
+      return f'{os.strerror(code)}: '
+    error = error.__cause__ or error.__context__
+  return ''
 
 
 def _shortened(text: str, head: int = 80, tail: int = 140) -> str:

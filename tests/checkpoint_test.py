@@ -281,3 +281,28 @@ def test_a_signal_during_a_save_is_delivered_when_the_save_call_returns():
     assert signal.getsignal(signal.SIGTERM) is stop  # the handler is back
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_storage_error_names_its_os_cause_first(tmp_path, monkeypatch):
+  """Tensorstore reports a full disk as a long message whose cause is only a trailing
+  `[os_error_code='28']` after kilobytes of specs (seen in CI on a 1 MB tmpfs): the one-line error
+  must still say "No space left on device", whatever the shortening cuts."""
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), checkpoint_lib.CheckpointConfig())
+  spec = 'x' * 3000
+  tensorstore_error = ValueError(
+      f'Error writing local file "{tmp_path}/checkpoints/3.orbax-checkpoint-tmp/state/d/0a1b": '
+      f"[tensorstore_spec='{spec}'] [os_error_code='28']")
+
+  def refuse(*args, **kwargs):
+    raise tensorstore_error
+  monkeypatch.setattr(checkpointer._manager, 'save', refuse)
+  meta = checkpoint_lib.RunMeta(round=3, totals=checkpoint_lib.Totals(), iterators=[])
+  with pytest.raises(checkpoint_lib.SaveFailed) as failure:
+    checkpointer.save(3, {'w': np.zeros(2)}, meta)
+  line = str(failure.value)
+  assert '\n' not in line and len(line) < 600
+  assert f'({os.strerror(28)}: ValueError: Error writing' in line  # "No space left on device"
+  assert 'the last complete checkpoint is none' in line
+  # An error that carries no OS code is reported as it is, with no invented cause.
+  assert checkpoint_lib._os_cause(ValueError('bad spec')) == ''
+  assert checkpoint_lib._os_cause(OSError(28, 'x')) == f'{os.strerror(28)}: '
