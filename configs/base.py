@@ -46,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.fl.outer_lr = 0.1
   c.fl.outer_momentum = 0.9
   c.fl.outer_b2 = 0.95  # only for outer_optimizer='adam'
+  # Outer warmups: round r uses outer_lr * min(1, r / R) (and the same ramp for the momentum).
+  # From scratch they damp Nesterov's early overshoot; 0: none.
+  c.fl.outer_lr_warmup_rounds = 0
+  c.fl.outer_momentum_warmup_rounds = 0
   c.fl.reset_optimizer = True
   c.fl.weighting = 'tokens'  # 'tokens' (w_k ∝ n_k) | 'uniform'
   # Client faults: a client that raises, returns NaN/Inf or reports after the deadline is left out.
@@ -112,6 +116,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_bad_lines = 0
   c.data.shuffle = True
   c.data.only_client = -1  # k >= 0 with mode=centralized: client k trains alone on its shard
+  # The partition into clients and the held-out documents; `seed` orders batches and inits the
+  # model. -1: `seed` does both (runs from before data.seed existed resume unchanged). Fix it to
+  # score a sweep over `seed` on one validation set.
+  c.data.seed = -1
 
   # Local training on a mesh of clients x data x fsdp devices (fedjax_pt/sharding.py): this
   # process's devices, or those of every process of a multi-host client (fedjax_pt/distributed.py).
@@ -130,6 +138,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.coordinator = ''  # 'host:port' where process 0 serves; the same on every process
   c.mesh.heartbeat_timeout_s = 100  # a process silent this long is dead, and all others stop
   c.mesh.init_timeout_s = 300  # how long processes wait for each other to start
+
+  # Warm start (either mode): the first session takes its parameters from another run's
+  # checkpoint (a workdir: its latest; or workdir/checkpoints/N), with fresh optimizer states.
+  # `init.step` = S makes the lr schedule continue from local step S (e.g. the steps of the
+  # pre-training run) instead of starting again from its warmup. A resumed run ignores both.
+  c.init = ml_collections.ConfigDict()
+  c.init.from_checkpoint = ''  # ('init.from' cannot be a key: `from` is a Python keyword)
+  c.init.step = 0
 
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_rounds = 1  # 0: never (the last round is always saved otherwise)

@@ -246,9 +246,15 @@ def run_all(runs: Sequence[Run], runner: Runner, parallel: int = 1) -> dict[str,
       signal.signal(sig, on_signal)
   try:
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-      futures = {pool.submit(_guarded, runner, run): run for run in todo}
+      # A run waits for the runs it needs (`Run.needs`). They come before it in the spec, so the
+      # pool (first in, first out) has started them by then: waiting cannot deadlock.
+      started: dict[str, concurrent.futures.Future] = {}
+      for run in todo:
+        needed = {name: started[name] for name in run.needs if name in started}
+        started[run.name] = pool.submit(_guarded, runner, run, needed)
+      futures = {future: name for name, future in started.items()}
       for future in concurrent.futures.as_completed(futures):
-        results[futures[future].name] = future.result()
+        results[futures[future]] = future.result()
   finally:
     if in_main_thread:
       for sig, handler in previous.items():
@@ -256,7 +262,13 @@ def run_all(runs: Sequence[Run], runner: Runner, parallel: int = 1) -> dict[str,
   return {run.name: results[run.name] for run in runs}
 
 
-def _guarded(runner: Runner, run: Run) -> str:
+def _guarded(runner: Runner, run: Run,
+             needed: Mapping[str, concurrent.futures.Future] | None = None) -> str:
+  for name, future in (needed or {}).items():
+    outcome = future.result()
+    if outcome != 'finished':
+      runner.echo(f'[sweep] {run.name}: not started, it needs {name}, which is {outcome}')
+      return 'failed' if outcome != 'interrupted' else 'interrupted'
   if runner.stopping:
     return 'interrupted'
   return runner.run_one(run)

@@ -8,9 +8,16 @@
     - [{_name: nesterov}, {_name: fedavg, fl.outer_lr: 1.0, fl.outer_momentum: 0.0}]  # variants
   groups:                                               # optional: more grids, each may add a base
     - {name: central, base: {mode: centralized}, grid: [{model.d_model: [64, 128]}]}
+    - name: warm                                        # runs that start from other runs
+      base: {init.from_checkpoint: '{root}/central,d_model={model.d_model}'}
+      grid: [{model.d_model: [64, 128]}]
 
 The runs are the product of the grid's axes. Each is named by its grid values
 (`d_model=64,local_steps=10,nesterov`, group name first): the name of its workdir.
+
+A string value may name another of the run's keys as `{key}` (its value in this run) and the sweep
+root as `{root}`. A run whose value contains `{root}/NAME` of an earlier run of the sweep needs
+that run: it starts once NAME has finished, and not at all if NAME fails.
 """
 
 from __future__ import annotations
@@ -38,11 +45,18 @@ class Run:
   config: str
   overrides: dict[str, Any]  # every --config.KEY=VALUE, base and grid, in order
   varying: dict[str, Any]  # the grid's share of them (what the name is made of)
+  needs: tuple[str, ...] = ()  # earlier runs of the sweep this one starts from ({root}/NAME)
 
   def command(self, workdir: str, python: str = sys.executable,
               module: str = 'fedjax_pt.main') -> list[str]:
+    root = os.path.dirname(os.path.abspath(workdir))
     return [python, '-m', module, f'--config={self.config}', f'--workdir={workdir}',
-            *(f'--config.{k}={format_value(v)}' for k, v in self.overrides.items())]
+            *(f'--config.{k}={format_value(v).replace(ROOT, root)}'
+              for k, v in self.overrides.items())]
+
+
+ROOT = '{root}'
+_REFERENCE = re.compile(r'\{([A-Za-z_][\w.]*)\}')
 
 
 # --- spec ----------------------------------------------------------------------------------------
@@ -91,14 +105,44 @@ def expand(spec: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> l
             **_overrides(group.get('base'), f'{where}.base'), **dict(extra or {})}
     for parts, varying in _grid(group.get('grid') or [], f'{where}.grid'):
       name = run_name([str(group.get('name') or ''), *parts])
-      runs.append(Run(name, config, {**base, **varying, **dict(extra or {})}, varying))
+      overrides = _resolve({**base, **varying, **dict(extra or {})}, name)
+      runs.append(Run(name, config, overrides, varying))
   seen: dict[str, Run] = {}
-  for run in runs:
+  for i, run in enumerate(runs):
     if run.name in seen:
       raise SpecError(f'two runs would share the workdir {run.name!r}: {seen[run.name].varying} '
                       f'and {run.varying}; give the variants a _name or the groups a name')
     seen[run.name] = run
+    runs[i] = dataclasses.replace(run, needs=_needs(run, seen))
   return runs
+
+
+def _resolve(overrides: dict[str, Any], name: str) -> dict[str, Any]:
+  """String values with `{key}` replaced by the run's value of key; `{root}` stays for
+  `Run.command`, which knows the sweep root."""
+  def value_of(match: re.Match) -> str:
+    key = match.group(1)
+    if key == 'root':
+      return ROOT
+    if key not in overrides:
+      raise SpecError(f'run {name}: {{{key}}} names no key of the run (its keys: '
+                      f'{", ".join(overrides)})')
+    return format_value(overrides[key])
+  return {k: _REFERENCE.sub(value_of, v) if isinstance(v, str) else v
+          for k, v in overrides.items()}
+
+
+def _needs(run: Run, earlier: Mapping[str, Run]) -> tuple[str, ...]:
+  needs = []
+  for key, value in run.overrides.items():
+    if not isinstance(value, str) or f'{ROOT}/' not in value:
+      continue
+    other = value.split(f'{ROOT}/', 1)[1].split('/')[0]
+    if other not in earlier or other == run.name:
+      raise SpecError(f'run {run.name}: {key}={value} names no earlier run of the sweep '
+                      f'({other!r}); a run can only start from one listed before it')
+    needs.append(other)
+  return tuple(needs)
 
 
 def _check_keys(mapping: Any, allowed: set[str], where: str) -> None:

@@ -198,6 +198,85 @@ class Checkpointer:
     self._manager.close()
 
 
+class WarmStartError(ValueError):
+  """init.from_checkpoint names no readable checkpoint, or one of another model (one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmStart:
+  """The checkpoint whose parameters start a run (`init.from_checkpoint`)."""
+  directory: str  # the checkpoints/ directory that holds it
+  round: int
+  latest: bool = True  # chosen as the latest of its directory (not named as checkpoints/N)
+
+  @property
+  def path(self) -> str:
+    return os.path.join(self.directory, str(self.round))
+
+
+def find_warm_start(source: str) -> WarmStart:
+  """The checkpoint named by `init.from_checkpoint`: a workdir (its latest complete checkpoint),
+  its checkpoints/ directory, or one checkpoint in it (checkpoints/N)."""
+  where = f'init.from_checkpoint={source}'
+  source = os.path.abspath(os.path.expanduser(source))
+  if not os.path.isdir(source):
+    raise WarmStartError(f'{where}: no such directory (give a workdir, or its checkpoints/N)')
+  name = os.path.basename(source)
+  if name.isdigit() and os.path.isdir(os.path.join(source, 'state')):
+    return WarmStart(os.path.dirname(source), int(name), latest=False)
+  directory = (os.path.join(source, 'checkpoints')
+               if os.path.isdir(os.path.join(source, 'checkpoints')) else source)
+  steps = sorted(int(n) for n in os.listdir(directory)
+                 if n.isdigit() and os.path.isdir(os.path.join(directory, n, 'state')))
+  if not steps:
+    raise WarmStartError(f'{where}: no complete checkpoint there (a workdir that has saved one '
+                         'round, or its checkpoints/N)')
+  return WarmStart(directory, steps[-1])
+
+
+def check_warm_start(start: WarmStart, abstract_params: Any) -> None:
+  """Raises WarmStartError unless the checkpoint holds parameters of exactly these shapes. Reads
+  only metadata: call it before the data is read."""
+  try:
+    saved = _params_metadata(start)
+  except Exception as e:  # pylint: disable=broad-except
+    raise WarmStartError(f'init.from_checkpoint: the checkpoint {start.path} does not load '
+                         f'({type(e).__name__}: {_shortened(str(e))})') from e
+  mismatch = _first_difference(_arrays({'params': saved}), _arrays({'params': abstract_params}))
+  if mismatch:
+    raise WarmStartError(f'init.from_checkpoint: the checkpoint {start.path} holds another model '
+                         f'than this config ({mismatch}); warm starts need the same model.* shapes')
+
+
+def load_warm_start(start: WarmStart, abstract_params: Any) -> Any:
+  """The checkpoint's parameters, placed as `abstract_params` says (shapes, dtypes, shardings).
+  Only the parameters are read: the optimizer states of the run that wrote it are not used."""
+  check_warm_start(start, abstract_params)
+  target = {'params': abstract(abstract_params)}
+  with _reader(start) as manager:
+    restored = manager.restore(start.round, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  return restored['state']['params']
+
+
+def _reader(start: WarmStart) -> ocp.CheckpointManager:
+  # A PyTree handler restores a part (the parameters) of the saved state. It only reads: orbax's
+  # read_only option would say so in three warnings.
+  return ocp.CheckpointManager(
+      start.directory, options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+
+
+def _params_metadata(start: WarmStart) -> Any:
+  with _reader(start) as manager:
+    tree = manager.item_metadata(start.round)['state']
+  tree = getattr(tree, 'tree', tree)
+  if not isinstance(tree, dict) or 'params' not in tree:
+    raise ValueError('it has no params')
+  return tree['params']
+
+
 @contextlib.contextmanager
 def _interrupts_deferred():
   """Ctrl-C or SIGTERM during the block is delivered when it ends. A KeyboardInterrupt inside

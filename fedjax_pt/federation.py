@@ -145,7 +145,8 @@ class FederatedAlgorithm:
                param_shardings: Any = None, per_layer_norms: bool = False):
     self.fl, self.faults, self.seed = fl, fault_cfg, seed
     self.tx = optimizers.outer_optimizer(fl.outer_optimizer, fl.outer_lr, fl.outer_momentum,
-                                         fl.outer_b2)
+                                         fl.outer_b2, fl.outer_lr_warmup_rounds,
+                                         fl.outer_momentum_warmup_rounds)
     self.schedule = fragments_lib.schedule(fl.local_steps, fl.fragments)
     self._param_shardings = param_shardings
     self._per_layer_norms = per_layer_norms

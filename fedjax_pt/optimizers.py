@@ -19,6 +19,9 @@ class OptConfig:
   eps: float = 1e-8
   weight_decay: float = 0.0
   grad_clip: float = 1.0
+  # Added to the step before the schedule reads it: a warm start (`init.step`) continues the
+  # schedule of the run it starts from. Not an `opt.*` key.
+  step_offset: int = 0
 
   def __post_init__(self):
     if self.lr <= 0:
@@ -29,6 +32,8 @@ class OptConfig:
     if self.warmup_steps >= self.schedule_steps:
       raise ValueError(f'opt.warmup_steps={self.warmup_steps} must be smaller than '
                        f'opt.schedule_steps={self.schedule_steps}')
+    if self.step_offset < 0:
+      raise ValueError(f'init.step must be >= 0, got {self.step_offset}')
     if not 0 <= self.final_lr_ratio <= 1:
       raise ValueError(f'opt.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}')
 
@@ -38,10 +43,14 @@ class OptConfig:
 
 
 def lr_schedule(cfg: OptConfig) -> optax.Schedule:
-  """Linear warmup from 0 to the peak, then cosine decay to `final_lr_ratio` x the peak."""
-  return optax.warmup_cosine_decay_schedule(
+  """Linear warmup from 0 to the peak, then cosine decay to `final_lr_ratio` x the peak; with a
+  `step_offset` the run's step 0 is the schedule's step `step_offset`."""
+  schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
       decay_steps=cfg.schedule_steps, end_value=cfg.lr * cfg.final_lr_ratio)
+  if not cfg.step_offset:
+    return schedule
+  return lambda step: schedule(step + cfg.step_offset)
 
 
 def _decay_mask(params):
@@ -70,21 +79,46 @@ def apply_lr(direction, lr: jax.Array):
 OUTER_OPTIMIZERS = ('nesterov', 'sgd', 'adam')
 
 
-def outer_optimizer(name: str, lr: float, momentum: float,
-                    b2: float = 0.95) -> optax.GradientTransformation:
+def outer_optimizer(name: str, lr: float, momentum: float, b2: float = 0.95,
+                    lr_warmup_rounds: int = 0,
+                    momentum_warmup_rounds: int = 0) -> optax.GradientTransformation:
   """The server optimizer, applied to the pseudo-gradient as if it were a gradient.
 
   'nesterov' (Photon/DiLoCo default): v <- mu v + g; theta <- theta - lr (g + mu v).
   'sgd': heavy-ball momentum v <- mu v + g; theta <- theta - lr v (plain SGD when mu = 0).
   'adam': Adam with b1 = momentum.
+
+  Warmups ramp the outer lr and/or the momentum linearly over the first R outer steps (`warmup`):
+  step t (0-based) uses value * min(1, (t + 1) / R). From scratch the first pseudo-gradients are
+  large and Nesterov takes lr (1 + mu) of the first one, then keeps pushing in its direction: the
+  round-2 overshoot that a ramp damps. Without warmups the optimizer (and its state in
+  checkpoints) is exactly what it was before they existed.
   """
+  if name not in OUTER_OPTIMIZERS:
+    raise ValueError(f'fl.outer_optimizer must be one of {OUTER_OPTIMIZERS}, got {name!r}')
+  if not lr_warmup_rounds and not momentum_warmup_rounds:
+    return _outer(name, lr, momentum, b2)
+  return optax.inject_hyperparams(_outer, static_args=('name', 'b2'))(
+      name=name, lr=warmup(lr, lr_warmup_rounds), momentum=warmup(momentum, momentum_warmup_rounds),
+      b2=b2)
+
+
+def warmup(value: float, rounds: int) -> optax.ScalarOrSchedule:
+  """value * min(1, (t + 1) / rounds) at outer step t; `value` itself when rounds <= 1."""
+  if rounds <= 1:
+    return value
+  return optax.linear_schedule(init_value=value / rounds, end_value=value,
+                               transition_steps=rounds - 1)
+
+
+def _outer(name: str, lr, momentum, b2: float) -> optax.GradientTransformation:
+  # `momentum` is a float, or a traced scalar under a momentum warmup: then it is never None.
+  has_momentum = not isinstance(momentum, (int, float)) or momentum > 0
   if name == 'nesterov':
-    return optax.sgd(lr, momentum=momentum or None, nesterov=bool(momentum))
+    return optax.sgd(lr, momentum=momentum if has_momentum else None, nesterov=has_momentum)
   if name == 'sgd':
-    return optax.sgd(lr, momentum=momentum or None)
-  if name == 'adam':
-    return optax.adam(lr, b1=momentum, b2=b2)
-  raise ValueError(f'fl.outer_optimizer must be one of {OUTER_OPTIMIZERS}, got {name!r}')
+    return optax.sgd(lr, momentum=momentum if has_momentum else None)
+  return optax.adam(lr, b1=momentum, b2=b2)
 
 
 def global_norm(tree) -> jax.Array:

@@ -35,6 +35,7 @@ class RunSpec:
   progress: bool
   tensorboard: bool
   per_layer_norms: bool
+  init_from: str = ''  # init.from_checkpoint: a warm start's workdir or checkpoint, or ''
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'RunSpec':
@@ -52,9 +53,15 @@ class RunSpec:
     if config.data.only_client >= 0 and config.mode != 'centralized':
       raise ValueError(f'data.only_client={config.data.only_client} trains one client alone: it '
                        f'needs mode=centralized, got {config.mode!r} (-1 turns it off)')
+    init = config.get('init') or ml_collections.ConfigDict({'from_checkpoint': '', 'step': 0})
+    if not isinstance(init.step, int) or isinstance(init.step, bool):
+      raise ValueError(f'init.step must be an integer >= 0, got {init.step!r}')
+    if not isinstance(init.from_checkpoint, str):
+      raise ValueError(f'init.from_checkpoint must be a path, got {init.from_checkpoint!r}')
     spec = cls(mode=config.mode, seed=config.seed, fl=server_lib.FLConfig.from_config(config.fl),
                faults=faults.FaultConfig.from_config(config.fl),
-               opt=optimizers.OptConfig.from_config(config.opt),
+               opt=dataclasses.replace(optimizers.OptConfig.from_config(config.opt),
+                                       step_offset=init.step),
                data=data_lib.DataConfig.from_config(config.data),
                ckpt=checkpoint_lib.CheckpointConfig.from_config(config.ckpt),
                mesh=sharding.MeshConfig.from_config(
@@ -65,7 +72,8 @@ class RunSpec:
                eval_batch_size=config.eval.batch_size, eval_max_batches=config.eval.max_batches,
                eval_every_rounds=config.eval.every_rounds, eval_per_client=config.eval.per_client,
                log_every_steps=config.log.every_steps, progress=config.log.progress,
-               tensorboard=config.log.tensorboard, per_layer_norms=config.log.per_layer_norms)
+               tensorboard=config.log.tensorboard, per_layer_norms=config.log.per_layer_norms,
+               init_from=init.from_checkpoint)
     spec.check_profiles()
     if (spec.fl.dp.enabled or spec.fl.secagg.enabled) and spec.fl.weighting == 'tokens' and (
         not spec.uniform_clients):

@@ -29,6 +29,8 @@ class FLConfig:
   outer_lr: float = 0.1
   outer_momentum: float = 0.9
   outer_b2: float = 0.95
+  outer_lr_warmup_rounds: int = 0  # R: the outer lr ramps as lr * min(1, r / R) at round r
+  outer_momentum_warmup_rounds: int = 0  # the same ramp for the outer momentum
   reset_optimizer: bool = True
   weighting: str = 'tokens'
   fragments: int = 1
@@ -57,6 +59,13 @@ class FLConfig:
     if self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
       raise ValueError(f'fl.outer_lr must be > 0 and fl.outer_momentum in [0, 1), got '
                        f'{self.outer_lr} and {self.outer_momentum}')
+    for name in ('outer_lr_warmup_rounds', 'outer_momentum_warmup_rounds'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f'fl.{name} must be an integer >= 0 (0: no warmup), got {value!r}')
+    if self.outer_momentum_warmup_rounds and not self.outer_momentum:
+      raise ValueError(f'fl.outer_momentum_warmup_rounds={self.outer_momentum_warmup_rounds} '
+                       'ramps a momentum of 0: set fl.outer_momentum, or the warmup to 0')
     if self.weighting not in aggregation.WEIGHTINGS:
       raise ValueError(f'fl.weighting must be one of {aggregation.WEIGHTINGS}, got '
                        f'{self.weighting!r}')

@@ -24,6 +24,7 @@ from fedjax_pt import errors
 from fedjax_pt import faults
 from fedjax_pt import memory
 from fedjax_pt import metrics
+from fedjax_pt import model as model_lib
 from fedjax_pt import privacy
 from fedjax_pt import records
 from fedjax_pt import reporting
@@ -64,11 +65,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_clients=None) -> R
   run_dir = workdir_lib.Workdir(workdir, spec, build.resolved_config(config, model_cfg))
   with run_dir.lock():
     run_dir.check()
+    # A warm start's checkpoint is found and its shapes checked now, before the data is read.
+    warm_start = None
+    if spec.init_from and not run_dir.holds_run():
+      warm_start = checkpoint_lib.find_warm_start(spec.init_from)
+      writer = (workdir_lib.writer_of(os.path.dirname(warm_start.directory))
+                if warm_start.latest else None)
+      if writer:  # its latest checkpoint is not its last: which one would be a race
+        raise checkpoint_lib.WarmStartError(
+            f'init.from_checkpoint={spec.init_from}: a run is still writing there ({writer}); '
+            'start from it once it has finished, or name one checkpoint (checkpoints/N)')
+      checkpoint_lib.check_warm_start(warm_start, model_lib.param_shapes(model_cfg))
     if not distributed.is_primary():
       distributed.log_to_file(os.path.join(workdir, 'logs', f'process_{jax.process_index()}.log'))
     try:
       parts = build.build(spec, model_cfg)
-      return _train(spec, parts, run_dir, make_clients)
+      return _train(spec, parts, run_dir, make_clients, warm_start)
     except Exception as e:  # pylint: disable=broad-except
       lost = distributed.lost_peer(e)
       if lost is None:
@@ -78,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_clients=None) -> R
 
 
 def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
-           make_clients=None) -> RunResult:
+           make_clients=None, warm_start: checkpoint_lib.WarmStart | None = None) -> RunResult:
   fl = spec.fl
   steps_per_round = fl.local_steps
   if spec.mode == 'federated':  # clients' steps may differ (fl.profiles): the mean client's
@@ -107,6 +119,11 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
       clients.restore(restored.meta.iterators, kept, carried)
       totals, first_round = restored.meta.totals, restored.round + 1
     else:
+      if warm_start is not None:  # fresh outer and client states around the loaded parameters
+        state = algorithm.init(checkpoint_lib.load_warm_start(
+            warm_start, checkpoint_lib.abstract(parts.model.params)))
+        progress.write(f'warm start: the parameters of {warm_start.path} (fresh optimizer '
+                       f'states; lr schedule from local step {spec.opt.step_offset})')
       rounds.append(_initial_record(parts, state.params))
       session.writer.write(rounds[-1])
     progress.begin(done=(first_round - 1) * steps_per_round)

@@ -65,6 +65,21 @@ class Session:
       raise first
 
 
+def writer_of(path: str) -> str | None:
+  """Who holds `path`'s lock (a run writing there), or None. Creates nothing."""
+  lock = os.path.join(path, '.lock')
+  if not os.path.isfile(lock):
+    return None
+  fd = os.open(lock, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return None  # released when fd closes
+  except BlockingIOError:
+    return os.pread(fd, 200, 0).decode(errors='replace').strip() or 'unknown process'
+  finally:
+    os.close(fd)
+
+
 class Workdir:
   """The directory of one run, described by `resolved` (the run's config.json)."""
 

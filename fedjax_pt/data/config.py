@@ -38,6 +38,11 @@ class DataConfig:
   max_bad_lines: int = 0
   shuffle: bool = True
   only_client: int = -1  # >= 0: mode=centralized trains client k's shard alone (a solo baseline)
+  seed: int = -1  # the partition and held-out split; -1: the run's `seed` (as before it existed)
+
+  def split_seed(self, run_seed: int) -> int:
+    """The seed of the partition and the held-out split: `data.seed`, or the run's seed."""
+    return self.seed if self.seed >= 0 else run_seed
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> 'DataConfig':
@@ -80,6 +85,8 @@ class DataConfig:
            (not self.micro_batch_size or self.batch_size % self.micro_batch_size == 0),
            f'data.batch_size={self.batch_size} is not divisible by '
            f'data.micro_batch_size={self.micro_batch_size} (0 = no gradient accumulation)')
+    _check(_is_int(self.seed) and self.seed >= -1,
+           f'data.seed must be an integer >= 0 (or -1: the run\'s seed), got {self.seed!r}')
     _check(self.partition in PARTITIONS,
            f'data.partition must be one of {PARTITIONS}, got {self.partition!r}')
     _check(self.partition != 'by_source' or self.source in ('jsonl', 'text'),

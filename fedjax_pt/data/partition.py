@@ -49,8 +49,10 @@ def partition(docs: Sequence[Document], cfg: DataConfig, num_clients: int,
 
 
 def key_of(doc: Document, key: str) -> str:
-  """The partition key of a document: 'url_domain' (host of `url`, no 'www.') or a field."""
-  name = 'url' if key == 'url_domain' else key
+  """The partition key of a document: 'url_domain' (host of `url`, no 'www.'), 'url_tld' (its
+  last label: 'com', 'org', 'uk', ...; C4's domains are nearly all distinct, its TLDs are not) or
+  a field."""
+  name = 'url' if key in ('url_domain', 'url_tld') else key
   if name not in doc.fields:
     raise ValueError(f'{doc.origin}: no field {name!r} for data.partition_key={key!r}; fields: '
                      f'{sorted(doc.fields)}')
@@ -59,6 +61,8 @@ def key_of(doc: Document, key: str) -> str:
   if key == 'url_domain':
     host = (urllib.parse.urlsplit(value).hostname or '').lower()
     return host[4:] if host.startswith('www.') else host
+  if key == 'url_tld':
+    return (urllib.parse.urlsplit(value).hostname or '').lower().rsplit('.', 1)[-1]
   return value
 
 

@@ -118,20 +118,25 @@ def _interleave(parts: list[np.ndarray]) -> np.ndarray:
 def build_federated_data(cfg: DataConfig, num_clients: int, seed: int,
                          process_rows: tuple[int, int] = (0, 1)) -> FederatedData:
   """Reads, tokenizes, partitions, splits and packs the corpus of `cfg` for `num_clients`; the
-  training batches are this process's block of rows (`FederatedData.process_rows`)."""
+  training batches are this process's block of rows (`FederatedData.process_rows`).
+
+  `seed` orders the batches; `cfg.split_seed(seed)` partitions the documents and holds out the
+  validation set, so runs of several seeds with one `data.seed` are scored on the same documents.
+  """
   if seed < 0:
     raise ValueError(f'seed must be >= 0, got {seed}')
+  split_seed = cfg.split_seed(seed)
   tokenizer = load_tokenizer(cfg.tokenizer)
   docs = load_documents(cfg)
   ids, offsets = tokenize_corpus(tokenizer, [d.text for d in docs])
   packed_lengths = np.diff(offsets) + 1  # + end-of-text
-  parts = partition_lib.partition(docs, cfg, num_clients, seed)
+  parts = partition_lib.partition(docs, cfg, num_clients, split_seed)
   del docs  # the text is no longer needed, only its ids
   train, val = [], []
   for k, part in enumerate(parts):
     train_docs, val_docs = partition_lib.split_train_val(
         part, packed_lengths[part], cfg.val_fraction, cfg.seq_len + 1,
-        partition_lib.rng_for(seed, partition_lib.VAL_STREAM, k))
+        partition_lib.rng_for(split_seed, partition_lib.VAL_STREAM, k))
     train_stream = packing.pack(packing.select(ids, offsets, train_docs), tokenizer.eot_id)
     val_stream = packing.pack(packing.select(ids, offsets, val_docs), tokenizer.eot_id)
     train.append(packing.windows(train_stream, cfg.seq_len))
