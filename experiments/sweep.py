@@ -69,9 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   rows = [sweep_report.summarize(run, runner.workdir(run),
                                  sweep_spec.requested_rounds(run, args.cwd)) for run in runs]
-  csv_path, md_path = sweep_report.write_results(rows, args.root)
-  print(sweep_report.markdown_table(rows))
-  print(f'[sweep] results: {csv_path}, {md_path}')
+  paths = sweep_report.write_results(rows, args.root)
+  with open(paths[1], encoding='utf-8') as f:
+    print(f.read().rstrip())
+  print(f'[sweep] results: {", ".join(paths)}')
   bad = sorted(name for name, s in outcome.items() if s != 'finished')
   if bad:
     print(f'[sweep] {len(bad)} run(s) not finished: {", ".join(bad)}', file=sys.stderr)

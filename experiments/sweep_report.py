@@ -49,9 +49,60 @@ def summarize(run: Run, workdir: str, rounds_total: int | None = None) -> dict[s
   }
 
 
-def write_results(rows: Sequence[Mapping[str, Any]], root: str) -> tuple[str, str]:
-  """ROOT/results.csv and ROOT/results.md; returns their paths."""
-  return write_tables(rows, COLUMNS, markdown_table(rows), root, 'results')
+SEED_COLUMNS = ('cell', 'seeds', 'runs', *(f'{key}_{stat}' for key in ('final_val_ppl', 'best_val_ppl')
+                                          for stat in ('mean', 'std', 'min', 'max')))
+
+
+def write_results(rows: Sequence[Mapping[str, Any]], root: str) -> tuple[str, ...]:
+  """ROOT/results.csv and ROOT/results.md; with runs that differ only in `seed`, also
+  ROOT/results_seeds.csv, and results.md gets their mean ± std (min–max). Returns the paths."""
+  cells = over_seeds(rows)
+  markdown = markdown_table(rows)
+  if cells:
+    markdown += '\n\n## Over seeds\n\n' + seeds_markdown_table(cells)
+  paths = write_tables(rows, COLUMNS, markdown, root, 'results')
+  if cells:
+    paths += write_tables(cells, SEED_COLUMNS, seeds_markdown_table(cells), root,
+                          'results_seeds')
+  return paths
+
+
+def over_seeds(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """One row per cell (runs whose names differ only in `seed=N`), in the order of the runs:
+  mean, std, min and max of the finished runs' final and best validation perplexity. Cells of a
+  single run with no seed in its name are left out."""
+  cells: dict[str, list[Mapping[str, Any]]] = {}
+  for row in rows:
+    if records.seed_of(row['run']) is not None:
+      cells.setdefault(records.without_seed(row['run']), []).append(row)
+  out = []
+  for cell, members in cells.items():
+    done = [r for r in members if r.get('status') == 'finished']
+    row = {'cell': cell, 'seeds': f'{len(done)}/{len(members)}',
+           'runs': ' '.join(r['run'] for r in done)}
+    for key in ('final_val_ppl', 'best_val_ppl'):
+      stats = records.spread(r.get(key) for r in done)
+      for stat in ('mean', 'std', 'min', 'max'):
+        row[f'{key}_{stat}'] = getattr(stats, stat) if stats else None
+    out.append(row)
+  return out
+
+
+def seeds_markdown_table(cells: Sequence[Mapping[str, Any]]) -> str:
+  lines = ['| cell | finished seeds | final val ppl: mean ± std (min–max) | best val ppl: mean ± '
+           'std (min–max) |', '|---|---|---|---|']
+  for c in cells:
+    lines.append(f"| `{c['cell']}` | {c['seeds']} | {_spread(c, 'final_val_ppl')} | "
+                 f"{_spread(c, 'best_val_ppl')} |")
+  return '\n'.join(lines)
+
+
+def _spread(cell: Mapping[str, Any], key: str) -> str:
+  mean = cell.get(f'{key}_mean')
+  if not records.finite(mean):
+    return ''
+  return records.Spread(mean, cell[f'{key}_std'], cell[f'{key}_min'], cell[f'{key}_max'],
+                        int(cell['seeds'].split('/')[0])).describe()
 
 
 def write_tables(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], markdown: str,

@@ -15,6 +15,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import statistics
 from typing import Any
 
 from absl import logging
@@ -349,3 +351,88 @@ def crossing(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]])
   if not xs:
     return Crossing((), (), None)
   return Crossing(xs, tuple(ya[x] < yb[x] for x in xs), ya[xs[-1]] / yb[xs[-1]] - 1)
+
+
+# --- over seeds ----------------------------------------------------------------------------------
+
+SEED_PART = re.compile(r'(^|,)seed=\d+(?=,|$)')
+
+
+def without_seed(name: str) -> str:
+  """A run's name with its `seed=N` part removed: the runs of one cell share it."""
+  stripped = SEED_PART.sub('', name)
+  return stripped.lstrip(',') or 'base'
+
+
+def seed_of(name: str) -> int | None:
+  match = re.search(r'(?:^|,)seed=(\d+)(?:,|$)', name)
+  return int(match.group(1)) if match else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Spread:
+  """Finite values of several seeds: mean, sample standard deviation (0 for one), min, max."""
+  mean: float
+  std: float
+  min: float
+  max: float
+  n: int
+
+  def describe(self, spec: str = '.2f') -> str:
+    """'12.59 ± 0.58 (12.11–13.71)'; one seed: the value alone."""
+    if self.n == 1:
+      return format(self.mean, spec)
+    return (f'{self.mean:{spec}} ± {self.std:{spec}} '
+            f'({self.min:{spec}}–{self.max:{spec}})')
+
+
+def spread(values: Iterable[Any]) -> Spread | None:
+  """The Spread of the finite values (None when there is none)."""
+  kept = [float(v) for v in values if finite(v)]
+  if not kept:
+    return None
+  return Spread(statistics.fmean(kept), statistics.stdev(kept) if len(kept) > 1 else 0.0,
+                min(kept), max(kept), len(kept))
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedCrossing:
+  """How curve A lies against curve B over seeds, each seed's A against the same seed's B.
+  `below` at an x only when A < B for every seed there: a crossing that one seed contradicts is
+  noise, not a finding."""
+  xs: tuple[float, ...]
+  below: tuple[bool, ...]  # A < B for every seed at each of xs
+  seeds: int
+  last_gaps: tuple[float, ...]  # A / B - 1 of each seed at the last common x
+
+  def describe(self, unit: str = '') -> str:
+    if not self.xs:
+      return 'no common evaluation'
+    fmt = lambda v: f'{unit}{v:g}'
+    gaps = spread(self.last_gaps)
+    last = f'last {gaps.mean:+.1%} ± {gaps.std:.1%}' if gaps.n > 1 else f'last {gaps.mean:+.1%}'
+    every = f'for all {self.seeds} seeds' if self.seeds > 1 else 'for its seed'
+    xs, below = self.xs, self.below
+    if all(below):
+      return f'below {every} at every evaluation (from {fmt(xs[0])}; {last})'
+    if not any(below):
+      return f'not below {every} at any evaluation, up to {fmt(xs[-1])} ({last})'
+    if below[-1]:
+      i = max(j for j, b in enumerate(below) if not b)
+      return f'below {every} from {fmt(xs[i + 1])} on ({last})'
+    at = ', '.join(fmt(x) for x, b in zip(xs, below) if b)
+    return f'below {every} at {at} only ({last})'
+
+
+def crossing_over_seeds(pairs: Sequence[tuple[Sequence[tuple[float, float]],
+                                              Sequence[tuple[float, float]]]]) -> SeedCrossing:
+  """Where curve A is below curve B for every seed; `pairs` holds (A, B) curves of each seed."""
+  crossings = [crossing(a, b) for a, b in pairs]
+  if not crossings or any(not c.xs for c in crossings):
+    return SeedCrossing((), (), len(crossings), ())
+  xs = sorted(set.intersection(*(set(c.xs) for c in crossings)))
+  if not xs:
+    return SeedCrossing((), (), len(crossings), ())
+  below = tuple(all(dict(zip(c.xs, c.below))[x] for c in crossings) for x in xs)
+  gaps = tuple(dict(a)[xs[-1]] / dict(b)[xs[-1]] - 1 for a, b in pairs)
+  return SeedCrossing(tuple(xs), below, len(crossings), gaps)

@@ -136,8 +136,10 @@ def test_a_workdir_of_an_older_version_resumes(tmp_path):
   train.run(_config(), str(tmp_path))
   with open(tmp_path / 'config.json', encoding='utf-8') as f:
     saved = json.load(f)
-  for key in ('compression', 'fragments', 'fragment_mixing'):
+  for key in ('compression', 'fragments', 'fragment_mixing', 'outer_lr_warmup_rounds',
+              'outer_momentum_warmup_rounds'):
     del saved['fl'][key]
+  del saved['data']['seed'], saved['init']  # data.seed = -1 and no warm start: what it did
   with open(tmp_path / 'config.json', 'w', encoding='utf-8') as f:
     json.dump(saved, f)
   longer = train.run(_config(rounds=4), str(tmp_path))

@@ -67,6 +67,8 @@ def test_analysis_trains_demo_runs_when_none_found_and_tabulates_them(tmp_path, 
   assert '2 run(s) loaded' in text
   assert '| federated | federated | 32×2 | 2/2 | 4 |' in text
   assert '| federated | centralized |' in text  # the crossing table
+  assert '| federated | 1 |' in text  # over seeds: one seed, its value alone
+  assert 'for its seed' in text  # and the crossing over seeds
   assert _images(nb) == 4
   assert sorted(p for p in os.listdir(out) if p.endswith('.png')) == [
       'gradients.png', 'norms.png', 'perplexity.png']

@@ -8,6 +8,7 @@ runs the real trainer end to end, interrupts it and resumes it.
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # continue (exit code errors.EXIT_WORKDIR_REFUSED). FAKE_DIE_AT=r:
 # dies after logging round r-1, once (a marker file in the workdir remembers that it died).
 FAKE_TRAINER = textwrap.dedent('''\
-    import json, os, sys
+    import json, os, sys, time
     args = dict(a[2:].split('=', 1) for a in sys.argv[1:])
     workdir = args['workdir']
     rounds = int(args.get('config.fl.rounds', 3))
@@ -40,6 +41,11 @@ FAKE_TRAINER = textwrap.dedent('''\
         print(f'fedjax_pt: error: --workdir={workdir} holds another run', file=sys.stderr)
         sys.exit(REFUSED)
       done = sum(1 for l in open(metrics) if '"kind": "round"' in l)
+    source = args.get('config.init.from_checkpoint')
+    if source and not os.path.exists(os.path.join(source, 'metrics.jsonl')):
+      print(f'fedjax_pt: error: init.from_checkpoint={source}: no such run', file=sys.stderr)
+      sys.exit(2)
+    time.sleep(float(args.get('config.sleep', 0)))
     os.makedirs(workdir, exist_ok=True)
     config = {'mode': args.get('config.mode', 'federated'), 'fl': {'rounds': rounds},
               'overrides': {k: v for k, v in args.items() if k.startswith('config.')}}
@@ -53,7 +59,8 @@ FAKE_TRAINER = textwrap.dedent('''\
           sys.exit(1)
         lr = float(args.get('config.opt.lr', 1.0))
         record = {'kind': 'round', 'round': r, 'tokens': 100 * r, 'val_loss': 1.0,
-                  'val_ppl': 10.0 / r / lr + (5 if r == rounds else 0), 'round_time_s': 0.5}
+                  'val_ppl': 10.0 / r / lr + (5 if r == rounds else 0) + int(args.get('config.seed', 0)),
+                  'round_time_s': 0.5}
         if 'config.bytes' in args:
           record['bytes_sent'] = record['bytes_received'] = 1000 * r
         f.write(json.dumps({'kind': 'step', 'round': r}) + '\\n')
@@ -205,7 +212,7 @@ def test_summary_final_best_and_blank_for_missing_keys(tmp_path):
   assert (rows[0]['best_val_ppl'], rows[0]['best_round']) == (4.0, 2)
   assert rows[0]['bytes_sent'] is None and rows[0]['tokens'] == 40
   assert rows[1]['status'] == 'unfinished' and rows[1]['bytes_received'] == 7
-  csv_path, md_path = sweep_report.write_results(rows, str(tmp_path))
+  csv_path, md_path = sweep_report.write_results(rows, str(tmp_path))[:2]
   with open(csv_path, encoding='utf-8') as f:
     got = list(csv.DictReader(f))
   assert got[0]['bytes_sent'] == '' and got[1]['bytes_sent'] == '5'
@@ -245,6 +252,81 @@ def test_study_report_tables_crossings_and_figure(tmp_path):
     assert [r['variant'] for r in csv.DictReader(f)] == ['nesterov', 'centralized', 'solo']
 
 
+def test_references_to_keys_and_to_earlier_runs():
+  runs = sweep_spec.expand({
+      'config': 'c.py',
+      'groups': [{'name': 'pre', 'grid': [{'model.d_model': [32, 64]}]},
+                 {'name': 'warm', 'base': {'init.from_checkpoint': '{root}/pre,d_model={model.d_model}'},
+                  'grid': [{'model.d_model': [32, 64]}, {'seed': [0, 1]}]}]})
+  warm = {r.name: r for r in runs}['warm,d_model=64,seed=1']
+  assert warm.overrides['init.from_checkpoint'] == '{root}/pre,d_model=64'
+  assert warm.needs == ('pre,d_model=64',)
+  assert [r.needs for r in runs[:2]] == [(), ()]
+  assert '--config.init.from_checkpoint=/sweeps/x/pre,d_model=64' in warm.command('/sweeps/x/w')
+
+
+@pytest.mark.parametrize('value, message', [
+    ('{root}/nope', "names no earlier run of the sweep ('nope')"),
+    ('{root}/b', "names no earlier run of the sweep ('b')"),  # a later run
+    ('{model.width}', '{model.width} names no key of the run'),
+])
+def test_bad_references_name_the_culprit(value, message):
+  spec = {'config': 'c.py', 'grid': [[{'_name': 'a', 'init.from_checkpoint': value},
+                                      {'_name': 'b'}]]}
+  with pytest.raises(sweep_spec.SpecError, match=re.escape(message)):
+    sweep_spec.expand(spec)
+
+
+def test_over_seeds_mean_std_min_max_of_finished_runs():
+  rows = [{'run': f'lr=1,seed={s}', 'status': 'finished', 'final_val_ppl': v, 'best_val_ppl': v - 1}
+          for s, v in enumerate([10.0, 12.0, 14.0])]
+  rows += [{'run': 'lr=2,seed=0', 'status': 'finished', 'final_val_ppl': 9.0, 'best_val_ppl': 9.0},
+           {'run': 'lr=2,seed=1', 'status': 'unfinished', 'final_val_ppl': 99.0,
+            'best_val_ppl': 99.0},
+           {'run': 'alone', 'status': 'finished', 'final_val_ppl': 1.0, 'best_val_ppl': 1.0}]
+  cells = {c['cell']: c for c in sweep_report.over_seeds(rows)}
+  assert list(cells) == ['lr=1', 'lr=2']  # a run without a seed is no cell
+  one = cells['lr=1']
+  # mean 12, sample std sqrt(((-2)^2 + 0 + 2^2) / 2) = 2
+  assert (one['final_val_ppl_mean'], one['final_val_ppl_std']) == (12.0, 2.0)
+  assert (one['final_val_ppl_min'], one['final_val_ppl_max'], one['seeds']) == (10.0, 14.0, '3/3')
+  assert cells['lr=2']['final_val_ppl_mean'] == 9.0 and cells['lr=2']['seeds'] == '1/2'
+  table = sweep_report.seeds_markdown_table(list(cells.values()))
+  assert '| `lr=1` | 3/3 | 12.00 ± 2.00 (10.00–14.00) | 11.00 ± 2.00 (9.00–13.00) |' in table
+  assert '| `lr=2` | 1/2 | 9.00 | 9.00 |' in table
+
+
+def test_diloco_report_over_seeds_pairs_each_seed_with_its_reference(tmp_path):
+  from experiments import diloco_report  # pylint: disable=import-outside-toplevel
+  spec = _spec(tmp_path, {'config': 'c.py', 'grid': [{'model.d_model': [64]}, [
+      {'_name': 'baseline', 'mode': 'centralized'}, {'_name': 'nesterov_tau50'}],
+                                                     {'seed': [0, 1, 2]}]})
+  # (val_ppl at rounds 1, 2) per seed. Nesterov is below the baseline at round 2 for every seed,
+  # at round 1 for seeds 0 and 1 only.
+  curves = {'baseline': {0: [12, 10], 1: [13, 11], 2: [11, 10]},
+            'nesterov_tau50': {0: [11, 9], 1: [12, 10], 2: [12, 9]}}
+  for variant, by_seed in curves.items():
+    for seed, ppls in by_seed.items():
+      workdir = tmp_path / 'root' / f'd_model=64,{variant},seed={seed}'
+      workdir.mkdir(parents=True)
+      (workdir / 'config.json').write_text(json.dumps({
+          'mode': 'centralized' if variant == 'baseline' else 'federated', 'seed': seed,
+          'fl': {'local_steps': 50, 'rounds': 2}, 'model': {'d_model': 64}, 'data': {}}))
+      (workdir / 'metrics.jsonl').write_text(''.join(
+          json.dumps({'kind': 'round', 'round': r, 'tokens': 100 * r, 'val_ppl': p}) + '\n'
+          for r, p in enumerate([20] + ppls)))
+  out = tmp_path / 'out'
+  assert diloco_report.main([f'--root={tmp_path / "root"}', f'--spec={spec}', f'--out={out}']) == 0
+  table = (out / 'diloco.md').read_text()
+  # Baseline finals 10, 11, 10: mean 10.33, sample std 0.58. Nesterov 9, 10, 9 against them:
+  # -10%, -9.09%, -10%: mean -9.70%, std 0.52%, all three below.
+  assert '| 64 | `baseline` |  | 3/3 | 10.33 ± 0.58 (10.00–11.00) | 10.00 11.00 10.00 |' in table
+  assert ('| 64 | `nesterov_tau50` | 50 | 3/3 | 9.33 ± 0.58 (9.00–10.00) | 9.00 10.00 9.00 | '
+          '-9.7% ± 0.5% (3/3 below) | `baseline`: below for all 3 seeds from step 100 on '
+          '(last -9.7% ± 0.5%) |') in table
+  assert (out / 'diloco.png').stat().st_size > 0
+
+
 # --- running with a fake trainer -------------------------------------------------------------------
 
 SPEC = {'config': 'configs/tiny.py', 'base': {'fl.rounds': 3, 'bytes': 1},
@@ -272,6 +354,39 @@ def test_clean_root_runs_everything_then_skips_finished_runs(fake):
   assert again.returncode == 0, again.stderr
   assert again.stdout.count('finished, skipped') == 4
   assert all(len(_attempts(root, n)) == 1 for n in NAMES)
+
+
+def test_a_run_waits_for_the_run_it_starts_from_and_seeds_are_summarized(fake):
+  spec = _spec(fake, {'config': 'configs/tiny.py', 'base': {'fl.rounds': 2},
+                      'groups': [{'name': 'pre', 'base': {'sleep': 2.0}, 'grid': [{'seed': [0, 1]}]},
+                                 {'name': 'warm', 'base': {'init.from_checkpoint': '{root}/pre,seed={seed}'},
+                                  'grid': [{'seed': [0, 1]}]}]})
+  root = str(fake / 'root')
+  # Two at a time: without the dependency, warm,seed=0 would start beside pre,seed=1 and find
+  # pre,seed=0 unfinished or absent (the fake trainer then exits 2).
+  result = _sweep(spec, root, '--parallel=2', cwd=fake)
+  assert result.returncode == 0, result.stdout + result.stderr
+  rows = _results(root)
+  assert all(r['status'] == 'finished' for r in rows.values()), rows
+  with open(os.path.join(root, 'warm,seed=1', 'config.json'), encoding='utf-8') as f:
+    source = json.load(f)['overrides']['config.init.from_checkpoint']
+  assert source == os.path.join(os.path.abspath(root), 'pre,seed=1')
+  with open(os.path.join(root, 'results_seeds.csv'), encoding='utf-8') as f:
+    cells = {c['cell']: c for c in csv.DictReader(f)}
+  # Final val_ppl of the fake: 10 / 2 + 5 + seed: 10 and 11; mean 10.5, std 0.707.
+  assert float(cells['warm']['final_val_ppl_mean']) == 10.5 and cells['warm']['seeds'] == '2/2'
+  assert '## Over seeds' in open(os.path.join(root, 'results.md'), encoding='utf-8').read()
+
+
+def test_a_run_whose_source_failed_is_not_started(fake):
+  spec = _spec(fake, {'config': 'configs/tiny.py', 'base': {'fl.rounds': 3},
+                      'grid': [[{'_name': 'pre'},
+                                {'_name': 'warm', 'init.from_checkpoint': '{root}/pre'}]]})
+  root = str(fake / 'root')
+  result = _sweep(spec, root, '--parallel=2', cwd=fake, env={'FAKE_DIE_AT': '2'})
+  assert result.returncode == 1
+  assert 'warm: not started, it needs pre, which is failed' in result.stdout
+  assert not os.path.exists(os.path.join(root, 'warm', 'config.json'))
 
 
 def test_unresumable_run_is_moved_aside_and_restarted(fake):
