@@ -54,10 +54,13 @@ def run_label(config: dict[str, Any]) -> str:
   """A short name that says what differs between the usual runs of a study."""
   fl, model = config['fl'], config['model']
   size = f"d{model['d_model']}x{model['num_layers']}"
+  warm = ' warm-started' if (config.get('init') or {}).get('from_checkpoint') else ''
   if config.get('mode') == 'centralized':
-    return f'centralized {size}'
-  return (f"{fl['outer_optimizer']} lr={fl['outer_lr']:g} mu={fl['outer_momentum']:g} "
-          f"K={fl['clients_per_round']}/{fl['num_clients']} tau={fl['local_steps']} {size}")
+    return f'centralized {size}{warm}'
+  ramps = ''.join(f' {name} warmup {fl[key]}' for name, key in (
+      ('lr', 'outer_lr_warmup_rounds'), ('mu', 'outer_momentum_warmup_rounds')) if fl.get(key))
+  return (f"{fl['outer_optimizer']} lr={fl['outer_lr']:g} mu={fl['outer_momentum']:g}{ramps} "
+          f"K={fl['clients_per_round']}/{fl['num_clients']} tau={fl['local_steps']} {size}{warm}")
 
 
 def load_run(workdir: str, label: str | None = None) -> Run:

@@ -65,17 +65,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_clients=None) -> R
   run_dir = workdir_lib.Workdir(workdir, spec, build.resolved_config(config, model_cfg))
   with run_dir.lock():
     run_dir.check()
-    # A warm start's checkpoint is found and its shapes checked now, before the data is read.
-    warm_start = None
-    if spec.init_from and not run_dir.holds_run():
-      warm_start = checkpoint_lib.find_warm_start(spec.init_from)
-      writer = (workdir_lib.writer_of(os.path.dirname(warm_start.directory))
-                if warm_start.latest else None)
-      if writer:  # its latest checkpoint is not its last: which one would be a race
-        raise checkpoint_lib.WarmStartError(
-            f'init.from_checkpoint={spec.init_from}: a run is still writing there ({writer}); '
-            'start from it once it has finished, or name one checkpoint (checkpoints/N)')
-      checkpoint_lib.check_warm_start(warm_start, model_lib.param_shapes(model_cfg))
+    warm_start = _warm_start(spec, model_cfg) if not run_dir.holds_run() else None
     if not distributed.is_primary():
       distributed.log_to_file(os.path.join(workdir, 'logs', f'process_{jax.process_index()}.log'))
     try:
@@ -87,6 +77,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_clients=None) -> R
         raise
       raise errors.TrainingFailed(f'{lost}; once every process is restarted, the same commands '
                                   'resume from the last checkpoint') from e
+
+
+def _warm_start(spec: RunSpec, model_cfg) -> checkpoint_lib.WarmStart | None:
+  """The checkpoint of `init.from_checkpoint`, its shapes checked now, before the data is read."""
+  if not spec.init_from:
+    return None
+  warm_start = checkpoint_lib.find_warm_start(spec.init_from)
+  writer = (workdir_lib.writer_of(os.path.dirname(warm_start.directory))
+            if warm_start.latest else None)
+  if writer:  # its latest checkpoint is not its last: which one it is would be a race
+    raise checkpoint_lib.WarmStartError(
+        f'init.from_checkpoint={spec.init_from}: a run is still writing there ({writer}); '
+        'start from it once it has finished, or name one checkpoint (checkpoints/N)')
+  checkpoint_lib.check_warm_start(warm_start, model_lib.param_shapes(model_cfg))
+  return warm_start
 
 
 def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,

@@ -105,3 +105,14 @@ def test_plot_of_a_directory_without_a_run_is_a_one_line_error(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip() == (f'fedjax_pt.plot: error: {tmp_path}/metrics.jsonl not found: '
                                    f'is --workdir={tmp_path} a fedjax_pt run?')
+
+
+def test_labels_name_outer_warmups_and_warm_starts():
+  fl = {'outer_optimizer': 'nesterov', 'outer_lr': 0.7, 'outer_momentum': 0.9,
+        'clients_per_round': 8, 'num_clients': 8, 'local_steps': 50, 'outer_lr_warmup_rounds': 4,
+        'outer_momentum_warmup_rounds': 0}
+  model = {'d_model': 64, 'num_layers': 2}
+  assert plot.run_label({'fl': fl, 'model': model}) == (
+      'nesterov lr=0.7 mu=0.9 lr warmup 4 K=8/8 tau=50 d64x2')
+  assert plot.run_label({'mode': 'centralized', 'fl': fl, 'model': model,
+                         'init': {'from_checkpoint': 'runs/pre'}}) == 'centralized d64x2 warm-started'

@@ -98,3 +98,36 @@ def test_crossing(a, b, text):
 def test_curve_scales_x_and_skips_missing_values():
   assert records.curve(_rounds([5.0, None, 4.0]), scale=50) == [(50, 5.0), (150, 4.0)]
   assert records.crossing([(1, 1.0)], [(2, 1.0)]).describe() == 'no common evaluation'
+
+
+def test_a_crossing_over_seeds_holds_only_where_every_seed_is_below():
+  b = [(1, 10.0), (2, 10.0), (3, 10.0)]
+  seed0 = [(1, 9.0), (2, 9.0), (3, 9.0)]  # below everywhere
+  seed1 = [(1, 11.0), (2, 9.5), (3, 9.0)]  # above at 1
+  seed2 = [(1, 9.0), (2, 10.5), (3, 9.5)]  # above at 2
+  both = records.crossing_over_seeds([(seed0, b), (seed1, b)])
+  assert both.below == (False, True, True)
+  # Last gaps -10% and -10%: mean -10.0%, std 0.0%.
+  assert both.describe('step ') == 'below for all 2 seeds from step 2 on (last -10.0% ± 0.0%)'
+  three = records.crossing_over_seeds([(seed0, b), (seed1, b), (seed2, b)])
+  assert three.below == (False, False, True)
+  # -10%, -10%, -5%: mean -8.33%, sample std 2.89%.
+  assert three.describe('step ') == 'below for all 3 seeds from step 3 on (last -8.3% ± 2.9%)'
+  # b over seed0 is above everywhere. Last gaps 10/9 - 1 = +11.1% and -10%: mean +0.6%, sample
+  # std 21.1% / sqrt(2) = 14.9%.
+  never = records.crossing_over_seeds([(b, seed0), (seed1, b)])
+  assert never.describe() == ('not below for all 2 seeds at any evaluation, up to 3 '
+                              '(last +0.6% ± 14.9%)')
+  one = records.crossing_over_seeds([(seed1, b)])
+  assert one.describe('step ') == 'below for its seed from step 2 on (last -10.0%)'
+  assert records.crossing_over_seeds([(seed0, [(7, 1.0)])]).describe() == 'no common evaluation'
+
+
+def test_spread_and_seed_names():
+  s = records.spread([12.0, 10.0, 14.0, float('nan'), None])
+  assert (s.mean, s.std, s.min, s.max, s.n) == (12.0, 2.0, 10.0, 14.0, 3)
+  assert s.describe() == '12.00 ± 2.00 (10.00–14.00)'
+  assert records.spread([3.0]).describe('.1f') == '3.0' and records.spread([None]) is None
+  assert records.without_seed('d_model=64,fedavg,seed=12') == 'd_model=64,fedavg'
+  assert records.without_seed('seed=3,tau=50') == 'tau=50'
+  assert records.without_seed('myseed=3') == 'myseed=3' and records.seed_of('a,seed=4,b') == 4
