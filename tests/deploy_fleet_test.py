@@ -188,6 +188,22 @@ def test_compressed_messages_and_node_residuals_match_the_simulation(tmp_path):
   assert snapshots and (snapshots[-1] / 'residual').is_dir()
 
 
+def test_a_warm_start_with_an_outer_warmup_matches_the_simulation(tmp_path):
+  """The server loads the parameters (nodes never read init.from_checkpoint: the path is the
+  server's); the nodes continue the lr schedule from init.step; the outer lr ramps on the server.
+  Bit for bit what the simulation computes."""
+  train.run(_config(), str(tmp_path / 'pre'))
+  keys = {'init.from_checkpoint': str(tmp_path / 'pre'), 'init.step': 6,
+          'fl.outer_lr_warmup_rounds': 2}
+  config = _config(outer_lr_warmup_rounds=2)
+  config.init.from_checkpoint, config.init.step = str(tmp_path / 'pre'), 6
+  simulated = train.run(config, str(tmp_path / 'sim'))
+  deployed = server_app.serve(FakeGrid(_nodes(tmp_path)), _run_config(
+      tmp_path / 'dep', ' '.join(f'--config.{k}={v}' for k, v in keys.items())))
+  assert _val_losses(deployed) == _val_losses(simulated)
+  assert deployed.rounds[0].val_loss == records.read_records(str(tmp_path / 'pre')).rounds[-1].val_loss
+
+
 def test_streaming_fragments_are_refused_before_anything_runs(tmp_path):
   grid = FakeGrid(_nodes(tmp_path))
   with pytest.raises(ValueError, match='fl.fragments=2, fl.fragment_mixing=0.0: streaming'):
