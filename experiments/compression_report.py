@@ -29,6 +29,7 @@ from experiments import sweep_report  # pylint: disable=wrong-import-position
 from experiments import sweep_spec  # pylint: disable=wrong-import-position
 from fedjax_pt import communication  # pylint: disable=wrong-import-position
 from fedjax_pt import plot  # pylint: disable=wrong-import-position
+from fedjax_pt import records  # pylint: disable=wrong-import-position
 
 BASELINE = 'none'
 
@@ -60,7 +61,8 @@ def rows(runs: Mapping[str, plot.Run], root: str) -> list[dict[str, Any]]:
         'fragments': fl['fragments'],
         'rounds': f"{summary['rounds']}/{summary['rounds_total']}",
         'final_val_ppl': final,
-        'vs_none': (final / summary_ppl(baseline) - 1) if baseline and final else None,
+        'vs_none': (final / records.summarize(baseline.rounds).final_val_ppl - 1)
+                   if baseline and final else None,
         'best_val_ppl': summary['best_val_ppl'],
         'MB_sent': (last.bytes_sent or 0) / 1e6,
         'MB_received': (last.bytes_received or 0) / 1e6,
@@ -72,11 +74,6 @@ def rows(runs: Mapping[str, plot.Run], root: str) -> list[dict[str, Any]]:
         'status': summary['status'],
     })
   return out
-
-
-def summary_ppl(run: plot.Run) -> float | None:
-  evaluated = [r.val_ppl for r in run.rounds if r.val_ppl is not None]
-  return evaluated[-1] if evaluated else None
 
 
 def write_tables(table: Sequence[Mapping[str, Any]], out: str) -> tuple[str, str]:

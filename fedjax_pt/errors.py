@@ -8,7 +8,7 @@ import threading
 
 EXIT_BAD_INPUT = 2  # a bad flag, config value, data file or checkpoint: fix the command
 EXIT_WORKDIR_REFUSED = 3  # --workdir holds another experiment (or ckpt.restore=False): move it
-EXIT_TRAINING_FAILED = 4  # the run diverged, or no round could update the model
+EXIT_TRAINING_FAILED = 4  # the run diverged, ran out of memory, or no round updated the model
 EXIT_WORKDIR_BUSY = 5  # another process is writing to --workdir right now
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: the same command resumes
 
@@ -34,3 +34,20 @@ class Interrupted(RuntimeError):
 # library that swallows it is lost, and the run would go on; the run loop checks this at every
 # round boundary, so a stop request is never lost.
 STOP_REQUESTED = threading.Event()
+
+
+def out_of_memory(error: BaseException) -> str | None:
+  """The one line to report when `error` is a device or host running out of memory, else None.
+
+  The up-front estimate (`fedjax_pt.memory`) refuses runs that cannot fit before anything is
+  built; this is for the ones it let through (an allocator's overhead, another process's memory).
+  XLA reports it as a JaxRuntimeError whose message starts with RESOURCE_EXHAUSTED, followed by
+  pages of buffer assignment: keep its first line only.
+  """
+  text = str(error)
+  if not (isinstance(error, MemoryError) or 'RESOURCE_EXHAUSTED' in text):
+    return None
+  first = (text.strip().splitlines() or [type(error).__name__])[0][:300]
+  return (f'out of memory while training: {first}; lower data.batch_size, or set '
+          'data.micro_batch_size or model.remat (--config.dry_run=True prints the estimate); '
+          're-running the same command resumes from the last checkpoint')

@@ -6,7 +6,8 @@ r"""Federated (or centralized) pre-training from one command.
 With no flags it trains the tiny config on the built-in offline corpus, on CPU, in a few minutes.
 `--config.dry_run=True` prints the model's size, FLOPs per token and memory estimate, and exits.
 Exit codes (fedjax_pt/errors.py): 0 done, 2 bad input, 3 workdir holds another experiment,
-4 training failed (diverged, or no round aggregated), 5 workdir in use, 130 interrupted.
+4 training failed (diverged, out of memory, or no round aggregated), 5 workdir in use,
+130 interrupted.
 """
 
 import datetime
@@ -21,6 +22,7 @@ import threading
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from fedjax_pt import errors
@@ -176,6 +178,10 @@ def main(argv):
     _fail(e, errors.EXIT_TRAINING_FAILED)
   except errors.Interrupted as e:
     _fail(e, errors.EXIT_INTERRUPTED)
+  except (MemoryError, jax.errors.JaxRuntimeError) as e:
+    if errors.out_of_memory(e) is None:
+      raise
+    _fail(errors.out_of_memory(e), errors.EXIT_TRAINING_FAILED)
   except (ValueError, OSError, ImportError) as e:
     # Bad input or an unusable workdir (not a directory, not writable, disk full): one line that
     # names the culprit, no traceback.

@@ -144,6 +144,24 @@ def test_a_run_that_cannot_fit_is_refused_in_seconds():
   assert time.perf_counter() - start < 60  # start-up only: no data read, nothing compiled
 
 
+def test_running_out_of_memory_after_the_estimate_is_one_line(tmp_path):
+  """An out-of-memory error that the up-front estimate let through (here a real XLA allocation
+  of 4 TiB where training would start) ends with one line and exit 4, not XLA's pages."""
+  script = ('import jax.numpy as jnp\n'
+            'from absl import app\n'
+            'from fedjax_pt import main, train\n'
+            'def run(config, workdir):\n'
+            '  jnp.ones((2**40,), jnp.float32).block_until_ready()\n'
+            'train.run = run\n'
+            'app.run(main.main, flags_parser=main._parse_flags)\n')
+  result = subprocess.run([sys.executable, '-c', script, f'--workdir={tmp_path}', TEST_CONFIG],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == errors.EXIT_TRAINING_FAILED, result.stderr[-3000:]
+  line = _one_error_line(result)
+  assert 'out of memory while training: RESOURCE_EXHAUSTED' in line
+  assert '4398046511104 bytes' in line and 'data.micro_batch_size' in line
+
+
 def test_dry_run_prints_the_plan_and_exits(tmp_path):
   result = _main(tmp_path / 'run', '--config=configs/125m.py', '--config.dry_run=True')
   assert result.returncode == 0, result.stderr[-2000:]
