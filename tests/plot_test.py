@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import tiny
@@ -116,3 +117,21 @@ def test_labels_name_outer_warmups_and_warm_starts():
       'nesterov lr=0.7 mu=0.9 lr warmup 4 K=8/8 tau=50 d64x2')
   assert plot.run_label({'mode': 'centralized', 'fl': fl, 'model': model,
                          'init': {'from_checkpoint': 'runs/pre'}}) == 'centralized d64x2 warm-started'
+
+
+def test_perplexity_figure_compares_like_with_like(runs, tmp_path, monkeypatch):
+  """Both modes draw the held-out perplexity from round 0 (the untrained model, at x = 0) and, as
+  their train curve, the mean training loss of each round (never the last step's), on one axis."""
+  figures = []
+  monkeypatch.setattr(plot, 'save', lambda fig, path, dpi=120: figures.append(fig) or path)
+  federated, centralized = (plot.load_run(str(runs / m)) for m in ('federated', 'centralized'))
+  plot.plot_perplexity([federated, centralized], 'tokens', str(tmp_path / 'p.png'))
+  lines = {line.get_label(): line for line in figures[0].axes[0].get_lines()}
+  for run, test, train_ in ((federated, ': server model (test)', ': clients, mean over the round '
+                             '(train)'), (centralized, ' (test)', ' (train)')):
+    val = lines[run.label + test]
+    assert val.get_xdata()[0] == 0 and val.get_ydata()[0] == pytest.approx(run.rounds[0].val_ppl)
+    assert list(val.get_xdata()) == [r.tokens for r in run.rounds]
+    train_y = np.asarray(lines[run.label + train_].get_ydata(), float)
+    assert np.isnan(train_y[0])  # nothing trained at round 0
+    np.testing.assert_allclose(train_y[1:], [r.train_ppl for r in run.rounds[1:]])
