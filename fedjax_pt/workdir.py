@@ -95,9 +95,12 @@ class Workdir:
     if not distributed.is_primary():
       yield
       return
-    os.makedirs(self.path, exist_ok=True)
     path = os.path.join(self.path, '.lock')
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      os.makedirs(self.path, exist_ok=True)
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # under a file, not writable, a read-only file system: the first write
+      raise OSError(f'--workdir={self.path} is not usable: {e.strerror} ({e.filename})') from None
     try:
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

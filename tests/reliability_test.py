@@ -126,8 +126,8 @@ def test_a_stop_request_whose_interrupt_was_swallowed_still_stops_at_the_next_ro
 
 
 @pytest.mark.parametrize('workdir, message', [
-    ('{file}/run', 'Not a directory'),
-    ('/sys/fs/fedjax_pt_test', '/sys/fs/fedjax_pt_test'),  # nobody, not even root, may write here
+    ('{file}/run', 'is not usable: Not a directory'),
+    ('/sys/fs/fedjax_pt_test', 'is not usable:'),  # nobody, not even root, may write here
 ])
 def test_an_unusable_workdir_is_one_line(tmp_path, workdir, message):
   (tmp_path / 'file').write_text('')
