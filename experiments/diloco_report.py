@@ -129,7 +129,7 @@ def markdown(table: Sequence[Mapping[str, Any]]) -> str:
     lines += ['', f'### {title}', '',
               '| d_model | run | τ | seeds | final val ppl: mean ± std (min–max) | per seed | '
               'vs reference, paired: mean ± std (seeds below) | curve vs reference |' +
-              (' round 1 | round 2 |' if scratch else '') + ' CPU time per run |',
+              (' round 1 | round 2 |' if scratch else '') + ' wall time per run |',
               '|---|---|---|---|---|---|---|---|' + ('---|---|' if scratch else '') + '---|']
     for r in part:
       final = records.Spread(r['final_val_ppl'], r['final_val_ppl_std'], r['final_val_ppl_min'],
