@@ -12,7 +12,7 @@ setuptools.setup(
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
-    packages=setuptools.find_packages(include=['fedjax_pt', 'fedjax_pt.*', 'configs']),
+    packages=setuptools.find_packages(include=['fedjax_pt', 'fedjax_pt.*']),
     # The Flower app directory that `flwr run` submits (its components live in this package).
     package_data={'fedjax_pt.deploy': ['app/pyproject.toml']},
     install_requires=[

@@ -22,7 +22,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from benchmarks import harness
-from fedjax_pt import compression
+from fedjax_pt.federated import compression
 from fedjax_pt import data as data_lib
 from fedjax_pt import model as model_lib
 

@@ -4,7 +4,7 @@ each transport moves a model.
   python -m benchmarks.deploy_overhead [--model=tiny|100mb] [--rounds=3]
 
 Runs one config three ways on this machine: the simulation (`fedjax_pt.train.run`), and the
-deployment with 2 SuperNodes (`fedjax_pt.deploy.launcher.LocalFederation`: TLS, node
+deployment with 2 SuperNodes (`fedjax_pt.deploy.local.federation.LocalFederation`: TLS, node
 authentication, a ClientApp process per message, the JAX compilation cache warm) with each
 transport. Rounds after the first (which compiles) are compared:
 
@@ -30,10 +30,10 @@ import tempfile
 from absl import app
 from absl import flags
 
-from configs import tiny
+from fedjax_pt.configs import tiny
 from fedjax_pt import records
 from fedjax_pt import train
-from fedjax_pt.deploy import launcher
+from fedjax_pt.deploy.local import federation as launcher
 
 _MODEL = flags.DEFINE_enum('model', 'tiny', ['tiny', '100mb'], 'Model size.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds per run; the first is left out.')

@@ -16,9 +16,9 @@ import jax
 from ml_collections import config_flags
 
 from benchmarks import harness
-from fedjax_pt import aggregation
+from fedjax_pt.federated import aggregation
 from fedjax_pt import optimizers
-from fedjax_pt import server as server_lib
+from fedjax_pt.federated import server as server_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file.',
                                           lock_config=True)

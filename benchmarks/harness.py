@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from fedjax_pt import build as build_lib
-from fedjax_pt import client as client_lib
+from fedjax_pt import local_training
 from fedjax_pt import model as model_lib
 from fedjax_pt import optimizers
 from fedjax_pt import sharding
@@ -27,7 +27,7 @@ class Setup:
   model_cfg: model_lib.ModelConfig
   opt_cfg: optimizers.OptConfig
   layout: sharding.Layout
-  trainer: client_lib.Trainer
+  trainer: local_training.Trainer
   params: Any
 
 

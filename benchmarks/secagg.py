@@ -2,7 +2,7 @@ r"""What secure aggregation (Flower's SecAgg+, fl.secagg) costs a deployed round
 
   python -m benchmarks.secagg [--model=tiny|40mb] [--nodes=2] [--rounds=3]
 
-Runs one config twice through a real local federation (`fedjax_pt.deploy.launcher`: SuperLink
+Runs one config twice through a real local federation (`fedjax_pt.deploy.local.federation`: SuperLink
 and SuperNodes on 127.0.0.1, TLS, node authentication, a ClientApp process per message, the JAX
 compilation cache warm): plain, and with fl.secagg.enabled. Rounds after the first (which
 compiles) are compared:
@@ -26,7 +26,7 @@ from absl import app
 from absl import flags
 
 from fedjax_pt import records
-from fedjax_pt.deploy import launcher
+from fedjax_pt.deploy.local import federation as launcher
 
 _MODEL = flags.DEFINE_enum('model', 'tiny', ['tiny', '40mb'], 'Model size.')
 _NODES = flags.DEFINE_integer('nodes', 2, 'Nodes (= clients, all in every round).')

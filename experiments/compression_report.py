@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
 from experiments import sweep_report  # pylint: disable=wrong-import-position
 from experiments import sweep_spec  # pylint: disable=wrong-import-position
-from fedjax_pt import communication  # pylint: disable=wrong-import-position
+from fedjax_pt.federated import communication  # pylint: disable=wrong-import-position
 from fedjax_pt import plot  # pylint: disable=wrong-import-position
 from fedjax_pt import records  # pylint: disable=wrong-import-position
 

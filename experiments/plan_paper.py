@@ -5,7 +5,7 @@ r"""The paper's runs on paper: federated (float32 or int8 uploads) against DDP o
 For configs/125m.py, 350m.py and 1p3b.py as they stand (tau = 500, K = 8 clients, the paper's
 batch and schedule), with every client 8 GPUs (FSDP) at the given MFU and its link at 100 Mbit/s,
 1 Gbit/s and 10 Gbit/s, prints a markdown table of the predicted wall time and bytes of a whole
-run (`fedjax_pt.wallclock`, the time model of `python -m fedjax_pt.plan`), how many times fewer
+run (`fedjax_pt.planning.wallclock`, the time model of `python -m fedjax_pt.plan`), how many times fewer
 bytes federated training sends than DDP (Photon reports 64-512x) and DDP's wall time over
 federated training's. Downloads stay float32. Nothing is compiled or allocated: a few seconds.
 """
@@ -20,9 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from fedjax_pt import devices  # pylint: disable=wrong-import-position
+from fedjax_pt.planning import devices  # pylint: disable=wrong-import-position
 from fedjax_pt import plan  # pylint: disable=wrong-import-position
-from fedjax_pt import wallclock  # pylint: disable=wrong-import-position
+from fedjax_pt.planning import wallclock  # pylint: disable=wrong-import-position
 
 CONFIGS = ('125m', '350m', '1p3b')
 BANDWIDTHS_MBPS = (100, 1_000, 10_000)
@@ -46,7 +46,7 @@ def rows(gpu: str, mfu: float, latency_ms: float) -> list[list[str]]:
   accelerator = devices.accelerator(gpu)
   out = []
   for name in CONFIGS:
-    spec, model_cfg = plan.one_client_spec(importlib.import_module(f'configs.{name}').get_config())
+    spec, model_cfg = plan.one_client_spec(importlib.import_module(f'fedjax_pt.configs.{name}').get_config())
     base = plan.workload(spec, model_cfg)
     int8 = dataclasses.replace(base, upload_bytes=plan.payload_bytes(
         model_cfg, 'int8', spec.fl.compression.block_size))

@@ -277,12 +277,9 @@ def requested_rounds(run: Run, cwd: str) -> int | None:
   path = os.path.join(cwd, path)
   if not os.path.isfile(path):
     return None
-  sys.path.insert(0, cwd)  # config files import their base as `configs.base`
   try:
     module = runpy.run_path(path)
     config = module['get_config'](variant) if variant else module['get_config']()
   except Exception:  # pylint: disable=broad-except
     return None
-  finally:
-    sys.path.remove(cwd)
   return int(config.fl.rounds)

@@ -15,13 +15,13 @@ from absl import logging
 import jax
 import ml_collections
 
-from fedjax_pt import client as client_lib
+from fedjax_pt import local_training
 from fedjax_pt import data as data_lib
-from fedjax_pt import federation
+from fedjax_pt.federated import algorithm as federation
 from fedjax_pt import metrics
 from fedjax_pt import model as model_lib
 from fedjax_pt import optimizers
-from fedjax_pt import profiles
+from fedjax_pt.federated import profiles
 from fedjax_pt import sharding
 from fedjax_pt import simulation
 from fedjax_pt.run_spec import RunSpec
@@ -52,7 +52,7 @@ class Model:
   layout: sharding.Layout
   params: Any
   param_shardings: Any
-  trainer: client_lib.Trainer
+  trainer: local_training.Trainer
 
 
 def build_model(model_cfg: model_lib.ModelConfig, opt_cfg: optimizers.OptConfig,
@@ -64,7 +64,7 @@ def build_model(model_cfg: model_lib.ModelConfig, opt_cfg: optimizers.OptConfig,
       cfg=model_cfg, layout=layout,
       params=sharding.init_params(model_cfg, jax.random.key(seed), layout),
       param_shardings=layout.params(model_cfg),
-      trainer=client_lib.Trainer(model_cfg, opt_cfg, layout, micro_batch_size))
+      trainer=local_training.Trainer(model_cfg, opt_cfg, layout, micro_batch_size))
 
 
 @dataclasses.dataclass

@@ -56,7 +56,7 @@ class Totals:
   tokens: int = 0
   bytes_sent: int = 0
   bytes_received: int = 0
-  sim_wall_time_s: float = 0.0  # simulated (`fedjax_pt.sim_clock`); older checkpoints lack it
+  sim_wall_time_s: float = 0.0  # simulated (`fedjax_pt.federated.sim_clock`); older checkpoints lack it
   dp_releases: int = 0  # synchronisations that released a DP mechanism (fl.dp)
 
 

@@ -34,6 +34,14 @@ import numpy as np
 KEYS = ('num_processes', 'process_id', 'coordinator', 'heartbeat_timeout_s', 'init_timeout_s')
 
 
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that is free now: for a coordinator or a server on this machine.
+  Racy in theory (free when asked, not when bound); a clash fails loudly."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
 @dataclasses.dataclass(frozen=True)
 class ProcessConfig:
   """The `mesh.*` keys that say which processes make up the mesh."""

@@ -25,7 +25,7 @@ from absl import app
 from absl import flags
 
 from fedjax_pt import errors
-from fedjax_pt.deploy.launcher import free_port
+from fedjax_pt.distributed import free_port
 
 _PROCESSES = flags.DEFINE_integer('processes', 2, 'Number of processes.', lower_bound=1)
 _DEVICES = flags.DEFINE_integer(

@@ -29,7 +29,7 @@ from fedjax_pt import errors
 from fedjax_pt import plan
 from fedjax_pt import train
 
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'tiny.py'
+_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent / 'configs' / 'tiny.py'
 _HELP_FLAGS = ('--help', '-h', '--helpshort', '--helpfull', '-?')
 
 

@@ -39,11 +39,11 @@ import jax
 import ml_collections
 
 from fedjax_pt import build
-from fedjax_pt import compression
-from fedjax_pt import devices as devices_lib
-from fedjax_pt import memory
+from fedjax_pt.federated import compression
+from fedjax_pt.planning import devices as devices_lib
+from fedjax_pt.planning import memory
 from fedjax_pt import model as model_lib
-from fedjax_pt import wallclock
+from fedjax_pt.planning import wallclock
 from fedjax_pt.run_spec import RunSpec
 
 GIB = memory.GIB
@@ -259,7 +259,7 @@ def _main() -> None:
 
   try:
     config_flag = config_flags.DEFINE_config_file(
-        'config', str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / '1p3b.py'),
+        'config', str(pathlib.Path(__file__).resolve().parent / 'configs' / '1p3b.py'),
         'Path to a config file (configs/*.py).', lock_config=True)
   except (AttributeError, KeyError):
     unknown_key()

@@ -4,7 +4,7 @@ r"""The paper's figures (Sani et al., Figures 2-4) from one or several runs' met
       [--x=tokens|rounds|sim_time]
 
 --x=sim_time puts runs on their simulated wall clock (`sim_wall_time_s`: clients training at the
-same time on the hardware and links of their profiles, fedjax_pt/sim_clock.py).
+same time on the hardware and links of their profiles, fedjax_pt/federated/sim_clock.py).
 
 Writes perplexity.png (server model, clients and the centralized baseline's train and test
 perplexity), norms.png (L2 norms of the global model, the client models and their average) and

@@ -59,7 +59,7 @@ class RoundRecord:
   lr: float | None = None
   round_time_s: float | None = None  # measured here (the simulation trains clients in turn)
   tokens_per_s: float | None = None
-  # Simulated time (fedjax_pt/sim_clock.py): clients train at the same time on their own
+  # Simulated time (fedjax_pt/federated/sim_clock.py): clients train at the same time on their own
   # hardware and links (fl.profiles); centralized: the learner's measured training time.
   sim_round_time_s: float | None = None
   sim_wall_time_s: float | None = None  # cumulative
@@ -90,7 +90,7 @@ class RoundRecord:
   client_val_loss: dict[int, float] | None = None
   client_val_ppl: dict[int, float] | None = None
   pseudo_grad_norm_per_module: dict[str, float] | None = None
-  # fl.dp: the (epsilon, delta)-DP guarantee of the model after this round (fedjax_pt/privacy.py),
+  # fl.dp: the (epsilon, delta)-DP guarantee of the model after this round (fedjax_pt/federated/privacy.py),
   # and how many client deltas the server clipped this round (noise at the server).
   dp_epsilon: float | None = None
   dp_delta: float | None = None

@@ -8,7 +8,7 @@ from absl import logging
 import jax
 import tqdm
 
-from fedjax_pt import communication
+from fedjax_pt.federated import communication
 from fedjax_pt import records
 
 
@@ -138,7 +138,7 @@ def summary_table(rounds: list[records.RoundRecord], total_time_s: float) -> str
   sim = rounds[-1].sim_wall_time_s if rounds else None
   if sim is not None and rounds[-1].clients is not None:
     rows.insert(5, ('simulated wall time',
-                    f'{sim:.1f} s (clients training at once, fedjax_pt/sim_clock.py)'))
+                    f'{sim:.1f} s (clients training at once, fedjax_pt/federated/sim_clock.py)'))
   ratio = communication.ddp_ratio(s.ddp_equivalent_bytes, s.bytes_communicated)
   if ratio is not None:
     rows.append(('vs data-parallel (ring all-reduce)',

@@ -9,10 +9,10 @@ import ml_collections
 from fedjax_pt import checkpoint as checkpoint_lib
 from fedjax_pt import data as data_lib
 from fedjax_pt import distributed
-from fedjax_pt import faults
+from fedjax_pt.federated import faults
 from fedjax_pt import optimizers
-from fedjax_pt import profiles as profiles_lib
-from fedjax_pt import server as server_lib
+from fedjax_pt.federated import profiles as profiles_lib
+from fedjax_pt.federated import server as server_lib
 from fedjax_pt import sharding
 
 

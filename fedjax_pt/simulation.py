@@ -18,19 +18,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_pt import client as client_lib
-from fedjax_pt import compression
+from fedjax_pt import local_training
+from fedjax_pt.federated import compression
 from fedjax_pt import distributed
-from fedjax_pt import faults
-from fedjax_pt import fragments
-from fedjax_pt import privacy
+from fedjax_pt.federated import faults
+from fedjax_pt.federated import fragments
+from fedjax_pt.federated import privacy
 from fedjax_pt import records
-from fedjax_pt import sampling
-from fedjax_pt.federation import ClientReport
+from fedjax_pt.federated import sampling
+from fedjax_pt.federated.algorithm import ClientReport
 from fedjax_pt.run_spec import RunSpec
 
 
-def _step_records(result: client_lib.ClientResult, round_idx: int, client: int,
+def _step_records(result: local_training.ClientResult, round_idx: int, client: int,
                   steps_per_round: int, start: int) -> list[records.StepRecord]:
   # Numbered by fl.local_steps, as the lr schedule counts: whatever a client's own step count.
   return [records.StepRecord(round=round_idx, client=client,
@@ -39,7 +39,7 @@ def _step_records(result: client_lib.ClientResult, round_idx: int, client: int,
           for m in result.step_metrics]
 
 
-def _report(result: client_lib.ClientResult, round_idx: int, client: int, steps_per_round: int,
+def _report(result: local_training.ClientResult, round_idx: int, client: int, steps_per_round: int,
             start: int = 0, **fields) -> ClientReport:
   return ClientReport(
       client=client, num_tokens=result.num_tokens,
@@ -63,12 +63,12 @@ class SimulatedClients:
   fl.reset_optimizer=False, their Adam state) across rounds.
 
   A client receives the global model encoded with `fl.compression.download` and sends its delta
-  encoded with `fl.compression.upload` (`fedjax_pt.compression`), keeping the residual with error
-  feedback. With streaming fragments or mixing (`fedjax_pt.fragments`) it also keeps its own model
+  encoded with `fl.compression.upload` (`fedjax_pt.federated.compression`), keeping the residual with error
+  feedback. With streaming fragments or mixing (`fedjax_pt.federated.fragments`) it also keeps its own model
   between synchronisations, and merges each fragment the server sends back into it.
   """
 
-  def __init__(self, spec: RunSpec, trainer: client_lib.Trainer, data, progress):
+  def __init__(self, spec: RunSpec, trainer: local_training.Trainer, data, progress):
     self._spec, self._trainer, self._progress = spec, trainer, progress
     # Each client's batch and local steps per round (`fl.profiles`; the same for all without).
     self._plans = [spec.client_plan(k) for k in range(spec.fl.num_clients)]
@@ -244,7 +244,7 @@ class SimulatedClients:
         residuals.pop(k, None)
     return update, compression.raw_bytes(update)
 
-  def _keep(self, k: int, state: client_lib.LocalState, finite: bool) -> None:
+  def _keep(self, k: int, state: local_training.LocalState, finite: bool) -> None:
     """What client k keeps after training: its Adam state and, with streaming fragments or
     mixing, its model; a diverged client keeps neither and starts again from the global model."""
     fl = self._spec.fl
@@ -280,18 +280,18 @@ class CentralizedClient:
   """The centralized baseline's learner: `fl.local_steps` steps per round on the union of the
   clients' training data (or one client's alone, with data.only_client)."""
 
-  def __init__(self, spec: RunSpec, trainer: client_lib.Trainer, data, progress):
+  def __init__(self, spec: RunSpec, trainer: local_training.Trainer, data, progress):
     self._spec, self._trainer, self._progress = spec, trainer, progress
     self.iterators = [data.centralized_iterator()]
     self.kept: dict[int, Any] = {}
     self.carried: dict[str, dict[int, Any]] = {}
 
-  def train(self, state: client_lib.LocalState,
-            round_idx: int) -> tuple[client_lib.LocalState, ClientReport]:
+  def train(self, state: local_training.LocalState,
+            round_idx: int) -> tuple[local_training.LocalState, ClientReport]:
     fl = self._spec.fl
     self._progress.describe(f'round {round_idx}/{fl.rounds} centralized')
     start = time.perf_counter()
-    result = client_lib.client_update(self._trainer.train_step, state,
+    result = local_training.client_update(self._trainer.train_step, state,
                                       self._trainer.global_batches(self.iterators[0]),
                                       fl.local_steps, self._spec.log_every_steps,
                                       lambda _: self._progress.advance())

@@ -1,5 +1,5 @@
 """The run: build, resume, loop over rounds, write records, checkpoint. The one module with side
-effects (files, checkpoints, progress bar, logs); the round itself is `fedjax_pt.federation`.
+effects (files, checkpoints, progress bar, logs); the round itself is `fedjax_pt.federated.algorithm`.
 
 `run(config, workdir)` trains federated (outer optimizer over client rounds) or centralized (the
 baseline: the same local recipe on the union of the clients' data, logged every `local_steps`).
@@ -18,14 +18,14 @@ import ml_collections
 
 from fedjax_pt import build
 from fedjax_pt import checkpoint as checkpoint_lib
-from fedjax_pt import communication
+from fedjax_pt.federated import communication
 from fedjax_pt import distributed
 from fedjax_pt import errors
-from fedjax_pt import faults
-from fedjax_pt import memory
+from fedjax_pt.federated import faults
+from fedjax_pt.planning import memory
 from fedjax_pt import metrics
 from fedjax_pt import model as model_lib
-from fedjax_pt import privacy
+from fedjax_pt.federated import privacy
 from fedjax_pt import records
 from fedjax_pt import reporting
 from fedjax_pt import workdir as workdir_lib

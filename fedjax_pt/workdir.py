@@ -20,7 +20,7 @@ from typing import Any
 
 from absl import logging
 
-from configs import base as base_config
+from fedjax_pt.configs import base as base_config
 from fedjax_pt import checkpoint as checkpoint_lib
 from fedjax_pt import distributed
 from fedjax_pt import errors

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_pt import aggregation
+from fedjax_pt.federated import aggregation
 
 
 def _tree(a, b):

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import tiny
+from fedjax_pt.configs import tiny
 from fedjax_pt import checkpoint as checkpoint_lib
 from fedjax_pt import errors
 from fedjax_pt import optimizers

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from fedjax_pt import client as client_lib
+from fedjax_pt import local_training
 from fedjax_pt import model as model_lib
 from fedjax_pt import optimizers
 
@@ -44,7 +44,7 @@ def _params():
 
 
 def test_train_step_compiles_once_across_clients_and_rounds():
-  train_step = client_lib.make_train_step(MODEL, OPT)
+  train_step = local_training.make_train_step(MODEL, OPT)
   compiled = []
 
   def on_event(name, *_, **__):
@@ -54,16 +54,16 @@ def test_train_step_compiles_once_across_clients_and_rounds():
   for i, (round_idx, k) in enumerate(itertools.product(range(2), range(3))):
     if i == 1:  # everything is compiled by the first client's round
       jax.monitoring.register_event_duration_secs_listener(on_event)
-    state = client_lib.init_local_state(_params(), OPT, round_idx * 3)
-    client_lib.client_update(train_step, state, _batches(k), num_steps=3)
+    state = local_training.init_local_state(_params(), OPT, round_idx * 3)
+    local_training.client_update(train_step, state, _batches(k), num_steps=3)
   jax.monitoring.unregister_event_duration_listener(on_event)
   assert not compiled, f'{len(compiled)} compilations after the first client'
 
 
 def test_loss_falls_on_a_repeated_batch():
   batch = next(_batches(0))
-  result = client_lib.client_update(client_lib.make_train_step(MODEL, OPT),
-                                    client_lib.init_local_state(_params(), OPT, 2),
+  result = local_training.client_update(local_training.make_train_step(MODEL, OPT),
+                                    local_training.init_local_state(_params(), OPT, 2),
                                     itertools.repeat(batch), num_steps=20, log_every=5)
   losses = [m['loss'] for m in result.step_metrics]
   assert [m['local_step'] for m in result.step_metrics] == [5, 10, 15, 20]
@@ -73,8 +73,8 @@ def test_loss_falls_on_a_repeated_batch():
 
 
 def _run(train_step, steps=3, opt=OPT_EXACT):
-  state = client_lib.init_local_state(_params(), opt, 0)
-  return client_lib.client_update(train_step, state, _batches(1), num_steps=steps, log_every=1)
+  state = local_training.init_local_state(_params(), opt, 0)
+  return local_training.client_update(train_step, state, _batches(1), num_steps=steps, log_every=1)
 
 
 def _assert_same(a, b, **tol):
@@ -85,21 +85,21 @@ def _assert_same(a, b, **tol):
 
 @pytest.mark.parametrize('micro_batch_size', [2, 4])
 def test_gradient_accumulation_matches_full_batch(micro_batch_size):
-  full = _run(client_lib.make_train_step(MODEL, OPT_EXACT))
-  accumulated = _run(client_lib.make_train_step(MODEL, OPT_EXACT,
+  full = _run(local_training.make_train_step(MODEL, OPT_EXACT))
+  accumulated = _run(local_training.make_train_step(MODEL, OPT_EXACT,
                                                 micro_batch_size=micro_batch_size))
   _assert_same(full, accumulated, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize('remat', ['full', 'dots'])
 def test_remat_does_not_change_results(remat):
-  plain = _run(client_lib.make_train_step(MODEL, OPT_EXACT))
-  rematted = _run(client_lib.make_train_step(dataclasses.replace(MODEL, remat=remat), OPT_EXACT))
+  plain = _run(local_training.make_train_step(MODEL, OPT_EXACT))
+  rematted = _run(local_training.make_train_step(dataclasses.replace(MODEL, remat=remat), OPT_EXACT))
   _assert_same(plain, rematted, rtol=RTOL, atol=ATOL)
 
 
 def test_step_metrics_are_consistent():
-  result = _run(client_lib.make_train_step(MODEL, OPT), steps=3, opt=OPT)
+  result = _run(local_training.make_train_step(MODEL, OPT), steps=3, opt=OPT)
   schedule = optimizers.lr_schedule(OPT)
   for m in result.step_metrics:
     np.testing.assert_allclose(m['lr'], schedule(m['local_step'] - 1), rtol=1e-6)

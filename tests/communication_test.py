@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import tiny
-from fedjax_pt import communication
-from fedjax_pt import compression
+from fedjax_pt.configs import tiny
+from fedjax_pt.federated import communication
+from fedjax_pt.federated import compression
 from fedjax_pt import metrics
 from fedjax_pt import records
 from fedjax_pt import reporting

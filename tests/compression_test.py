@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_pt import aggregation
-from fedjax_pt import compression
+from fedjax_pt.federated import aggregation
+from fedjax_pt.federated import compression
 from fedjax_pt import model as model_lib
 from fedjax_pt import sharding
 

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from configs import tiny
+from fedjax_pt.configs import tiny
 from fedjax_pt import train
 
 

@@ -13,12 +13,12 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import Key, RECORD_KEY_CONFIGS, Stage
 
 from fake_grid import FakeGrid, FakeNode
-from configs import tiny
-from fedjax_pt import compression
-from fedjax_pt import faults
-from fedjax_pt import federation
+from fedjax_pt.configs import tiny
+from fedjax_pt.federated import compression
+from fedjax_pt.federated import faults
+from fedjax_pt.federated import algorithm as federation
 from fedjax_pt import records
-from fedjax_pt import server
+from fedjax_pt.federated import server
 from fedjax_pt import train
 from fedjax_pt.deploy import client_app
 from fedjax_pt.deploy import fleet

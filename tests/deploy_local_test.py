@@ -16,10 +16,10 @@ import threading
 
 import pytest
 
-from configs import tiny
+from fedjax_pt.configs import tiny
 from fedjax_pt import records
 from fedjax_pt import train
-from fedjax_pt.deploy import launcher
+from fedjax_pt.deploy.local import federation as launcher
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ['--config=configs/tiny.py:test', '--config.fl.num_clients=2',

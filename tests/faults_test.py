@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
+from fedjax_pt.configs import tiny
 from fedjax_pt import errors
-from fedjax_pt import faults
+from fedjax_pt.federated import faults
 from fedjax_pt import records
 from fedjax_pt import train
 

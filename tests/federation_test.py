@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_pt import compression
-from fedjax_pt import faults
-from fedjax_pt import federation
-from fedjax_pt import server
+from fedjax_pt.federated import compression
+from fedjax_pt.federated import faults
+from fedjax_pt.federated import algorithm as federation
+from fedjax_pt.federated import server
 
 
 class ScriptedClients:

@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny
-from fedjax_pt import compression
-from fedjax_pt import faults
-from fedjax_pt import federation
-from fedjax_pt import fragments
+from fedjax_pt.configs import tiny
+from fedjax_pt.federated import compression
+from fedjax_pt.federated import faults
+from fedjax_pt.federated import algorithm as federation
+from fedjax_pt.federated import fragments
 from fedjax_pt import metrics
 from fedjax_pt import records
-from fedjax_pt import server
+from fedjax_pt.federated import server
 from fedjax_pt import train
 
 

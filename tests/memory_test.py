@@ -6,9 +6,9 @@ import dataclasses
 import jax
 import pytest
 
-from configs import tiny
+from fedjax_pt.configs import tiny
 from fedjax_pt import build
-from fedjax_pt import memory
+from fedjax_pt.planning import memory
 from fedjax_pt import model as model_lib
 from fedjax_pt import plan
 from fedjax_pt.run_spec import RunSpec

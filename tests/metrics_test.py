@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_pt import client
+from fedjax_pt import local_training
 from fedjax_pt import metrics
 from fedjax_pt import model as model_lib
 from fedjax_pt import optimizers

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
+from fedjax_pt.configs import tiny
 from fedjax_pt import errors
 from fedjax_pt import launch_local
 from fedjax_pt import records

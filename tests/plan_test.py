@@ -13,12 +13,12 @@ import time
 import jax
 import pytest
 
-from configs import tiny
-from fedjax_pt import devices
-from fedjax_pt import memory
+from fedjax_pt.configs import tiny
+from fedjax_pt.planning import devices
+from fedjax_pt.planning import memory
 from fedjax_pt import plan
 from fedjax_pt import sharding
-from fedjax_pt import wallclock
+from fedjax_pt.planning import wallclock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

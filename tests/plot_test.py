@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from configs import tiny
+from fedjax_pt.configs import tiny
 from fedjax_pt import plot
 from fedjax_pt import train
 

@@ -11,12 +11,12 @@ from dp_accounting import dp_event
 from dp_accounting import rdp
 from scipy import stats
 
-from configs import tiny
-from fedjax_pt import compression
-from fedjax_pt import faults
-from fedjax_pt import federation
-from fedjax_pt import privacy
-from fedjax_pt import server
+from fedjax_pt.configs import tiny
+from fedjax_pt.federated import compression
+from fedjax_pt.federated import faults
+from fedjax_pt.federated import algorithm as federation
+from fedjax_pt.federated import privacy
+from fedjax_pt.federated import server
 from fedjax_pt import train
 
 

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from configs import tiny
+from fedjax_pt.configs import tiny
 from fedjax_pt import build
-from fedjax_pt import memory
-from fedjax_pt import profiles
+from fedjax_pt.planning import memory
+from fedjax_pt.federated import profiles
 from fedjax_pt.run_spec import RunSpec
 
 REPO = __file__.rsplit('/tests/', 1)[0]

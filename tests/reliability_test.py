@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from configs import tiny
+from fedjax_pt.configs import tiny
 from fedjax_pt import errors
 from fedjax_pt import records
 from fedjax_pt import train

@@ -2,7 +2,7 @@
 
 import math
 
-from configs import tiny
+from fedjax_pt.configs import tiny
 from fedjax_pt import build
 from fedjax_pt import records
 from fedjax_pt import reporting

@@ -1,6 +1,6 @@
 """Client sampling: seeded, reproducible, and retries draw only among the clients still missing."""
 
-from fedjax_pt import sampling
+from fedjax_pt.federated import sampling
 
 
 def test_sample_clients_is_seeded_subset():

@@ -14,13 +14,13 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import tiny
+from fedjax_pt.configs import tiny
 from fedjax_pt import checkpoint as checkpoint_lib
 from fedjax_pt import data as data_lib
 from fedjax_pt import errors
 from fedjax_pt import optimizers
 from fedjax_pt import records
-from fedjax_pt import server as server_lib
+from fedjax_pt.federated import server as server_lib
 from fedjax_pt import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_pt import aggregation
+from fedjax_pt.federated import aggregation
 from fedjax_pt import optimizers
-from fedjax_pt import server
+from fedjax_pt.federated import server
 
 
 def _tree(a, b):

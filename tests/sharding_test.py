@@ -28,14 +28,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import base
-from configs import tiny
-from fedjax_pt import aggregation
-from fedjax_pt import client as client_lib
+from fedjax_pt.configs import base
+from fedjax_pt.configs import tiny
+from fedjax_pt.federated import aggregation
+from fedjax_pt import local_training
 from fedjax_pt import model as model_lib
 from fedjax_pt import optimizers
-from fedjax_pt import sampling
-from fedjax_pt import server as server_lib
+from fedjax_pt.federated import sampling
+from fedjax_pt.federated import server as server_lib
 from fedjax_pt import sharding
 from fedjax_pt import train
 
@@ -67,9 +67,9 @@ class _Round:
 
 @functools.cache
 def _trainer(layout_kwargs: tuple, model: model_lib.ModelConfig = MODEL,
-             micro_batch_size: int = 0) -> tuple[sharding.Layout, client_lib.Trainer]:
+             micro_batch_size: int = 0) -> tuple[sharding.Layout, local_training.Trainer]:
   layout = _layout(**dict(layout_kwargs))
-  return layout, client_lib.Trainer(model, OPT, layout, micro_batch_size)
+  return layout, local_training.Trainer(model, OPT, layout, micro_batch_size)
 
 
 @functools.cache
@@ -109,10 +109,10 @@ ONE_DEVICE = (('fsdp', 1),)
 
 def test_one_device_mesh_is_the_plain_train_step():
   """The default path on one device computes what the unsharded `make_train_step` does."""
-  train_step = client_lib.make_train_step(MODEL, OPT)
+  train_step = local_training.make_train_step(MODEL, OPT)
   params = model_lib.init_params(MODEL, jax.random.key(0))
-  state = client_lib.init_local_state(params, OPT, 5)
-  result = client_lib.client_update(train_step, state, _batches(0), STEPS, log_every=1)
+  state = local_training.init_local_state(params, OPT, 5)
+  result = local_training.client_update(train_step, state, _batches(0), STEPS, log_every=1)
   reference = _round(ONE_DEVICE)
   np.testing.assert_allclose([m['loss'] for m in result.step_metrics], reference.losses[0],
                              rtol=1e-6)
@@ -165,7 +165,7 @@ def test_shardings_follow_the_rules():
   assert len(params['wte']['embedding'].sharding.device_set) == 8
 
   parallel = _layout(clients=2, fsdp=4, offload=True)
-  trainer = client_lib.Trainer(MODEL, OPT, parallel)
+  trainer = local_training.Trainer(MODEL, OPT, parallel)
   state = trainer.init(sharding.init_params(MODEL, jax.random.key(0), parallel), 0)
   kernel = state.params['block_0']['mlp']['up_proj']['kernel']
   assert kernel.shape == (2, 32, 128) and kernel.sharding.spec == P('clients', 'fsdp', None)

@@ -4,12 +4,12 @@ object with scripted clients."""
 import jax.numpy as jnp
 import pytest
 
-from fedjax_pt import compression
-from fedjax_pt import faults
-from fedjax_pt import federation
-from fedjax_pt import profiles
-from fedjax_pt import server
-from fedjax_pt import sim_clock
+from fedjax_pt.federated import compression
+from fedjax_pt.federated import faults
+from fedjax_pt.federated import algorithm as federation
+from fedjax_pt.federated import profiles
+from fedjax_pt.federated import server
+from fedjax_pt.federated import sim_clock
 
 # Client 0: 100 Mbit/s down, 50 up, 20 ms each way, 1000 tokens/s. Client 1: no links given, its
 # compute measured (3.5 s here).

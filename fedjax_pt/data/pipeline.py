@@ -49,7 +49,7 @@ class FederatedData:
 
   def client_iterator(self, k: int, batch_size: int | None = None) -> grain.DatasetIterator:
     """Infinite [batch_size, seq_len + 1] int32 batches of client k, reshuffled every epoch
-    (batches of its own size for a client whose profile says so: `fedjax_pt.profiles`)."""
+    (batches of its own size for a client whose profile says so: `fedjax_pt.federated.profiles`)."""
     k = self._check_client(k)
     if self.only_client >= 0 and k != self.only_client:
       # A federated run asks every client for its data: fail at once rather than silently

@@ -30,13 +30,13 @@ from flwr.common.constant import ErrorCode
 import jax
 import numpy as np
 
-from fedjax_pt import compression
-from fedjax_pt import fragments
-from fedjax_pt import privacy
+from fedjax_pt.federated import compression
+from fedjax_pt.federated import fragments
+from fedjax_pt.federated import privacy
 from fedjax_pt.deploy import protocol
 from fedjax_pt.deploy import secure
 from fedjax_pt.deploy import transport as transport_lib
-from fedjax_pt.federation import ClientReport, SecureSum
+from fedjax_pt.federated.algorithm import ClientReport, SecureSum
 
 _NAMED = re.compile(r'client-(\d+)')
 # Errors that mean nothing came back from the node: faults of the federation, not of the code.

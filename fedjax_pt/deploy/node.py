@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from fedjax_pt import build
-from fedjax_pt import client as client_lib
-from fedjax_pt import compression
+from fedjax_pt import local_training
+from fedjax_pt.federated import compression
 from fedjax_pt import data as data_lib
-from fedjax_pt import faults
+from fedjax_pt.federated import faults
 from fedjax_pt import model as model_lib
-from fedjax_pt import privacy
+from fedjax_pt.federated import privacy
 from fedjax_pt import sharding
 from fedjax_pt.deploy import node_state
 from fedjax_pt.deploy import protocol
@@ -124,10 +124,10 @@ def node_run_config(request: protocol.TrainRequest,
 
 @functools.lru_cache(maxsize=2)
 def _trainer(model_cfg: model_lib.ModelConfig, opt_cfg, mesh_cfg: sharding.MeshConfig,
-             micro_batch_size: int) -> client_lib.Trainer:
+             micro_batch_size: int) -> local_training.Trainer:
   # Flower runs one message per process, so this builds once per round; a process that serves
   # several (the in-process test grid) reuses the compiled steps, as the simulation does.
-  return client_lib.Trainer(model_cfg, opt_cfg, sharding.Layout.create(mesh_cfg),
+  return local_training.Trainer(model_cfg, opt_cfg, sharding.Layout.create(mesh_cfg),
                             micro_batch_size)
 
 
@@ -137,7 +137,7 @@ class _Setup:
   request: protocol.TrainRequest
   spec: RunSpec
   data: Any
-  trainer: client_lib.Trainer
+  trainer: local_training.Trainer
   download: compression.Codec
   upload: compression.Codec
   payload_like: Any  # the broadcast's payload, as abstract arrays
@@ -246,7 +246,7 @@ def local_round(setup: _Setup, params, node: NodeConfig) -> tuple[protocol.Train
 
 
 @functools.lru_cache(maxsize=2)
-def _codecs(trainer: client_lib.Trainer, comp: compression.CompressionConfig
+def _codecs(trainer: local_training.Trainer, comp: compression.CompressionConfig
             ) -> tuple[compression.Codec, compression.Codec]:
   """The download and upload codecs, jitted for the parameters' layout on this node: the programs
   the simulation's clients run, so the decoded model and the encoded delta are theirs bit for bit."""

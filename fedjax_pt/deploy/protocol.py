@@ -17,7 +17,7 @@ from typing import Any
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedjax_pt import records
-from fedjax_pt.federation import ClientReport
+from fedjax_pt.federated.algorithm import ClientReport
 
 TRAIN, QUERY = 'train', 'query'
 _STEP_COLUMNS = ('local_step', 'loss', 'grad_norm', 'update_norm', 'lr')

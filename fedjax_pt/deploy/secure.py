@@ -40,7 +40,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 import jax
 import numpy as np
 
-from fedjax_pt import privacy
+from fedjax_pt.federated import privacy
 from fedjax_pt.deploy import protocol
 
 _MODULUS = 2 ** privacy.SecAggConfig.MODULUS_BITS

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 import ml_collections
 from ml_collections import config_flags
 
-from fedjax_pt import profiles
+from fedjax_pt.federated import profiles
 from fedjax_pt import train
 from fedjax_pt.deploy import arrays
 from fedjax_pt.deploy import fleet

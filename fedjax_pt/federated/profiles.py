@@ -16,7 +16,7 @@ A profile describes one client's hardware, links and habits:
 .json/.yaml file holding that list. Client k gets profile k mod len(profiles), so one profile
 applies to all and two alternate. Steps, batches and absences are pure functions of the config and
 (seed, round, client), so a resumed run and a Flower deployment do exactly what the simulation
-does; time is simulated by `fedjax_pt.sim_clock`.
+does; time is simulated by `fedjax_pt.federated.sim_clock`.
 """
 
 import dataclasses

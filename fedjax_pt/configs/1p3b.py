@@ -11,7 +11,7 @@ validation perplexity tracks the centralized baseline's after the first rounds (
 Figure 2).
 """
 
-from configs import paper
+from fedjax_pt.configs import paper
 
 
 def get_config():

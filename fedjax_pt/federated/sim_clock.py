@@ -2,7 +2,7 @@
 
 The simulation trains clients one after another on this host, so its measured time says nothing of
 a federation whose organisations train at the same time on their own GPUs. Every report is
-instead timed under its client's profile (`fedjax_pt.profiles`):
+instead timed under its client's profile (`fedjax_pt.federated.profiles`):
 
     client time = latency + download bytes / downlink + compute + latency + upload bytes / uplink
 
@@ -17,7 +17,7 @@ running sum.
 
 from collections.abc import Iterable
 
-from fedjax_pt.profiles import ClientProfile
+from fedjax_pt.federated.profiles import ClientProfile
 
 _IDEAL = ClientProfile()
 

@@ -11,7 +11,7 @@ in about 100 s on 2 quiet CPU cores. Centralized baseline on the same data: add 
 d_model 32 decoder on 32-byte sequences, 2 rounds of 3 local steps.
 """
 
-from configs import base
+from fedjax_pt.configs import base
 
 
 def get_config(variant: str = ''):

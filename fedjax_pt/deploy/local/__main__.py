@@ -33,7 +33,7 @@ from ml_collections import config_flags
 from fedjax_pt import build
 from fedjax_pt import errors
 from fedjax_pt import workdir as workdir_lib
-from fedjax_pt.deploy import launcher
+from fedjax_pt.deploy.local import federation as launcher
 from fedjax_pt.deploy import server_app
 from fedjax_pt.deploy import transport as transport_lib
 from fedjax_pt.run_spec import RunSpec

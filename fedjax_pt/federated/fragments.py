@@ -13,7 +13,7 @@ alpha = 0 replaces it, as DiLoCo does for the whole model; with F = 1 and alpha 
 federated training.
 
 A fragment of a tree is the same tree with None in place of the arrays of other fragments, so
-`jax.tree.map`, the codecs of `fedjax_pt.compression` and optax apply to it unchanged.
+`jax.tree.map`, the codecs of `fedjax_pt.federated.compression` and optax apply to it unchanged.
 """
 
 import dataclasses

@@ -11,7 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from fedjax_pt import memory
+from fedjax_pt.planning import memory
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,19 +19,13 @@ import subprocess
 import threading
 import time
 
+from fedjax_pt import distributed
 from fedjax_pt.deploy import certs
-from fedjax_pt.deploy import processes
+from fedjax_pt.deploy.local import processes
 
-APP_DIR = pathlib.Path(__file__).resolve().parent / 'app'
+APP_DIR = pathlib.Path(__file__).resolve().parents[1] / 'app'
 CONNECTION = 'fedjax-local'
 _BIN = processes.BIN
-
-
-def free_port() -> int:
-  # Racy in theory (the port is free when asked, not when bound); a clash fails loudly.
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _wait_port(port: int, proc: subprocess.Popen, log: pathlib.Path, timeout_s: float) -> None:
@@ -79,7 +73,7 @@ class LocalFederation:
   # --- the SuperLink and the CLI -----------------------------------------------------------------
 
   def start_superlink(self, timeout_s: float = 90) -> None:
-    self.port = free_port()
+    self.port = distributed.free_port()
     cmd = [str(_BIN / 'flower-superlink'), '--host', '127.0.0.1', '--port', str(self.port),
            # fedjax_pt's own install provides the app's dependencies: nothing is fetched at run
            # time (Flower would otherwise `uv sync` them for every run).
@@ -135,7 +129,7 @@ class LocalFederation:
     tls = self.secure if tls is None else tls
     auth = self.secure if auth is None else auth
     cmd = [str(_BIN / 'flower-supernode'), '--superlink', f'127.0.0.1:{self.port}',
-           '--host', '127.0.0.1', '--port', str(free_port()), '--node-config', node_config]
+           '--host', '127.0.0.1', '--port', str(distributed.free_port()), '--node-config', node_config]
     cmd += ['--root-certificates', str(self.tls.ca)] if tls else ['--insecure']
     if auth:
       private, public = certs.make_node_key(self.directory / 'keys', name)

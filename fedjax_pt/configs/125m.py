@@ -10,7 +10,7 @@ lr 0.1 / momentum 0.9. Expected: the federated model's validation perplexity tra
 centralized baseline's after the first rounds (the paper's Figure 2).
 """
 
-from configs import paper
+from fedjax_pt.configs import paper
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """The recipe shared by the paper's four MPT configs (DESIGN.md), parametrised by the table's row."""
 
-from configs import base
+from fedjax_pt.configs import base
 
 
 def paper_config(*, d_model: int, num_layers: int, num_heads: int, seq_len: int, batch_size: int,

@@ -10,12 +10,12 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-from fedjax_pt import aggregation
-from fedjax_pt import compression as compression_lib
-from fedjax_pt import fragments as fragments_lib
+from fedjax_pt.federated import aggregation
+from fedjax_pt.federated import compression as compression_lib
+from fedjax_pt.federated import fragments as fragments_lib
 from fedjax_pt import optimizers
-from fedjax_pt import privacy
-from fedjax_pt import profiles as profiles_lib
+from fedjax_pt.federated import privacy
+from fedjax_pt.federated import profiles as profiles_lib
 from fedjax_pt import sharding
 
 
@@ -159,7 +159,7 @@ def make_server_update(tx: optax.GradientTransformation, like: ServerState | Non
   """Returns `apply(state, mean_delta) -> (state, metrics)`: the jitted outer step on the clients'
   mean delta (sum_k w_k (theta_k - theta); the pseudo-gradient is its negation).
 
-  With a `fragment` (streaming fragments), `mean_delta` is a fragment tree (`fedjax_pt.fragments`)
+  With a `fragment` (streaming fragments), `mean_delta` is a fragment tree (`fedjax_pt.federated.fragments`)
   and the step moves that fragment of the model and its own optimizer state only. Given a sharded
   state `like` (from `init_server_state` with shardings), the step keeps every array of the state
   where it is in `like` and updates the state in place (donation).

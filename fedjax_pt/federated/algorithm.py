@@ -27,19 +27,19 @@ from absl import logging
 import flax.struct
 import jax
 
-from fedjax_pt import aggregation
-from fedjax_pt import client as client_lib
-from fedjax_pt import compression
-from fedjax_pt import faults as faults_lib
-from fedjax_pt import fragments as fragments_lib
+from fedjax_pt.federated import aggregation
+from fedjax_pt import local_training
+from fedjax_pt.federated import compression
+from fedjax_pt.federated import faults as faults_lib
+from fedjax_pt.federated import fragments as fragments_lib
 from fedjax_pt import metrics
 from fedjax_pt import optimizers
-from fedjax_pt import privacy
-from fedjax_pt import profiles as profiles_lib
+from fedjax_pt.federated import privacy
+from fedjax_pt.federated import profiles as profiles_lib
 from fedjax_pt import records
-from fedjax_pt import sampling
-from fedjax_pt import server as server_lib
-from fedjax_pt import sim_clock
+from fedjax_pt.federated import sampling
+from fedjax_pt.federated import server as server_lib
+from fedjax_pt.federated import sim_clock
 
 
 @dataclasses.dataclass
@@ -48,7 +48,7 @@ class ClientReport:
   fragments one segment of it).
 
   `update` is the client's message as the server received it: its delta theta_k - theta (of the
-  segment's fragment), encoded by `fedjax_pt.compression`; None when nothing arrived (the client
+  segment's fragment), encoded by `fedjax_pt.federated.compression`; None when nothing arrived (the client
   crashed or never answered). `failure` is the client's own error, if it reported one.
   """
   client: int
@@ -134,7 +134,7 @@ class FederatedAlgorithm:
   """Per synchronisation: sample -> clients train -> verdicts -> weighted mean of the decoded
   deltas -> outer step, retried when too few clients are usable. A round is one synchronisation
   of the whole model, or with `fl.fragments = F` F of them, one per fragment
-  (`fedjax_pt.fragments`).
+  (`fedjax_pt.federated.fragments`).
 
   A retry keeps the updates already received and tops the synchronisation up: it draws afresh,
   among the clients whose update it does not have yet, as many as `fl.clients_per_round` still
@@ -447,8 +447,8 @@ class _Tally:
 
 
 class CentralizedClient(Protocol):
-  def train(self, state: client_lib.LocalState,
-            round_idx: int) -> tuple[client_lib.LocalState, ClientReport]:
+  def train(self, state: local_training.LocalState,
+            round_idx: int) -> tuple[local_training.LocalState, ClientReport]:
     """`fl.local_steps` steps from `state` on the union of the clients' data."""
 
 
@@ -456,26 +456,26 @@ class CentralizedAlgorithm:
   """The baseline: the same local recipe on the union of the clients' data, one "round" per
   `fl.local_steps` steps, the optimizer state carried across rounds."""
 
-  def __init__(self, trainer: client_lib.Trainer):
+  def __init__(self, trainer: local_training.Trainer):
     self._trainer = trainer
 
-  def init(self, params) -> client_lib.LocalState:
+  def init(self, params) -> local_training.LocalState:
     return self._trainer.init(params, 0)
 
-  def apply(self, state: client_lib.LocalState, round_idx: int,
-            clients: CentralizedClient) -> tuple[client_lib.LocalState, RoundResult]:
+  def apply(self, state: local_training.LocalState, round_idx: int,
+            clients: CentralizedClient) -> tuple[local_training.LocalState, RoundResult]:
     state, report = clients.train(state, round_idx)
     return state, RoundResult(
         tokens=report.num_tokens, train_loss=report.mean_loss, steps=report.steps,
         stats={'grad_norm': report.mean_grad_norm, 'update_norm': report.mean_update_norm,
                'sim_round_time_s': report.compute_s})
 
-  def run_state(self, state: client_lib.LocalState, kept: dict[int, Any],
-                carried: dict[str, dict[int, Any]] | None = None) -> client_lib.LocalState:
+  def run_state(self, state: local_training.LocalState, kept: dict[int, Any],
+                carried: dict[str, dict[int, Any]] | None = None) -> local_training.LocalState:
     del kept, carried  # no clients
     return state
 
-  def from_run_state(self, run_state: client_lib.LocalState, round_idx: int
-                     ) -> tuple[client_lib.LocalState, dict[int, Any], dict[str, dict[int, Any]]]:
+  def from_run_state(self, run_state: local_training.LocalState, round_idx: int
+                     ) -> tuple[local_training.LocalState, dict[int, Any], dict[str, dict[int, Any]]]:
     del round_idx
     return run_state, {}, {}

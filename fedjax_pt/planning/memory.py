@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from fedjax_pt import client as client_lib
+from fedjax_pt import local_training
 from fedjax_pt import model as model_lib
 from fedjax_pt import sharding
 from fedjax_pt.run_spec import RunSpec
@@ -174,9 +174,9 @@ class XlaMemory:
 
 
 def _lower(spec: RunSpec, model_cfg: model_lib.ModelConfig, layout: sharding.Layout):
-  step = client_lib.make_train_step(model_cfg, spec.opt, spec.data.micro_batch_size, layout)
+  step = local_training.make_train_step(model_cfg, spec.opt, spec.data.micro_batch_size, layout)
   shapes = model_lib.param_shapes(model_cfg)
-  state = jax.eval_shape(lambda p: client_lib.init_local_state(p, spec.opt, 0), shapes)
+  state = jax.eval_shape(lambda p: local_training.init_local_state(p, spec.opt, 0), shapes)
   batch = jax.ShapeDtypeStruct((spec.data.batch_size, spec.data.seq_len + 1), np.int32)
   return step.lower(state, batch)
 

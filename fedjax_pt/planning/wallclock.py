@@ -33,8 +33,8 @@ the slower at every bandwidth. Neither case has a break-even.
 
 import dataclasses
 
-from fedjax_pt import communication
-from fedjax_pt import sim_clock
+from fedjax_pt.federated import communication
+from fedjax_pt.federated import sim_clock
 
 # The share of a step's FLOPs that DDP's gradient all-reduce can hide behind: the backward pass
 # (2 of the 6 N FLOPs per token are the forward pass).
