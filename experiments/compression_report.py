@@ -29,7 +29,7 @@ from experiments import sweep_report  # pylint: disable=wrong-import-position
 from experiments import sweep_spec  # pylint: disable=wrong-import-position
 from fedjax_pt.federated import communication  # pylint: disable=wrong-import-position
 from fedjax_pt import plot  # pylint: disable=wrong-import-position
-from fedjax_pt import records  # pylint: disable=wrong-import-position
+from fedjax_pt import summaries
 
 BASELINE = 'none'
 
@@ -61,7 +61,7 @@ def rows(runs: Mapping[str, plot.Run], root: str) -> list[dict[str, Any]]:
         'fragments': fl['fragments'],
         'rounds': f"{summary['rounds']}/{summary['rounds_total']}",
         'final_val_ppl': final,
-        'vs_none': (final / records.summarize(baseline.rounds).final_val_ppl - 1)
+        'vs_none': (final / summaries.summarize(baseline.rounds).final_val_ppl - 1)
                    if baseline and final else None,
         'best_val_ppl': summary['best_val_ppl'],
         'MB_sent': (last.bytes_sent or 0) / 1e6,

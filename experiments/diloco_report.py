@@ -30,7 +30,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 from experiments import sweep_report  # pylint: disable=wrong-import-position
 from experiments import sweep_runner  # pylint: disable=wrong-import-position
 from fedjax_pt import plot  # pylint: disable=wrong-import-position
-from fedjax_pt import records  # pylint: disable=wrong-import-position
+from fedjax_pt import summaries
 
 # Each group's reference: the run every other cell of the group is compared with, seed by seed.
 REFERENCE = {'warm': 'baseline', 'noniid': 'baseline', 'scratch': 'fedavg'}
@@ -45,7 +45,7 @@ def load(root: str, spec_path: str) -> dict[Cell, list[plot.Run]]:
   """{(group, d_model, variant): its runs, one per seed} of every run that has logged a round."""
   cells: dict[Cell, list[plot.Run]] = {}
   for name, run in sweep_report.logged_runs(root, spec_path):
-    parts = records.without_seed(name).split(',')
+    parts = summaries.without_seed(name).split(',')
     group = parts[0] if parts[0] in ('pretrain', 'noniid', 'scratch') else 'warm'
     variant = 'pretrain' if group == 'pretrain' else parts[-1]
     cells.setdefault((group, run.config['model']['d_model'], variant), []).append(run)
@@ -55,7 +55,7 @@ def load(root: str, spec_path: str) -> dict[Cell, list[plot.Run]]:
 def steps_of(run: plot.Run, initial: bool = False) -> list[tuple[float, float]]:
   """(local steps per client since the run started, val_ppl) of every evaluated round; round 0
   (the starting model, which the runs of one seed share) only with `initial`."""
-  return records.curve(run.rounds, scale=run.config['fl']['local_steps'], initial=initial)
+  return summaries.curve(run.rounds, scale=run.config['fl']['local_steps'], initial=initial)
 
 
 def _finished(run: plot.Run) -> bool:
@@ -76,13 +76,13 @@ def rows(cells: Mapping[Cell, list[plot.Run]]) -> list[dict[str, Any]]:
       cells.items(), key=lambda kv: (('pretrain', 'warm', 'noniid', 'scratch').index(kv[0][0]),
                                      kv[0][1], ORDER.index(kv[0][2]) if kv[0][2] in ORDER else 99)):
     done = [r for r in runs if _finished(r)]
-    final = records.spread(r.rounds[-1].val_ppl for r in done)
+    final = summaries.spread(r.rounds[-1].val_ppl for r in done)
     reference = {_seed(r): r for r in cells.get((group, d, REFERENCE.get(group, '')), [])
                  if _finished(r)}
     paired = [r for r in done if _seed(r) in reference and variant != REFERENCE.get(group)]
-    gaps = records.spread(r.rounds[-1].val_ppl / reference[_seed(r)].rounds[-1].val_ppl - 1
+    gaps = summaries.spread(r.rounds[-1].val_ppl / reference[_seed(r)].rounds[-1].val_ppl - 1
                           for r in paired)
-    cross = records.crossing_over_seeds(
+    cross = summaries.crossing_over_seeds(
         [(steps_of(r), steps_of(reference[_seed(r)])) for r in paired])
     fl = done[0].config['fl'] if done else runs[0].config['fl']
     federated = runs[0].federated
@@ -111,7 +111,7 @@ def rows(cells: Mapping[Cell, list[plot.Run]]) -> list[dict[str, Any]]:
 
 
 def _mean(values) -> float | None:
-  kept = [v for v in values if records.finite(v)]
+  kept = [v for v in values if summaries.finite(v)]
   return sum(kept) / len(kept) if kept else None
 
 
@@ -132,11 +132,11 @@ def markdown(table: Sequence[Mapping[str, Any]]) -> str:
               (' round 1 | round 2 |' if scratch else '') + ' wall time per run |',
               '|---|---|---|---|---|---|---|---|' + ('---|---|' if scratch else '') + '---|']
     for r in part:
-      final = records.Spread(r['final_val_ppl'], r['final_val_ppl_std'], r['final_val_ppl_min'],
+      final = summaries.Spread(r['final_val_ppl'], r['final_val_ppl_std'], r['final_val_ppl_min'],
                              r['final_val_ppl_max'], int(r['seeds'].split('/')[0])
-                             ) if records.finite(r['final_val_ppl']) else None
+                             ) if summaries.finite(r['final_val_ppl']) else None
       gap = ''
-      if records.finite(r['vs_reference']):
+      if summaries.finite(r['vs_reference']):
         gap = (f"{r['vs_reference']:+.1%} ± {r['vs_reference_std']:.1%} "
                f"({r['below_reference_seeds']}/{r['seeds'].split('/')[0]} below)")
       versus = (f"`{r['reference']}`: {r['curve_vs_reference']}" if r['reference'] else
@@ -151,7 +151,7 @@ def markdown(table: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _minutes(seconds: Any) -> str:
-  return f'{seconds / 60:.1f} min' if records.finite(seconds) else ''
+  return f'{seconds / 60:.1f} min' if summaries.finite(seconds) else ''
 
 
 def _band(ax, runs: Sequence[plot.Run], style: str, color: str, label: str) -> None:

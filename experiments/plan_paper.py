@@ -21,7 +21,7 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 from fedjax_pt.planning import devices  # pylint: disable=wrong-import-position
-from fedjax_pt import plan  # pylint: disable=wrong-import-position
+from fedjax_pt.planning import planner as plan  # pylint: disable=wrong-import-position
 from fedjax_pt.planning import wallclock  # pylint: disable=wrong-import-position
 
 CONFIGS = ('125m', '350m', '1p3b')
@@ -46,7 +46,8 @@ def rows(gpu: str, mfu: float, latency_ms: float) -> list[list[str]]:
   accelerator = devices.accelerator(gpu)
   out = []
   for name in CONFIGS:
-    spec, model_cfg = plan.one_client_spec(importlib.import_module(f'fedjax_pt.configs.{name}').get_config())
+    config = importlib.import_module(f'fedjax_pt.configs.{name}').get_config()
+    spec, model_cfg = plan.one_client_spec(config)
     base = plan.workload(spec, model_cfg)
     int8 = dataclasses.replace(base, upload_bytes=plan.payload_bytes(
         model_cfg, 'int8', spec.fl.compression.block_size))

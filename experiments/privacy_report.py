@@ -45,7 +45,7 @@ def _fleet(run: plot.Run) -> tuple[int, int]:
 
 
 def _final_ppl(run: plot.Run) -> float | None:
-  """The last evaluated perplexity even when it is not finite (`records.summarize` reports the
+  """The last evaluated perplexity even when it is not finite (`summaries.summarize` reports the
   last finite one): noise can destroy a model, and the table must say so, not show a round before."""
   evaluated = [r.val_ppl for r in run.rounds if r.val_ppl is not None]
   return evaluated[-1] if evaluated else None

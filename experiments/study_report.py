@@ -28,7 +28,7 @@ from experiments import sweep_report  # pylint: disable=wrong-import-position
 from experiments import sweep_spec  # pylint: disable=wrong-import-position
 from fedjax_pt import model as model_lib  # pylint: disable=wrong-import-position
 from fedjax_pt import plot  # pylint: disable=wrong-import-position
-from fedjax_pt import records  # pylint: disable=wrong-import-position
+from fedjax_pt import summaries
 
 SIZES = (32, 64, 128)
 VARIANTS = ('nesterov', 'centralized', 'solo', 'fedavg', 'tau10', 'tau200', 'kept_opt')
@@ -42,12 +42,12 @@ def load(root: str, spec_path: str) -> dict[tuple[int, str], plot.Run]:
 
 def steps_of(run: plot.Run) -> list[tuple[int, float]]:
   """(local steps per client, val_ppl) of every evaluated round."""
-  return records.curve(run.rounds, scale=run.config['fl']['local_steps'])
+  return summaries.curve(run.rounds, scale=run.config['fl']['local_steps'])
 
 
 def crossing(fed: plot.Run, other: plot.Run) -> str:
   """Where the federated curve is below `other`'s, at the steps both evaluated."""
-  return records.crossing(steps_of(fed), steps_of(other)).describe('step ')
+  return summaries.crossing(steps_of(fed), steps_of(other)).describe('step ')
 
 
 def params_of(run: plot.Run) -> int | None:

@@ -1,6 +1,6 @@
 """The results of a sweep: ROOT/results.csv (every column) and ROOT/results.md (a readable table).
 
-One row per run, condensed from its round records by `fedjax_pt.records.summarize` (final and best
+One row per run, condensed from its round records by `fedjax_pt.summaries.summarize` (final and best
 validation perplexity, tokens, bytes communicated, time); blank where a run has not logged it.
 """
 
@@ -17,7 +17,7 @@ from experiments import sweep_runner
 from experiments import sweep_spec
 from experiments.sweep_spec import Run, format_value
 from fedjax_pt import plot
-from fedjax_pt import records
+from fedjax_pt import summaries
 from fedjax_pt import reporting
 
 COLUMNS = ('run', 'status', 'mode', 'rounds', 'rounds_total', 'tokens', 'final_val_ppl',
@@ -30,7 +30,7 @@ def summarize(run: Run, workdir: str, rounds_total: int | None = None) -> dict[s
   of its config.json)."""
   config = sweep_runner.read_config(workdir)
   rounds_total = rounds_total if rounds_total is not None else sweep_runner.total_rounds(config)
-  s = records.summarize(sweep_runner.read_rounds(workdir))
+  s = summaries.summarize(sweep_runner.read_rounds(workdir))
   return {
       'run': run.name,
       'status': sweep_runner.status(workdir, rounds_total),
@@ -73,15 +73,15 @@ def over_seeds(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   single run with no seed in its name are left out."""
   cells: dict[str, list[Mapping[str, Any]]] = {}
   for row in rows:
-    if records.seed_of(row['run']) is not None:
-      cells.setdefault(records.without_seed(row['run']), []).append(row)
+    if summaries.seed_of(row['run']) is not None:
+      cells.setdefault(summaries.without_seed(row['run']), []).append(row)
   out = []
   for cell, members in cells.items():
     done = [r for r in members if r.get('status') == 'finished']
     row = {'cell': cell, 'seeds': f'{len(done)}/{len(members)}',
            'runs': ' '.join(r['run'] for r in done)}
     for key in ('final_val_ppl', 'best_val_ppl'):
-      stats = records.spread(r.get(key) for r in done)
+      stats = summaries.spread(r.get(key) for r in done)
       for stat in ('mean', 'std', 'min', 'max'):
         row[f'{key}_{stat}'] = getattr(stats, stat) if stats else None
     out.append(row)
@@ -99,9 +99,9 @@ def seeds_markdown_table(cells: Sequence[Mapping[str, Any]]) -> str:
 
 def _spread(cell: Mapping[str, Any], key: str) -> str:
   mean = cell.get(f'{key}_mean')
-  if not records.finite(mean):
+  if not summaries.finite(mean):
     return ''
-  return records.Spread(mean, cell[f'{key}_std'], cell[f'{key}_min'], cell[f'{key}_max'],
+  return summaries.Spread(mean, cell[f'{key}_std'], cell[f'{key}_min'], cell[f'{key}_max'],
                         int(cell['seeds'].split('/')[0])).describe()
 
 
@@ -133,7 +133,7 @@ def logged_runs(root: str, spec_path: str) -> list[tuple[str, plot.Run]]:
 
 def fmt(value: Any, spec: str = '') -> str:
   """`value` formatted, or '' when it is missing or not finite."""
-  return format(value, spec) if records.finite(value) else ''
+  return format(value, spec) if summaries.finite(value) else ''
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -142,7 +142,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for r in rows:
     sent, received = r.get('bytes_sent'), r.get('bytes_received')
-    comm = ((sent or 0) + (received or 0) if records.finite(sent) or records.finite(received)
+    comm = ((sent or 0) + (received or 0) if summaries.finite(sent) or summaries.finite(received)
             else None)
     rounds = '' if r.get('rounds') is None else f"{r['rounds']}/{r.get('rounds_total') or '?'}"
     best = '' if r.get('best_val_ppl') is None else f"{r['best_val_ppl']:.2f} ({r['best_round']})"
@@ -154,11 +154,11 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _tokens(n: Any) -> str:
-  return reporting.format_tokens(n) if records.finite(n) else ''
+  return reporting.format_tokens(n) if summaries.finite(n) else ''
 
 
 def _duration(seconds: Any) -> str:
-  if not records.finite(seconds):
+  if not summaries.finite(seconds):
     return ''
   return f'{seconds / 60:.1f} min' if seconds >= 120 else f'{seconds:.0f} s'
 

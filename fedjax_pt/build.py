@@ -15,15 +15,16 @@ from absl import logging
 import jax
 import ml_collections
 
-from fedjax_pt import local_training
+from fedjax_pt import centralized
 from fedjax_pt import data as data_lib
-from fedjax_pt.federated import algorithm as federation
+from fedjax_pt import local_training
 from fedjax_pt import metrics
 from fedjax_pt import model as model_lib
 from fedjax_pt import optimizers
-from fedjax_pt.federated import profiles
 from fedjax_pt import sharding
 from fedjax_pt import simulation
+from fedjax_pt.federated import algorithm
+from fedjax_pt.federated import profiles
 from fedjax_pt.run_spec import RunSpec
 
 
@@ -119,14 +120,14 @@ def round_object(parts: Parts, progress, make_clients=None) -> tuple[Any, Any]:
   the union of their data."""
   spec, model = parts.spec, parts.model
   if spec.mode == 'centralized':
-    return (federation.CentralizedAlgorithm(model.trainer),
-            simulation.CentralizedClient(spec, model.trainer, parts.data, progress))
+    return (centralized.CentralizedAlgorithm(model.trainer),
+            centralized.CentralizedLearner(spec, model.trainer, parts.data, progress))
   if spec.fl.keeps_client_models and model.trainer.parallel > 1:
     raise ValueError(f'fl.fragments={spec.fl.fragments} / fl.fragment_mixing='
                      f'{spec.fl.fragment_mixing} give every client a model of its own: they need '
                      f'mesh.clients=1, got {model.trainer.parallel}')
-  algorithm = federation.FederatedAlgorithm(spec.fl, spec.faults, spec.seed, model.param_shardings,
-                                            spec.per_layer_norms)
+  federated = algorithm.FederatedAlgorithm(spec.fl, spec.faults, spec.seed,
+                                           model.param_shardings, spec.per_layer_norms)
   if make_clients is not None:
-    return algorithm, make_clients(parts)
-  return algorithm, simulation.SimulatedClients(spec, model.trainer, parts.data, progress)
+    return federated, make_clients(parts)
+  return federated, simulation.SimulatedClients(spec, model.trainer, parts.data, progress)

@@ -1,10 +1,9 @@
 """A thin orbax wrapper: round-boundary checkpoints that survive crashes and never destroy good ones.
 
-A checkpoint holds two items: `state`, the arrays (global parameters, outer optimizer state, kept
-client optimizer states), and `meta`, JSON (round, cumulative totals, every data iterator's position,
-the byte length of metrics.jsonl at that round). orbax writes each step into a temporary directory and
-renames it when complete, so a save killed midway never looks like a checkpoint; a finalized one
-that fails to load (a truncated file) is moved aside, never deleted, and the previous one is used.
+A checkpoint holds two items: `state`, a pytree of arrays, and `meta`, JSON (what they are is
+`fedjax_pt.run_state`). orbax writes each step into a temporary directory and renames it when
+complete, so a save killed midway never looks like a checkpoint; a finalized one that fails to
+load (a truncated file) is moved aside, never deleted, and the previous one is used.
 """
 
 from collections.abc import Callable
@@ -51,41 +50,10 @@ class CheckpointMismatch(errors.WorkdirRefused):
 
 
 @dataclasses.dataclass
-class Totals:
-  """Cumulative counts of a run, carried across sessions."""
-  tokens: int = 0
-  bytes_sent: int = 0
-  bytes_received: int = 0
-  sim_wall_time_s: float = 0.0  # simulated (`fedjax_pt.federated.sim_clock`); older checkpoints lack it
-  dp_releases: int = 0  # synchronisations that released a DP mechanism (fl.dp)
-
-
-@dataclasses.dataclass
-class RunMeta:
-  """The JSON item of a checkpoint: what is not an array."""
-  round: int
-  totals: Totals
-  iterators: list[dict[str, Any]]  # every data iterator's position (grain state)
-  kept_clients: list[int] = dataclasses.field(default_factory=list)  # whose Adam state is saved
-  metrics_bytes: int = 0  # the length of metrics.jsonl at this round
-  # Whose model / error-feedback residual is saved ({'model': [0, 1], 'residual': [0, 1]}).
-  carried: dict[str, list[int]] = dataclasses.field(default_factory=dict)
-
-  def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_json(cls, obj: dict[str, Any]) -> 'RunMeta':
-    return cls(round=obj['round'], totals=Totals(**obj['totals']),
-               iterators=list(obj['iterators']), kept_clients=list(obj.get('kept_clients', [])),
-               metrics_bytes=obj.get('metrics_bytes', 0), carried=dict(obj.get('carried', {})))
-
-
-@dataclasses.dataclass
 class Restored:
   round: int
   state: Any
-  meta: RunMeta
+  meta: dict[str, Any]  # the JSON item (`fedjax_pt.run_state.RunMeta`)
 
 
 class Checkpointer:
@@ -122,12 +90,12 @@ class Checkpointer:
     every = self._cfg.every_rounds
     return bool(every) and (round_idx % every == 0 or round_idx == last_round)
 
-  def save(self, round_idx: int, state: Any, meta: RunMeta) -> None:
+  def save(self, round_idx: int, state: Any, meta: dict[str, Any]) -> None:
     """Starts saving; with async_save the files are written while the next round trains."""
     try:
       with _interrupts_deferred():
         self._manager.save(round_idx, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta.to_json())))
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     except Exception as e:  # pylint: disable=broad-except  (orbax raises a disk error as it can)
       raise SaveFailed(self._failure_message(e)) from e
 
@@ -137,7 +105,7 @@ class Checkpointer:
       return []
     return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
 
-  def restore_latest(self, abstract_state: Callable[[RunMeta], Any]) -> Restored | None:
+  def restore_latest(self, abstract_state: Callable[[dict[str, Any]], Any]) -> Restored | None:
     """The newest checkpoint that loads; unreadable newer ones are moved aside with a warning.
 
     `abstract_state(meta)` gives the structure to restore into (it can depend on the meta, e.g. on
@@ -148,9 +116,11 @@ class Checkpointer:
     for step in reversed(self.steps()):
       try:
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        meta = RunMeta.from_json(dict(meta['meta']))
+        meta = dict(meta['meta'])
         saved = self._manager.item_metadata(step)['state']
         target = abstract(abstract_state(meta))
+      except errors.WorkdirRefused:
+        raise  # the checkpoint is fine, this run must not continue it: touch nothing
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside_unreadable(step, e)
         continue

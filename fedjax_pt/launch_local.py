@@ -24,6 +24,7 @@ import time
 from absl import app
 from absl import flags
 
+from fedjax_pt import cli
 from fedjax_pt import errors
 from fedjax_pt.distributed import free_port
 
@@ -160,16 +161,14 @@ def main(argv: list[str]) -> None:
     args = args[1:]
   if any(a.startswith('--config.mesh.num_processes') or a.startswith('--config.mesh.process_id')
          or a.startswith('--config.mesh.coordinator') for a in args):
-    print('fedjax_pt.launch_local: error: it sets mesh.num_processes, mesh.process_id and '
-          'mesh.coordinator itself; remove them from the arguments', file=sys.stderr)
-    sys.exit(errors.EXIT_BAD_INPUT)
+    cli.fail('it sets mesh.num_processes, mesh.process_id and mesh.coordinator itself; remove '
+             'them from the arguments', program='fedjax_pt.launch_local')
   signal.signal(signal.SIGTERM, _terminate)
   try:
     procs, workdir = start(args, _PROCESSES.value, _DEVICES.value, gpus_per_process=_GPUS.value)
     _STARTED.extend(procs)
   except OSError as e:  # the workdir's logs/ cannot be made: under a file, not writable
-    print(f'fedjax_pt.launch_local: error: {e.filename}: {e.strerror}', file=sys.stderr)
-    sys.exit(errors.EXIT_BAD_INPUT)
+    cli.fail(f'{e.filename}: {e.strerror}', program='fedjax_pt.launch_local')
   sys.exit(supervise(procs, workdir, _GRACE_S.value))
 
 

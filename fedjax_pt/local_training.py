@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_pt import metrics as metrics_lib
 from fedjax_pt import model as model_lib
 from fedjax_pt import optimizers
 from fedjax_pt import sharding
@@ -97,8 +98,8 @@ def make_train_step(model_cfg: model_lib.ModelConfig, opt_cfg: optimizers.OptCon
     params = optax.apply_updates(state.params, updates)
     metrics = {
         'loss': loss,
-        'grad_norm': optimizers.global_norm(grads),
-        'update_norm': optimizers.global_norm(updates),
+        'grad_norm': metrics_lib.global_norm(grads),
+        'update_norm': metrics_lib.global_norm(updates),
         'lr': lr,
     }
     return LocalState(params, opt_state, state.step + 1), metrics
@@ -129,15 +130,21 @@ def init_local_state(params, opt_cfg: optimizers.OptConfig, step: int) -> LocalS
                     jnp.asarray(step, jnp.int32))
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingSummary:
+  """What a client's local steps add up to: what it reports to the server."""
+  num_tokens: int  # tokens it trained on
+  mean_loss: float
+  mean_grad_norm: float
+  mean_update_norm: float
+
+
 @dataclasses.dataclass
 class ClientResult:
   state: LocalState
-  mean_loss: float
-  last_loss: float
-  mean_grad_norm: float
-  mean_update_norm: float
-  num_tokens: int
+  summary: TrainingSummary
   step_metrics: list[dict[str, float]]  # every `log_every` steps: {'local_step', 'loss', ...}
+  last_loss: float  # of the last step: what the progress bar shows
 
 
 _AVERAGED = ('loss', 'grad_norm', 'update_norm')
@@ -162,16 +169,14 @@ class _Steps:
 
   def result(self, state: LocalState, client: int | None = None) -> ClientResult:
     pick = float if client is None else (lambda v: float(v[client]))
+    summary = TrainingSummary(num_tokens=self.num_tokens, mean_loss=pick(self.means['loss']),
+                              mean_grad_norm=pick(self.means['grad_norm']),
+                              mean_update_norm=pick(self.means['update_norm']))
     return ClientResult(
-        state=state,
-        mean_loss=pick(self.means['loss']),
-        last_loss=pick(self.last_loss),
-        mean_grad_norm=pick(self.means['grad_norm']),
-        mean_update_norm=pick(self.means['update_norm']),
-        num_tokens=self.num_tokens,
+        state=state, summary=summary,
         step_metrics=[{'local_step': t, **{k: pick(v) for k, v in m.items()}}
                       for t, m in self.logged],
-    )
+        last_loss=pick(self.last_loss))
 
 
 def _local_steps(train_step, state, next_batch: Callable[[], np.ndarray], num_steps: int,

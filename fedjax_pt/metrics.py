@@ -94,16 +94,12 @@ class Evaluator:
     return out
 
 
-@jax.jit
-def l2_norm(tree) -> jax.Array:
-  """sqrt(sum of squares) over every leaf, in float32."""
+def global_norm(tree) -> jax.Array:
+  """sqrt(sum of squares) over every leaf, in float32 (traced inline in a jitted step)."""
   return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
-@jax.jit
-def distance(a, b) -> jax.Array:
-  """||a - b||: a client's own pseudo-gradient when a is the global model and b the client's."""
-  return l2_norm(jax.tree.map(jnp.subtract, a, b))
+l2_norm = jax.jit(global_norm)  # the same, called on its own
 
 
 def per_module_norms(tree) -> dict[str, float]:

@@ -3,7 +3,6 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -119,7 +118,3 @@ def _outer(name: str, lr, momentum, b2: float) -> optax.GradientTransformation:
   if name == 'sgd':
     return optax.sgd(lr, momentum=momentum if has_momentum else None)
   return optax.adam(lr, b1=momentum, b2=b2)
-
-
-def global_norm(tree) -> jax.Array:
-  return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 import dataclasses
 import json
 import os
-import sys
 from typing import Any
 
 from absl import app
@@ -27,7 +26,9 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from fedjax_pt import records as records_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from fedjax_pt import cli
+from fedjax_pt import records as records_lib
 
 
 @dataclasses.dataclass
@@ -254,18 +255,11 @@ def _cli() -> None:
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     if not workdirs.value:
-      print('fedjax_pt.plot: error: give at least one --workdir=RUN', file=sys.stderr)
-      sys.exit(2)
+      cli.fail('give at least one --workdir=RUN', program='fedjax_pt.plot')
     try:
-      runs = [load_run(w) for w in workdirs.value]
+      paths = make_figures([load_run(w) for w in workdirs.value], out.value, x.value)
     except (FileNotFoundError, ValueError) as e:
-      print(f'fedjax_pt.plot: error: {e}', file=sys.stderr)
-      sys.exit(2)
-    try:
-      paths = make_figures(runs, out.value, x.value)
-    except ValueError as e:
-      print(f'fedjax_pt.plot: error: {e}', file=sys.stderr)
-      sys.exit(2)
+      cli.fail(e, program='fedjax_pt.plot')
     for path in paths:
       print(path)
 

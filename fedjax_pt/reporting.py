@@ -10,6 +10,7 @@ import tqdm
 
 from fedjax_pt.federated import communication
 from fedjax_pt import records
+from fedjax_pt import summaries
 
 
 def format_tokens(n: float) -> str:
@@ -17,6 +18,16 @@ def format_tokens(n: float) -> str:
     if n >= scale:
       return f'{n / scale:.2f}{unit}'
   return str(int(n))
+
+
+def steps_per_round(spec) -> int:
+  """The local steps the progress bar counts per round: all of a round's clients' together
+  (`fl.profiles` may give them different numbers), the mean client's times clients_per_round."""
+  fl = spec.fl
+  if spec.mode != 'federated':
+    return fl.local_steps
+  return round(fl.clients_per_round * sum(
+      spec.client_plan(k).local_steps for k in range(fl.num_clients)) / fl.num_clients)
 
 
 class Progress:
@@ -124,7 +135,7 @@ def _human_bytes(n: float) -> str:
 
 def summary_table(rounds: list[records.RoundRecord], total_time_s: float) -> str:
   """The end-of-run summary: best and final val_ppl, tokens, time, bytes communicated."""
-  s = records.summarize(rounds)
+  s = summaries.summarize(rounds)
   rows = [
       ('rounds', str(s.rounds)),
       ('final val_ppl', 'n/a' if s.final_val_ppl is None else f'{s.final_val_ppl:.3f}'),

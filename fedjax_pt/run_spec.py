@@ -9,24 +9,23 @@ import ml_collections
 from fedjax_pt import checkpoint as checkpoint_lib
 from fedjax_pt import data as data_lib
 from fedjax_pt import distributed
-from fedjax_pt.federated import faults
 from fedjax_pt import optimizers
-from fedjax_pt.federated import profiles as profiles_lib
-from fedjax_pt.federated import server as server_lib
 from fedjax_pt import sharding
+from fedjax_pt.federated import faults
+from fedjax_pt.federated import profiles as profiles_lib
+from fedjax_pt.federated.config import FLConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
   mode: str
   seed: int
-  fl: server_lib.FLConfig
+  fl: FLConfig
   faults: faults.FaultConfig
   opt: optimizers.OptConfig
   data: data_lib.DataConfig
   ckpt: checkpoint_lib.CheckpointConfig
   mesh: sharding.MeshConfig
-  processes: distributed.ProcessConfig
   eval_batch_size: int
   eval_max_batches: int
   eval_every_rounds: int
@@ -58,7 +57,7 @@ class RunSpec:
       raise ValueError(f'init.step must be an integer >= 0, got {init.step!r}')
     if not isinstance(init.from_checkpoint, str):
       raise ValueError(f'init.from_checkpoint must be a path, got {init.from_checkpoint!r}')
-    spec = cls(mode=config.mode, seed=config.seed, fl=server_lib.FLConfig.from_config(config.fl),
+    spec = cls(mode=config.mode, seed=config.seed, fl=FLConfig.from_config(config.fl),
                faults=faults.FaultConfig.from_config(config.fl),
                opt=dataclasses.replace(optimizers.OptConfig.from_config(config.opt),
                                        step_offset=init.step),
@@ -68,12 +67,12 @@ class RunSpec:
                    config.mesh, mode=config.mode, batch_size=config.data.batch_size,
                    micro_batch_size=config.data.micro_batch_size,
                    clients_per_round=config.fl.clients_per_round),
-               processes=distributed.ProcessConfig.from_config(config.mesh),
                eval_batch_size=config.eval.batch_size, eval_max_batches=config.eval.max_batches,
                eval_every_rounds=config.eval.every_rounds, eval_per_client=config.eval.per_client,
                log_every_steps=config.log.every_steps, progress=config.log.progress,
                tensorboard=config.log.tensorboard, per_layer_norms=config.log.per_layer_norms,
                init_from=init.from_checkpoint)
+    distributed.ProcessConfig.from_config(config.mesh)  # checks mesh.num_processes & co.
     spec.check_profiles()
     if (spec.fl.dp.enabled or spec.fl.secagg.enabled) and spec.fl.weighting == 'tokens' and (
         not spec.uniform_clients):

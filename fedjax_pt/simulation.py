@@ -1,72 +1,33 @@
 """The in-process clients: every "organisation" is a data iterator over its shard on this host.
 
-`SimulatedClients` implements the round object's client interface (`federation.Clients`): client k
-trains `fl.local_steps` AdamW steps from the global model on its own batches and reports its
-encoded delta, `mesh.clients` clients at a time in one compiled program. It also simulates what
-goes wrong in a real federation (`fl.fault.*`: crashes and diverged models, seeded).
-`CentralizedClient` is the baseline's single learner over the union of the clients' data.
+`SimulatedClients` implements the round object's client interface (`federated.algorithm.Clients`):
+client k receives the server's broadcast, trains its local steps on its own batches and reports
+its encoded delta, `mesh.clients` clients at a time in one compiled program. What each client
+does around its training is `federated.client_round`, the code a Flower node runs too; it also
+simulates what goes wrong in a real federation (`fl.fault.*`: crashes and diverged models, seeded).
 """
 
 from collections.abc import Iterator, Sequence
-import dataclasses
 import itertools
 import time
 from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fedjax_pt import local_training
-from fedjax_pt.federated import compression
 from fedjax_pt import distributed
-from fedjax_pt.federated import faults
+from fedjax_pt import local_training
+from fedjax_pt.federated import client_round
 from fedjax_pt.federated import fragments
-from fedjax_pt.federated import privacy
-from fedjax_pt import records
 from fedjax_pt.federated import sampling
-from fedjax_pt.federated.algorithm import ClientReport
+from fedjax_pt.federated.messages import Broadcast, ClientReport
 from fedjax_pt.run_spec import RunSpec
 
-
-def _step_records(result: local_training.ClientResult, round_idx: int, client: int,
-                  steps_per_round: int, start: int) -> list[records.StepRecord]:
-  # Numbered by fl.local_steps, as the lr schedule counts: whatever a client's own step count.
-  return [records.StepRecord(round=round_idx, client=client,
-                             step=(round_idx - 1) * steps_per_round + start + m['local_step'],
-                             **{**m, 'local_step': start + m['local_step']})
-          for m in result.step_metrics]
-
-
-def _report(result: local_training.ClientResult, round_idx: int, client: int, steps_per_round: int,
-            start: int = 0, **fields) -> ClientReport:
-  return ClientReport(
-      client=client, num_tokens=result.num_tokens,
-      mean_loss=result.mean_loss, last_loss=result.last_loss,
-      mean_grad_norm=result.mean_grad_norm, mean_update_norm=result.mean_update_norm,
-      steps=_step_records(result, round_idx, client, steps_per_round, start), **fields)
-
-
-@dataclasses.dataclass
-class _Broadcast:
-  """What the server sends in one synchronisation, as the clients decode it."""
-  received: Any  # the global model as a client holds it: decode(encode(theta, download codec))
-  full_bytes: int  # the whole model, to a client that holds none
-  fragment_bytes: int  # the fragment synchronised last, to a client that holds a model
-  uncompressed_full: int
-  uncompressed_fragment: int
-
-
 class SimulatedClients:
-  """Clients 0..fl.num_clients-1 of one host; they keep their data position (and, with
-  fl.reset_optimizer=False, their Adam state) across rounds.
-
-  A client receives the global model encoded with `fl.compression.download` and sends its delta
-  encoded with `fl.compression.upload` (`fedjax_pt.federated.compression`), keeping the residual with error
-  feedback. With streaming fragments or mixing (`fedjax_pt.federated.fragments`) it also keeps its own model
-  between synchronisations, and merges each fragment the server sends back into it.
-  """
+  """Clients 0..fl.num_clients-1 of one host. Each keeps its data position and its
+  `ClientMemory` (Adam state with fl.reset_optimizer=False, error-feedback residual, its own
+  model with streaming fragments or mixing) across rounds, in `state()` at a round boundary."""
 
   def __init__(self, spec: RunSpec, trainer: local_training.Trainer, data, progress):
     self._spec, self._trainer, self._progress = spec, trainer, progress
@@ -75,236 +36,114 @@ class SimulatedClients:
     self.iterators = [data.client_iterator(k, self._plans[k].batch_size)
                       for k in range(spec.fl.num_clients)]
     self._num_examples = [data.client_num_tokens(k) for k in range(spec.fl.num_clients)]
-    # A client keeps its Adam moments when its round ended with finite parameters; the server's
-    # verdict on a late report is not known to it, as on a real node.
-    self.kept: dict[int, Any] = {}
-    # Its own model (fl.fragments > 1 or fl.fragment_mixing > 0) and the residual of its
-    # messages (fl.compression.error_feedback), while they are finite.
-    self.carried: dict[str, dict[int, Any]] = {'model': {}, 'residual': {}}
-    self._segment_opt: dict[int, Any] = {}  # Adam states between the segments of a round
-    self._merged: dict[int, tuple[int, int]] = {}  # (round, segment start) a client last merged
-    self._assignment = None
-    self._download = None  # compression.Codec of the broadcast
-    self._upload = []  # compression.Codec of each fragment's deltas
+    self._rule = client_round.ClientRule(spec.fl, spec.faults, spec.seed, trainer.param_shapes())
+    self.memory: dict[int, client_round.ClientMemory] = {}
+    self._received: tuple[Broadcast, dict[int | None, Any]] | None = None
 
-  def train(self, params, round_idx: int, client_ids: Sequence[int], attempt: int,
+  def train(self, broadcast: Broadcast, round_idx: int, client_ids: Sequence[int], attempt: int,
             segment: fragments.Segment) -> Iterator[ClientReport]:
-    if self._assignment is None:
-      fl = self._spec.fl
-      comp = fl.compression
-      self._assignment = fragments.partition(params, fl.fragments)
-      self._download = compression.Codec(comp.download, comp.block_size, params)
-      self._upload = [compression.Codec(comp.upload, comp.block_size, self._fragment(params, f))
-                      for f in range(fl.fragments)]
     if attempt:  # a retry trains more clients than the round's share of the progress bar
       self._progress.add_total(sum(self._steps(k, segment) for k in client_ids))
-    broadcast = self._broadcast(params, segment)
     for group in sampling.client_groups(client_ids, self._trainer.parallel):
       self._progress.describe(f'round {round_idx}/{self._spec.fl.rounds} client '
                               f'{",".join(map(str, group))}')
       yield from self._train_group(broadcast, round_idx, group, attempt, segment)
 
   def _steps(self, k: int, segment: fragments.Segment) -> int:
-    """Client k's local steps in this segment: its own per round, unless streaming fragments
-    split the round (their clients all do the same work: `RunSpec.check_profiles`)."""
-    return self._plans[k].local_steps if self._spec.fl.fragments == 1 else segment.steps
+    return self._rule.local_steps(self._plans[k].local_steps, segment)
 
-  def _fragment(self, tree, fragment: int):
-    return (tree if self._spec.fl.fragments == 1 else
-            fragments.select(tree, self._assignment, fragment))
+  def _decoded(self, broadcast: Broadcast, fragment: int | None) -> Any:
+    """What a client holds after receiving `fragment` (None: all) of `broadcast`: the same for
+    every client, so decoded once."""
+    if self._received is None or self._received[0].payload is not broadcast.payload:
+      self._received = (broadcast, {})
+    decoded = self._received[1]
+    if fragment not in decoded:
+      payload = broadcast.payload if fragment is None else fragments.select(
+          broadcast.payload, broadcast.assignment, fragment)
+      decoded[fragment] = self._rule.decode(payload, fragment)
+    return decoded[fragment]
 
-  def _broadcast(self, params, segment: fragments.Segment) -> _Broadcast:
-    payload = self._download.encode(params)
-    # The fragment synchronised at the end of the previous segment (of this or the last round).
-    previous = (segment.fragment - 1) % self._spec.fl.fragments
-    part = self._fragment(payload, previous)
-    return _Broadcast(self._download.decode(payload), compression.payload_bytes(payload),
-                      compression.payload_bytes(part), compression.raw_bytes(payload),
-                      compression.raw_bytes(part))
-
-  def _start(self, k: int, broadcast: _Broadcast, round_idx: int,
-             segment: fragments.Segment) -> tuple[Any, int, int]:
-    """The model client k trains from, and the bytes (wire, float32) it received for it."""
-    fl = self._spec.fl
-    models = self.carried['model']
-    if not fl.keeps_client_models or k not in models:
-      return broadcast.received, broadcast.full_bytes, broadcast.uncompressed_full
-    if self._merged.get(k) == (round_idx, segment.start):
-      return models[k], 0, 0  # a retry: it has received this synchronisation's fragment already
-    previous = (segment.fragment - 1) % fl.fragments
-    merged = fragments.mix(self._fragment(models[k], previous),
-                           self._fragment(broadcast.received, previous), fl.fragment_mixing)
-    models[k] = fragments.replace(models[k], merged, self._assignment, previous)
-    self._merged[k] = (round_idx, segment.start)
-    return models[k], broadcast.fragment_bytes, broadcast.uncompressed_fragment
-
-  def _opt_state(self, k: int | None, segment: fragments.Segment):
-    if k is None:
-      return None
-    if not self._spec.fl.reset_optimizer:
-      return self.kept.get(k)
-    return self._segment_opt.get(k) if segment.start else None
-
-  def _train_group(self, broadcast: _Broadcast, round_idx: int, group: list[int], attempt: int,
+  def _train_group(self, broadcast: Broadcast, round_idx: int, group: list[int], attempt: int,
                    segment: fragments.Segment) -> list[ClientReport]:
-    spec = self._spec
-    fl = spec.fl
-    fault = {k: faults.injected_fault(spec.faults, spec.seed, round_idx, k, attempt,
-                                      segment.fragment if fl.fragments > 1 else 0)
-             for k in group}
-    starts = {k: self._start(k, broadcast, round_idx, segment) for k in group}
-    received = {k: dict(download_bytes=starts[k][1], uncompressed_bytes=starts[k][2])
-                for k in group}
-    reports = {}
+    rule, spec = self._rule, self._spec
+    reports, starts, memories, fault = {}, {}, {}, {}
     for k in group:
+      fault[k] = rule.fault(k, round_idx, attempt, segment)
       if fault[k] == 'fail':
         self._progress.advance(self._steps(k, segment))  # its share of the round, done at once
-        e = faults.InjectedFailure('injected failure (fl.fault.failure_prob)')
-        logging.warning('round %d: client %d raised %s: %s; left out of the average', round_idx,
-                        k, type(e).__name__, e)
-        reports[k] = ClientReport(client=k, update=None, failure=f'raised {type(e).__name__}: {e}',
-                                  injected=True, **received[k])
+        reports[k] = rule.crashed(k, self._num_examples[k])
+        logging.warning('round %d: client %d %s; left out of the average', round_idx, k,
+                        reports[k].failure)
+        continue
+      fragment = broadcast.fragment_for(k)
+      try:
+        starts[k], memories[k] = rule.receive(self.memory.get(k, client_round.ClientMemory()),
+                                              self._decoded(broadcast, fragment), fragment,
+                                              round_idx, segment)
+      except client_round.NoModel as e:
+        reports[k] = rule.crashed(k, self._num_examples[k], f'raised NoModel: {e}')
+        reports[k].holds_model = False
     if len(reports) == len(group):
       return [reports[k] for k in group]
     # A crashed client of a parallel group, or an empty slot of a short group, trains on zeros and
     # is dropped: every real client's data stream stays where it would be alone.
-    # The clients of a parallel group do the same work (`RunSpec.check_profiles`).
+    # The clients of a parallel group do the same work (`RunSpec.check_profiles`) from the same
+    # model (a client with a model of its own trains alone: mesh.clients = 1).
     plan = self._plans[group[0]]
     steps = self._steps(group[0], segment)
     idle = itertools.repeat(np.zeros((plan.batch_size, spec.data.seq_len + 1), np.int32))
     slots = group + [None] * (self._trainer.parallel - len(group))
-    batches = [self.iterators[k] if k is not None and k not in reports else idle for k in slots]
-    opt_states = [self._opt_state(k, segment) for k in slots]
-    # The clients of a parallel group all start from the global model (a client with a model of
-    # its own trains alone: mesh.clients = 1).
-    start_params = starts[group[0]][0]
-    training = sum(1 for k in group if k not in reports)
+    batches = [self.iterators[k] if k in starts else idle for k in slots]
+    opt_states = [rule.opt_state(memories[k], segment) if k in starts else None for k in slots]
+    training = len(starts)
     start = time.perf_counter()
     try:
       results = self._trainer.train(
-          start_params, (round_idx - 1) * fl.local_steps + segment.start, batches, opt_states,
-          steps, spec.log_every_steps, lambda _: self._progress.advance(training))
+          starts[next(iter(starts))].params, rule.first_step(round_idx, segment), batches,
+          opt_states, steps, spec.log_every_steps, lambda _: self._progress.advance(training))
     except Exception as e:  # pylint: disable=broad-except
       if jax.process_count() > 1:
         raise  # one process of several cannot leave the others waiting in a collective
-      logging.warning('round %d: clients %s raised %s: %s; left out of the average', round_idx,
-                      group, type(e).__name__, e)
-      return [reports.get(k) or ClientReport(client=k, update=None,
-                                             failure=f'raised {type(e).__name__}: {e}',
-                                             **received[k])
-              for k in group]
+      failure = f'raised {type(e).__name__}: {e}'
+      logging.warning('round %d: clients %s %s; left out of the average', round_idx, group,
+                      failure)
+      return [reports.get(k) or rule.crashed(k, self._num_examples[k], failure) for k in group]
     # fl.round_timeout_s and the round deadline read this clock: every process decides on one.
     elapsed = distributed.agree(time.perf_counter() - start)
     for k, result in zip(slots, results):
-      if k is None or k in reports:
+      if k not in starts:
         continue
-      if fault[k] == 'nan':
-        result.state = result.state.replace(params=faults.poisoned(result.state.params))
-      finite = bool(faults.all_finite(result.state.params))
-      update, upload_uncompressed = self._message(k, result.state.params, finite, broadcast,
-                                                  segment, round_idx, attempt)
+      _, self.memory[k], reports[k] = rule.finish(
+          k, memories[k], starts[k], result, fault[k], segment, round_idx, attempt, steps,
+          self._num_examples[k])
+      reports[k].elapsed_s = reports[k].compute_s = elapsed
       self._progress.loss(result.last_loss)
-      reports[k] = _report(
-          result, round_idx, k, fl.local_steps, segment.start, update=update,
-          num_examples=self._num_examples[k], injected=fault[k] == 'nan', elapsed_s=elapsed,
-          compute_s=elapsed, local_steps=steps,
-          download_bytes=received[k]['download_bytes'],
-          upload_bytes=compression.payload_bytes(update),
-          uncompressed_bytes=received[k]['uncompressed_bytes'] + upload_uncompressed)
-      self._keep(k, result.state, finite)
     return [reports[k] for k in group]
-
-  def _privatize(self, k: int, round_idx: int, attempt: int) -> dict[str, Any]:
-    """With fl.dp.noise_at='clients': client k's clipping and its share of the noise."""
-    spec = self._spec
-    noise = privacy.client_noise(spec.fl.dp, spec.fl.clients_per_round)
-    if noise is None:
-      return {}
-    return dict(privatize=noise, key=privacy.noise_key(spec.seed, round_idx, k, attempt))
-
-  def _message(self, k: int, params, finite: bool, broadcast: _Broadcast,
-               segment: fragments.Segment, round_idx: int, attempt: int) -> tuple[Any, int]:
-    """Client k's encoded delta of the segment's fragment (updating its residual), and the delta's
-    size as float32."""
-    comp = self._spec.fl.compression
-    residuals = self.carried['residual']
-    whole = None
-    if comp.error_feedback:
-      whole = residuals[k] if k in residuals else jax.tree.map(jnp.zeros_like, params)
-    update, residual = self._upload[segment.fragment].compress_delta(
-        self._fragment(params, segment.fragment),
-        self._fragment(broadcast.received, segment.fragment),
-        None if whole is None else self._fragment(whole, segment.fragment),
-        **self._privatize(k, round_idx, attempt))
-    if comp.error_feedback:
-      if finite:
-        residuals[k] = (residual if self._spec.fl.fragments == 1 else
-                        fragments.replace(whole, residual, self._assignment, segment.fragment))
-      else:  # a diverged client starts afresh, as after a restart
-        residuals.pop(k, None)
-    return update, compression.raw_bytes(update)
-
-  def _keep(self, k: int, state: local_training.LocalState, finite: bool) -> None:
-    """What client k keeps after training: its Adam state and, with streaming fragments or
-    mixing, its model; a diverged client keeps neither and starts again from the global model."""
-    fl = self._spec.fl
-    if not fl.reset_optimizer:
-      if finite:
-        self.kept[k] = state.opt_state
-    elif fl.fragments > 1:
-      if finite:
-        self._segment_opt[k] = state.opt_state
-      else:
-        self._segment_opt.pop(k, None)
-    if fl.keeps_client_models:
-      if finite:
-        self.carried['model'][k] = state.params
-      else:
-        self.carried['model'].pop(k, None)
 
   def unavailable(self) -> frozenset[int]:
     return frozenset()  # every simulated client is always there
 
-  def iterator_states(self) -> list[dict[str, Any]]:
-    return [it.get_state() for it in self.iterators]
+  # --- what the clients keep, in the run's checkpoints --------------------------------------------
 
-  def restore(self, iterator_states: Sequence[dict[str, Any]], kept: dict[int, Any],
-              carried: dict[str, dict[int, Any]] | None = None) -> None:
-    for it, state in zip(self.iterators, iterator_states):
+  def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    arrays = {str(k): {name: getattr(m, name) for name in m.parts()}
+              for k, m in sorted(self.memory.items()) if m.parts()}
+    meta = {'iterators': [it.get_state() for it in self.iterators],
+            'memory': {k: {'parts': list(parts), 'merged': self.memory[int(k)].merged}
+                       for k, parts in arrays.items()}}
+    return arrays, meta
+
+  def abstract(self, meta: dict[str, Any]) -> dict[str, Any]:
+    shapes = {'opt_state': self._trainer.opt_state_shapes()}
+    params = self._trainer.param_shapes()
+    return {k: {name: shapes.get(name, params) for name in entry['parts']}
+            for k, entry in meta.get('memory', {}).items()}
+
+  def restore(self, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+    for it, state in zip(self.iterators, meta['iterators']):
       it.set_state(state)
-    self.kept = dict(kept)
-    self.carried = {name: dict((carried or {}).get(name, {})) for name in self.carried}
-
-
-class CentralizedClient:
-  """The centralized baseline's learner: `fl.local_steps` steps per round on the union of the
-  clients' training data (or one client's alone, with data.only_client)."""
-
-  def __init__(self, spec: RunSpec, trainer: local_training.Trainer, data, progress):
-    self._spec, self._trainer, self._progress = spec, trainer, progress
-    self.iterators = [data.centralized_iterator()]
-    self.kept: dict[int, Any] = {}
-    self.carried: dict[str, dict[int, Any]] = {}
-
-  def train(self, state: local_training.LocalState,
-            round_idx: int) -> tuple[local_training.LocalState, ClientReport]:
-    fl = self._spec.fl
-    self._progress.describe(f'round {round_idx}/{fl.rounds} centralized')
-    start = time.perf_counter()
-    result = local_training.client_update(self._trainer.train_step, state,
-                                      self._trainer.global_batches(self.iterators[0]),
-                                      fl.local_steps, self._spec.log_every_steps,
-                                      lambda _: self._progress.advance())
-    self._progress.loss(result.last_loss)
-    # One learner on this host: its simulated time is its measured time.
-    return result.state, _report(result, round_idx, -1, fl.local_steps, update=None,
-                                 compute_s=time.perf_counter() - start,
-                                 local_steps=fl.local_steps)
-
-  def iterator_states(self) -> list[dict[str, Any]]:
-    return [self.iterators[0].get_state()]
-
-  def restore(self, iterator_states: Sequence[dict[str, Any]], kept: dict[int, Any],
-              carried: dict[str, dict[int, Any]] | None = None) -> None:
-    del kept, carried
-    self.iterators[0].set_state(iterator_states[0])
+    merged = {k: entry.get('merged') for k, entry in meta.get('memory', {}).items()}
+    self.memory = {int(k): client_round.ClientMemory(
+        **parts, merged=tuple(merged[k]) if merged.get(k) else None)
+                   for k, parts in arrays.items()}

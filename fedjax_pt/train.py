@@ -16,19 +16,18 @@ from absl import logging
 import jax
 import ml_collections
 
+from fedjax_pt import accounting
 from fedjax_pt import build
 from fedjax_pt import checkpoint as checkpoint_lib
-from fedjax_pt.federated import communication
 from fedjax_pt import distributed
 from fedjax_pt import errors
-from fedjax_pt.federated import faults
-from fedjax_pt.planning import memory
-from fedjax_pt import metrics
 from fedjax_pt import model as model_lib
-from fedjax_pt.federated import privacy
 from fedjax_pt import records
 from fedjax_pt import reporting
+from fedjax_pt import run_state
 from fedjax_pt import workdir as workdir_lib
+from fedjax_pt.federated import faults
+from fedjax_pt.planning import memory
 from fedjax_pt.run_spec import RunSpec
 
 
@@ -97,39 +96,28 @@ def _warm_start(spec: RunSpec, model_cfg) -> checkpoint_lib.WarmStart | None:
 def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
            make_clients=None, warm_start: checkpoint_lib.WarmStart | None = None) -> RunResult:
   fl = spec.fl
-  steps_per_round = fl.local_steps
-  if spec.mode == 'federated':  # clients' steps may differ (fl.profiles): the mean client's
-    steps_per_round = round(fl.clients_per_round * sum(
-        spec.client_plan(k).local_steps for k in range(fl.num_clients)) / fl.num_clients)
   primary = distributed.is_primary()  # process 0 of several shows the progress and the summary
+  steps_per_round = reporting.steps_per_round(spec)
   progress = reporting.Progress(fl.rounds * steps_per_round, spec.progress and primary)
   algorithm, clients = build.round_object(parts, progress, make_clients)
-  state = algorithm.init(parts.model.params)
-  kept_shapes = parts.model.trainer.opt_state_shapes()
-  param_shapes = checkpoint_lib.abstract(parts.model.params)
-
-  def abstract_state(meta: checkpoint_lib.RunMeta):
-    return algorithm.run_state(state, {k: kept_shapes for k in meta.kept_clients},
-                               {name: {k: param_shapes for k in ids}
-                                for name, ids in meta.carried.items()})
-
-  session = run_dir.open(abstract_state)
+  initial = state = algorithm.init(parts.model.params)
+  session = run_dir.open(lambda meta: run_state.abstract(algorithm, initial, clients, meta))
   start, round_idx, interrupted = time.perf_counter(), 0, False
   try:
-    totals, first_round = checkpoint_lib.Totals(), 1
+    totals, first_round = accounting.Totals(), 1
     rounds = list(session.previous_rounds)
     if session.restored is not None:
-      restored = session.restored
-      state, kept, carried = algorithm.from_run_state(restored.state, restored.round)
-      clients.restore(restored.meta.iterators, kept, carried)
-      totals, first_round = restored.meta.totals, restored.round + 1
+      state, totals = run_state.restore(algorithm, initial, clients, session.restored,
+                                        fl.compression)
+      first_round = session.restored.round + 1
     else:
       if warm_start is not None:  # fresh outer and client states around the loaded parameters
         state = algorithm.init(checkpoint_lib.load_warm_start(
             warm_start, checkpoint_lib.abstract(parts.model.params)))
         progress.write(f'warm start: the parameters of {warm_start.path} (fresh optimizer '
                        f'states; lr schedule from local step {spec.opt.step_offset})')
-      rounds.append(_initial_record(parts, state.params))
+      rounds.append(accounting.initial_record(state.params,
+                                              parts.evaluator(state.params, 0, force=True)))
       session.writer.write(rounds[-1])
     progress.begin(done=(first_round - 1) * steps_per_round)
     for round_idx in range(first_round, fl.rounds + 1):
@@ -138,13 +126,10 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
       round_start = time.perf_counter()
       state, result = algorithm.apply(state, round_idx, clients)
       session.checkpointer.check()  # the previous round's save, if it failed, ends the run here
-      totals.tokens += result.tokens
-      totals.bytes_sent += result.bytes_sent
-      totals.bytes_received += result.bytes_received
-      totals.sim_wall_time_s += result.stats.get('sim_round_time_s') or 0.0
-      if spec.fl.dp.enabled and spec.mode == 'federated':
-        totals.dp_releases += result.synchronisations
-      record = _round_record(parts, round_idx, state.params, result, totals)
+      totals = accounting.add(totals, result, spec)
+      record = accounting.round_record(
+          spec, round_idx, state.params, result, totals, parts.evaluator(state.params, round_idx),
+          float(parts.lr_schedule(round_idx * fl.local_steps - 1)))
       elapsed = time.perf_counter() - round_start
       record.round_time_s, record.tokens_per_s = elapsed, result.tokens / elapsed
       for step in result.steps:
@@ -159,13 +144,10 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
             'opt.lr or fl.outer_lr); this round is not checkpointed, ' +
             (f'the last checkpoint is round {saved[-1]}' if saved else 'and no earlier one was'))
       if session.checkpointer.should_save(round_idx, fl.rounds):
-        meta = checkpoint_lib.RunMeta(round_idx, dataclasses.replace(totals),
-                                      clients.iterator_states(), sorted(clients.kept),
-                                      session.writer.tell(),
-                                      {n: sorted(c) for n, c in clients.carried.items() if c})
+        arrays, meta = run_state.save_items(algorithm, state, clients, round_idx, totals,
+                                            session.writer.tell())
         save_start = time.perf_counter()
-        session.checkpointer.save(
-            round_idx, algorithm.run_state(state, clients.kept, clients.carried), meta)
+        session.checkpointer.save(round_idx, arrays, meta.to_json())
         logging.info('checkpoint of round %d started (%.2fs blocking)', round_idx,
                      time.perf_counter() - save_start)
   except KeyboardInterrupt:
@@ -191,38 +173,3 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
         f'no round aggregated a client update: all {len(trained)} rounds were skipped (too few '
         f'usable clients; see failed_clients in {run_dir.path}/metrics.jsonl)')
   return RunResult(state.params, rounds)
-
-
-def _initial_record(parts: build.Parts, params) -> records.RoundRecord:
-  """Round 0: the initial model, before any training, so every curve starts at the same point."""
-  return records.RoundRecord(round=0, tokens=0, bytes_sent=0, bytes_received=0,
-                             sim_wall_time_s=0.0,
-                             global_norm=float(metrics.l2_norm(params)),
-                             **parts.evaluator(params, 0, force=True))
-
-
-def _round_record(parts: build.Parts, round_idx: int, params, result,
-                  totals: checkpoint_lib.Totals) -> records.RoundRecord:
-  """The round's record: what the round did, the totals so far and the server model's quality."""
-  spec = parts.spec
-  train_ppl = None if result.train_loss is None else metrics.perplexity(result.train_loss)
-  record = records.RoundRecord(
-      round=round_idx, tokens=totals.tokens, bytes_sent=totals.bytes_sent,
-      bytes_received=totals.bytes_received, sim_wall_time_s=totals.sim_wall_time_s,
-      train_loss=result.train_loss, train_ppl=train_ppl,
-      global_norm=float(metrics.l2_norm(params)),
-      lr=float(parts.lr_schedule(round_idx * spec.fl.local_steps - 1)),
-      **parts.evaluator(params, round_idx), **result.stats)
-  if spec.mode == 'federated':
-    record.ddp_equivalent_bytes = communication.ddp_equivalent_bytes(
-        metrics.tree_bytes(params), spec.fl.clients_per_round,
-        spec.data.batch_size * spec.data.seq_len, totals.tokens)
-  if spec.fl.dp.enabled and spec.mode == 'federated':
-    dp = spec.fl.dp
-    record.dp_epsilon = privacy.epsilon(dp.noise_multiplier,
-                                        spec.fl.clients_per_round / spec.fl.num_clients,
-                                        totals.dp_releases, dp.delta, dp.accountant)
-    record.dp_delta = dp.delta
-  if spec.per_layer_norms:
-    record.global_norm_per_module = metrics.per_module_norms(params)
-  return record

@@ -20,11 +20,11 @@ from typing import Any
 
 from absl import logging
 
-from fedjax_pt.configs import base as base_config
 from fedjax_pt import checkpoint as checkpoint_lib
 from fedjax_pt import distributed
 from fedjax_pt import errors
 from fedjax_pt import records
+from fedjax_pt.configs import base as base_config
 from fedjax_pt.run_spec import RunSpec
 
 # Keys that may change between the sessions of one run: training longer, checkpointing or logging
@@ -162,7 +162,7 @@ class Workdir:
           f'{self._config} was written by a different experiment ({details}); resume with the '
           'same config or choose a new --workdir')
 
-  def open(self, abstract_state: Callable[[checkpoint_lib.RunMeta], Any]) -> Session:
+  def open(self, abstract_state: Callable[[dict[str, Any]], Any]) -> Session:
     """Restores the latest good checkpoint (if any), writes config.json and opens the writers.
 
     `abstract_state(meta)` gives the arrays to restore into (shapes and shardings). Every process
@@ -199,7 +199,7 @@ class Workdir:
         _set_aside(tensorboard)
       return None
     size = os.path.getsize(self._metrics) if exists else 0
-    keep = restored.meta.metrics_bytes
+    keep = restored.meta.get('metrics_bytes', 0)
     if size < keep:
       logging.warning('%s is shorter (%d bytes) than at the checkpoint of round %d (%d bytes)',
                       self._metrics, size, restored.round, keep)

@@ -68,7 +68,7 @@ def test_loss_falls_on_a_repeated_batch():
   losses = [m['loss'] for m in result.step_metrics]
   assert [m['local_step'] for m in result.step_metrics] == [5, 10, 15, 20]
   assert losses[-1] < 0.5 * losses[0], losses
-  assert result.num_tokens == 20 * 8 * 16
+  assert result.summary.num_tokens == 20 * 8 * 16
   assert int(result.state.step) == 22
 
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import oracles
 from fedjax_pt.configs import tiny
 from fedjax_pt.federated import communication
 from fedjax_pt.federated import compression
@@ -34,8 +35,8 @@ def test_records_carry_the_wire_sizes_of_the_messages(tmp_path):
   config.fl.compression.upload, config.fl.compression.download = 'int8', 'bf16'
   result = train.run(config, str(tmp_path))
   zeros = jax.tree.map(jnp.zeros_like, result.params)
-  upload = len(compression.to_bytes(compression.encode(zeros, 'int8', 64)))
-  download = len(compression.to_bytes(compression.encode(zeros, 'bf16')))
+  upload = len(oracles.to_bytes(compression.encode(zeros, 'int8', 64)))
+  download = len(oracles.to_bytes(compression.encode(zeros, 'bf16')))
   k = config.fl.clients_per_round
   assert result.rounds[0].round == 0 and result.rounds[0].bytes_sent == 0  # the initial model
   for r in result.rounds[1:]:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import oracles
 from fedjax_pt.federated import aggregation
 from fedjax_pt.federated import compression
 from fedjax_pt import model as model_lib
@@ -107,13 +108,13 @@ def test_wire_size_hand_computed():
 def test_byte_counts_are_the_serialized_sizes(codec):
   params = _model_sized()
   payload = compression.encode(params, codec, 64)
-  message = compression.to_bytes(payload)
+  message = oracles.to_bytes(payload)
   assert compression.payload_bytes(payload) == len(message)
   # Sizes come from shapes alone: a jax.eval_shape payload costs the same.
   shapes = jax.eval_shape(lambda p: compression.encode(p, codec, 64), params)
   assert compression.payload_bytes(shapes) == len(message)
   # The message holds everything: decoding what was read back gives the same tree.
-  arrays = compression.from_bytes(message)
+  arrays = oracles.from_bytes(message)
   decoded = compression.decode(payload)
   for path, leaf in jax.tree_util.tree_flatten_with_path(decoded)[0]:
     name = jax.tree_util.keystr(path, simple=True, separator='/')
@@ -137,7 +138,7 @@ def test_delta_form_matches_the_model_form_within_float32_rounding():
     by_model.add(params, n)
     payload, _ = compression.compress_delta(params, theta, None, 'none')
     by_delta.add(compression.decode(payload), n)
-  old = aggregation.pseudo_gradient(theta, by_model.result())
+  old = oracles.pseudo_gradient(theta, by_model.result())
   new = aggregation.pseudo_gradient_of_deltas(by_delta.result())
 
   def check(old, new, theta, *clients):

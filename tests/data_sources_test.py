@@ -150,7 +150,7 @@ def test_unsupported_extension_and_double_match_are_named(tmp_path):
 
 def test_corpus_of_blank_documents_names_the_path(tmp_path):
   path = _write_jsonl(tmp_path / 'blank.jsonl', [{'text': ''}, {'text': '\n'}])
-  with pytest.raises(ValueError, match=f'no documents with text in data.path=.*blank.jsonl'):
+  with pytest.raises(ValueError, match='no documents with text in data.path=.*blank.jsonl'):
     load_documents(_cfg(source='jsonl', path=str(path)))
 
 

@@ -13,12 +13,14 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import Key, RECORD_KEY_CONFIGS, Stage
 
 from fake_grid import FakeGrid, FakeNode
+import scripted
 from fedjax_pt.configs import tiny
 from fedjax_pt.federated import compression
 from fedjax_pt.federated import faults
 from fedjax_pt.federated import algorithm as federation
 from fedjax_pt import records
-from fedjax_pt.federated import server
+from fedjax_pt.federated.config import FLConfig
+from fedjax_pt.federated.messages import ClientReport
 from fedjax_pt import train
 from fedjax_pt.deploy import client_app
 from fedjax_pt.deploy import fleet
@@ -28,7 +30,7 @@ from fedjax_pt.deploy import server_app
 from fedjax_pt.deploy import transport
 
 
-# --- scripted nodes: the server side alone ---------------------------------------------------------
+# --- scripted nodes: the server side alone --------------------------------------------------------
 
 _LIKE = {'w': jax.ShapeDtypeStruct((1,), jnp.float32)}
 _PAYLOAD_LIKE = jax.eval_shape(lambda p: compression.encode(p, 'none'), _LIKE)
@@ -43,26 +45,26 @@ def _scripted(client, value):
     if message.metadata.message_type == protocol.QUERY:
       return Message(protocol.identity_reply(client), reply_to=message)
     if isinstance(value, Exception):
-      reply = protocol.TrainReply(client=client, failure=f'raised {type(value).__name__}: {value}')
-      return Message(reply.to_content(), reply_to=message)
+      report = ClientReport(client, None, failure=f'raised {type(value).__name__}: {value}')
+      return Message(protocol.reply_content(report), reply_to=message)
     received = compression.decode(transport.Inline().get(message.content, _PAYLOAD_LIKE))
     delta = {'w': np.array([value], np.float32) - received['w']}
     model = transport.Inline().put(compression.encode(delta, 'none'), 'unused')
-    reply = protocol.TrainReply(client=client, num_tokens=10, num_examples=10, mean_loss=1.0)
-    return Message(reply.to_content(model), reply_to=message)
+    report = scripted.trained(client, delta, tokens=10, examples=10, loss=1.0)
+    return Message(protocol.reply_content(report, model=model), reply_to=message)
 
   return handle
 
 
 def _clients(grid, num_clients, timeout_s=0.0):
   run = fleet.RunInfo(run_key='run', config_json='{}', vocab_size=1, shared_dir='',
-                      keep_snapshots=2, num_clients=num_clients, local_steps=1,
-                      round_timeout_s=timeout_s, compression=compression.CompressionConfig())
+                      keep_snapshots=2, num_clients=num_clients, round_timeout_s=timeout_s,
+                      compression=compression.CompressionConfig())
   return fleet.FlowerClients(grid, run, transport.Inline(), like=_LIKE, poll_s=0.01)
 
 
 def _fedavg(num_clients, timeout_s=0.0):
-  fl = server.FLConfig(num_clients=num_clients, clients_per_round=num_clients, rounds=3,
+  fl = FLConfig(num_clients=num_clients, clients_per_round=num_clients, rounds=3,
                        local_steps=1, outer_optimizer='sgd', outer_lr=1.0, outer_momentum=0.0,
                        weighting='tokens')
   return federation.FederatedAlgorithm(fl, faults.FaultConfig(round_timeout_s=timeout_s), seed=0)
@@ -89,8 +91,8 @@ def test_every_fault_is_named_with_its_node_and_the_round_goes_on():
   state = algorithm.init({'w': jnp.zeros((1,), jnp.float32)})
   state, result = algorithm.apply(state, 1, _clients(grid, num_clients=5, timeout_s=0.5))
   assert float(state.params['w'][0]) == 3.0  # client 0 alone
-  assert result.stats['clients'] == [0, 1, 2, 3] and result.stats['num_aggregated'] == 1
-  failed = result.stats['failed_clients']
+  assert result.stats.clients == [0, 1, 2, 3] and result.stats.num_aggregated == 1
+  failed = result.stats.failed_clients
   assert failed[1].startswith('unavailable: Error: Node Unavailable') and '(node 11)' in failed[1]
   assert failed[2] == 'raised ValueError: no file data/x.jsonl (node 12)'
   assert failed[3] == 'late: no reply within fl.round_timeout_s=0.5 (node 13)'
@@ -104,24 +106,24 @@ def test_a_node_that_comes_back_is_sampled_again():
   state, first = algorithm.apply(state, 1, clients)
   grid.nodes[11].online = True
   state, second = algorithm.apply(state, 2, clients)
-  assert first.stats['clients'] == [0] and second.stats['clients'] == [0, 1]
+  assert first.stats.clients == [0] and second.stats.clients == [0, 1]
   assert float(state.params['w'][0]) == 2.0
 
 
 def test_every_node_lost_skips_the_round_but_every_node_raising_ends_the_run():
   algorithm = federation.FederatedAlgorithm(
-      server.FLConfig(num_clients=1, clients_per_round=1, rounds=1, local_steps=1),
+      FLConfig(num_clients=1, clients_per_round=1, rounds=1, local_steps=1),
       faults.FaultConfig(max_round_retries=0), seed=0)
   state = algorithm.init({'w': jnp.zeros((1,), jnp.float32)})
   gone = FakeGrid({10: FakeNode({}, name='client-0', gone=True)})
   _, result = algorithm.apply(state, 1, _clients(gone, num_clients=1))
-  assert result.stats['skipped']
+  assert result.stats.skipped
   broken = FakeGrid({10: FakeNode({}, name='client-0', handler=_scripted(0, OSError('disk')))})
   with pytest.raises(RuntimeError, match=r'every client failed: raised OSError: disk \(node 10\)'):
     algorithm.apply(state, 1, _clients(broken, num_clients=1))
 
 
-# --- the real ClientApp in this process ------------------------------------------------------------
+# --- the real ClientApp in this process -----------------------------------------------------------
 
 @pytest.fixture(autouse=True)
 def _no_compilation_cache(monkeypatch):
@@ -204,11 +206,54 @@ def test_a_warm_start_with_an_outer_warmup_matches_the_simulation(tmp_path):
   assert deployed.rounds[0].val_loss == records.read_records(str(tmp_path / 'pre')).rounds[-1].val_loss
 
 
-def test_streaming_fragments_are_refused_before_anything_runs(tmp_path):
+_STREAMING = {'fragments': 3, 'fragment_mixing': 0.5, 'reset_optimizer': False, 'rounds': 3,
+              'compression.upload': 'int4', 'compression.download': 'int8',
+              'compression.error_feedback': True}
+
+
+def test_streaming_fragments_match_the_simulation_across_a_server_restart(tmp_path):
+  """fl.fragments=3, mixing 0.5, int4 deltas with error feedback, kept Adam states: each node
+  keeps its own model, the global model as it received it, its residual and its moments on its
+  disk between messages, and after the first synchronisation it is sent only the fragment
+  synchronised last. Bit for bit what the simulation computes, bytes included, also after the
+  server loses its last checkpoint and replays round 3."""
+  config = _config()
+  for key, value in _STREAMING.items():
+    group, _, name = key.rpartition('.')
+    (config.fl[group] if group else config.fl)[name] = value
+  simulated = train.run(config, str(tmp_path / 'sim'))
   grid = FakeGrid(_nodes(tmp_path))
-  with pytest.raises(ValueError, match='fl.fragments=2, fl.fragment_mixing=0.0: streaming'):
-    server_app.serve(grid, _run_config(tmp_path / 'dep', '--config.fl.fragments=2'))
-  assert grid.log == [] and not (tmp_path / 'dep').exists()
+  run_config = _run_config(tmp_path / 'dep', ' '.join(
+      f'--config.fl.{k}={v}' for k, v in _STREAMING.items()))
+  deployed = server_app.serve(grid, run_config)
+
+  def wire(result):  # client keys as in metrics.jsonl, where a resumed run reads earlier rounds
+    return [(r.bytes_sent, r.bytes_received,
+             {str(k): v for k, v in (r.client_download_bytes or {}).items()})
+            for r in result.rounds]
+
+  assert _val_losses(deployed) == _val_losses(simulated)
+  assert wire(deployed) == wire(simulated)
+  # Round 1 sends the whole model once to each client, then two fragments; later rounds three
+  # fragments, which together are the whole model.
+  sent = [sum(r.client_download_bytes.values()) for r in deployed.rounds[1:]]
+  assert sent[1] == sent[2] < sent[0]
+  shutil.rmtree(tmp_path / 'dep' / 'checkpoints' / '3')
+  resumed = server_app.serve(grid, run_config)
+  assert _val_losses(resumed) == _val_losses(simulated)
+  assert wire(resumed) == wire(simulated)
+  trains = [g for _, kind, g in grid.log if kind == protocol.TRAIN]
+  assert trains == ['1'] * 6 + ['2'] * 6 + ['3'] * 6 + ['3'] * 6  # 3 syncs x 2 nodes a round
+
+
+def test_a_simulated_run_is_not_continued_by_a_deployment(tmp_path):
+  """Its clients' Adam states are in its checkpoint, not on any node: refused, nothing moved."""
+  train.run(_config(reset_optimizer=False, rounds=1), str(tmp_path / 'run'))
+  before = sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir())
+  with pytest.raises(train.errors.WorkdirRefused, match='state of simulated clients'):
+    server_app.serve(FakeGrid(_nodes(tmp_path)), _run_config(
+        tmp_path / 'run', '--config.fl.reset_optimizer=False --config.fl.rounds=1'))
+  assert sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir()) == before
 
 
 def test_client_profiles_and_the_simulated_deadline_match_the_simulation(tmp_path):
@@ -228,7 +273,7 @@ def test_client_profiles_and_the_simulated_deadline_match_the_simulation(tmp_pat
     assert dep.client_sim_time_s == pytest.approx(sim.client_sim_time_s)
 
 
-# --- secure aggregation (fl.secagg) ------------------------------------------------------------------
+# --- secure aggregation (fl.secagg) ---------------------------------------------------------------
 
 _FEDAVG = ('--config.fl.outer_optimizer=sgd --config.fl.outer_lr=1.0 '
            '--config.fl.outer_momentum=0.0 --config.fl.rounds=1')
@@ -246,9 +291,9 @@ def test_secure_aggregation_server_sees_only_the_sum_within_the_stated_bound(tmp
   absorbed = []
   real_absorb = federation.FederatedAlgorithm._absorb
 
-  def spy(self, state, round_idx, report, *args):
+  def spy(self, state, broadcast, round_idx, report, *args):
     absorbed.append(report)
-    return real_absorb(self, state, round_idx, report, *args)
+    return real_absorb(self, state, broadcast, round_idx, report, *args)
 
   monkeypatch.setattr(federation.FederatedAlgorithm, '_absorb', spy)
   grid = FakeGrid(_nodes(tmp_path / 'secure'))

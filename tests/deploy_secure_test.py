@@ -8,13 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_pt.deploy import protocol
 from fedjax_pt.deploy import secure
+from fedjax_pt.federated.messages import ClientReport
+from fedjax_pt.local_training import TrainingSummary
 
 
 def _fitres(update, loss=2.0, clip_range=1.0):
-  reply = protocol.TrainReply(client=3, num_tokens=96, local_steps=3, mean_loss=loss)
-  content = secure.reply_content(reply, update, clip_range, {'train': 1.5})
+  report = ClientReport(client=3, update=None, local_steps=3, training=TrainingSummary(
+      num_tokens=96, mean_loss=loss, mean_grad_norm=1.0, mean_update_norm=0.1))
+  content = secure.reply_content(report, update, clip_range, {'train': 1.5})
   fitres = compat.recorddict_to_fitres(content, keep_input=True)
   return parameters_to_ndarrays(fitres.parameters), fitres
 

@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import scripted
 from fedjax_pt.configs import tiny
-from fedjax_pt.federated import compression
 from fedjax_pt.federated import faults
 from fedjax_pt.federated import algorithm as federation
 from fedjax_pt.federated import fragments
+from fedjax_pt.federated.config import FLConfig
 from fedjax_pt import metrics
 from fedjax_pt import records
-from fedjax_pt.federated import server
 from fedjax_pt import train
 
 
@@ -81,15 +81,15 @@ class FragmentClients:
   def unavailable(self):
     return frozenset()
 
-  def train(self, params, round_idx, client_ids, attempt, segment):
+  def train(self, broadcast, round_idx, client_ids, attempt, segment):
     del round_idx, attempt
     self.segments.append(segment)
+    params = scripted.params_of(broadcast)
     assignment = fragments.partition(params, 2)
     delta = fragments.select(jax.tree.map(lambda p: jnp.full_like(p, -0.2), params), assignment,
                              segment.fragment)
     for k in client_ids:
-      yield federation.ClientReport(k, compression.encode(delta, 'none'), num_tokens=10,
-                                    mean_loss=1.0)
+      yield scripted.trained(k, delta, loss=1.0)
 
 
 def test_each_fragment_steps_its_own_outer_optimizer():
@@ -97,7 +97,7 @@ def test_each_fragment_steps_its_own_outer_optimizer():
   # momentum v = 0.2 and it moves by -0.5 (0.2 + 0.9 * 0.2) = -0.19 at its own sync, once a
   # round. A shared state would move fragment 1 again (by -0.5 * 0.9 * 0.81 * 0.2) at the sync
   # of fragment 0, when its momentum decays under a zero gradient.
-  fl = server.FLConfig(num_clients=2, clients_per_round=2, rounds=1, local_steps=4,
+  fl = FLConfig(num_clients=2, clients_per_round=2, rounds=1, local_steps=4,
                        outer_optimizer='nesterov', outer_lr=0.5, outer_momentum=0.9, fragments=2)
   algorithm = federation.FederatedAlgorithm(fl, faults.FaultConfig(), seed=0)
   state = algorithm.init({'wte': jnp.zeros(3), 'norm_f': jnp.zeros(2)})
@@ -108,9 +108,9 @@ def test_each_fragment_steps_its_own_outer_optimizer():
   np.testing.assert_allclose(state.params['norm_f'], [-0.19] * 2, rtol=1e-6)
   assert state.round == 1
   # Norms of the round combine its fragments: the whole pseudo-gradient and momentum.
-  assert result.stats['pseudo_grad_norm'] == pytest.approx(0.2 * np.sqrt(5), rel=1e-6)
-  assert result.stats['outer_momentum_norm'] == pytest.approx(0.2 * np.sqrt(5), rel=1e-6)
-  assert result.stats['client_delta_norm'] == {0: pytest.approx(0.2 * np.sqrt(5), rel=1e-6),
+  assert result.stats.pseudo_grad_norm == pytest.approx(0.2 * np.sqrt(5), rel=1e-6)
+  assert result.stats.outer_momentum_norm == pytest.approx(0.2 * np.sqrt(5), rel=1e-6)
+  assert result.stats.client_delta_norm == {0: pytest.approx(0.2 * np.sqrt(5), rel=1e-6),
                                                1: pytest.approx(0.2 * np.sqrt(5), rel=1e-6)}
 
 
@@ -143,7 +143,7 @@ def test_one_fragment_is_plain_federated_training(tmp_path, monkeypatch, fl):
   """F = 1 with clients that keep their model between syncs and merge the global one into it
   (alpha = 0): the machinery of streaming fragments, reduced to plain training, bit for bit."""
   plain = train.run(_config(**fl), str(tmp_path / 'plain'))
-  monkeypatch.setattr(server.FLConfig, 'keeps_client_models', property(lambda self: True))
+  monkeypatch.setattr(FLConfig, 'keeps_client_models', property(lambda self: True))
   streaming = train.run(_config(**fl), str(tmp_path / 'streaming'))
   jax.tree.map(np.testing.assert_array_equal, streaming.params, plain.params)
   assert _records(tmp_path / 'streaming') == _records(tmp_path / 'plain')

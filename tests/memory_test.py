@@ -10,7 +10,7 @@ from fedjax_pt.configs import tiny
 from fedjax_pt import build
 from fedjax_pt.planning import memory
 from fedjax_pt import model as model_lib
-from fedjax_pt import plan
+from fedjax_pt.planning import planner as plan
 from fedjax_pt.run_spec import RunSpec
 
 

@@ -24,10 +24,11 @@ def test_l2_norm_and_per_module_norms():
   np.testing.assert_allclose([norms['wte'], norms['block_0']], [5.0, 3.0], rtol=1e-6)
 
 
-def test_distance_is_norm_of_difference():
-  other = {'wte': {'embedding': jnp.array([[3.0, 1.0], [0.0, 4.0]])},
-           'block_0': {'scale': jnp.array([1.0, 2.0, 0.0])}}
-  np.testing.assert_allclose(metrics.distance(TREE, other), math.sqrt(1 + 4), rtol=1e-6)
+def test_l2_norm_is_float32_for_bfloat16_trees():
+  # 300 ones: their squares sum to 300 in float32; in bfloat16 (8-bit significand) the running
+  # sum would stall at 256.
+  tree = {'a': jnp.ones(300, jnp.bfloat16)}
+  np.testing.assert_allclose(metrics.l2_norm(tree), math.sqrt(300), rtol=1e-6)
 
 
 def test_tree_bytes_for_known_parameter_count():
@@ -94,5 +95,5 @@ def test_evaluation_loss_is_the_training_loss_in_bfloat16():
   tokens = np.random.default_rng(0).integers(0, 64, (5, 9), dtype=np.int32)
   evaluated = metrics.evaluate(metrics.make_eval_step(model_cfg), params,
                                metrics.padded([tokens], 1))
-  trained = float(jax.jit(client.make_loss_fn(model_cfg))(params, tokens))
+  trained = float(jax.jit(local_training.make_loss_fn(model_cfg))(params, tokens))
   assert evaluated['loss'] == pytest.approx(trained, rel=1e-5)

@@ -21,7 +21,7 @@ def _tiny(**kw):
 @pytest.mark.parametrize('name, expected', [
     ('75m', 74.0e6), ('125m', 123.6e6), ('350m', 353.6e6), ('1p3b', 1.311e9)])
 def test_paper_config_parameter_counts(name, expected):
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = importlib.import_module(f'fedjax_pt.configs.{name}').get_config()
   cfg = model_lib.ModelConfig.from_config(config.model, vocab_size=50277,
                                           seq_len=config.data.seq_len)
   assert cfg.vocab_size == 50368

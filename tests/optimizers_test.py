@@ -52,11 +52,6 @@ def test_decoupled_weight_decay_only_on_matrices():
   np.testing.assert_allclose(updates['kernel'], -0.012, rtol=1e-5)
 
 
-def test_global_norm():
-  np.testing.assert_allclose(optimizers.global_norm({'a': jnp.array([3.0]), 'b': jnp.array([4.0])}),
-                             5.0)
-
-
 @pytest.mark.parametrize('overrides, message', [
     ({'lr': 0.0}, 'opt.lr must be positive'),
     ({'warmup_steps': 200}, 'opt.warmup_steps=200 must be smaller'),

@@ -16,7 +16,7 @@ import pytest
 from fedjax_pt.configs import tiny
 from fedjax_pt.planning import devices
 from fedjax_pt.planning import memory
-from fedjax_pt import plan
+from fedjax_pt.planning import planner as plan
 from fedjax_pt import sharding
 from fedjax_pt.planning import wallclock
 
@@ -104,7 +104,7 @@ def test_every_paper_config_is_planned_in_bounded_time_without_allocating_the_mo
   for name, params in (('75m', '74,954,880'), ('125m', '125,209,344'), ('350m', '355,714,048'),
                        ('1p3b', '1,315,407,872')):
     start = time.perf_counter()
-    report = plan.full_plan(importlib.import_module(f'configs.{name}').get_config(),
+    report = plan.full_plan(importlib.import_module(f'fedjax_pt.configs.{name}').get_config(),
                             devices.accelerator('h100'), hardware)
     seconds = time.perf_counter() - start
     assert seconds < 60, (name, seconds)  # 10-15 s each on 2 busy cores

@@ -11,12 +11,12 @@ from dp_accounting import dp_event
 from dp_accounting import rdp
 from scipy import stats
 
+import scripted
 from fedjax_pt.configs import tiny
-from fedjax_pt.federated import compression
 from fedjax_pt.federated import faults
 from fedjax_pt.federated import algorithm as federation
 from fedjax_pt.federated import privacy
-from fedjax_pt.federated import server
+from fedjax_pt.federated.config import FLConfig
 from fedjax_pt import train
 
 
@@ -29,16 +29,15 @@ class TwoClients:
   def unavailable(self):
     return set()
 
-  def train(self, params, round_idx, client_ids, attempt, segment):
-    del params, round_idx, attempt, segment
+  def train(self, broadcast, round_idx, client_ids, attempt, segment):
+    del broadcast, round_idx, attempt, segment
     for k in client_ids:
-      yield federation.ClientReport(k, compression.encode(self.deltas[k], 'none'), num_tokens=10,
-                                    num_examples=10, mean_loss=1.0)
+      yield scripted.trained(k, self.deltas[k], examples=10, loss=1.0)
 
 
 def _fedavg_with_dp(**dp):
   """Outer SGD, lr 1, no momentum: the new global model is theta + the (noised) mean delta."""
-  fl = server.FLConfig(num_clients=2, clients_per_round=2, rounds=1, local_steps=1,
+  fl = FLConfig(num_clients=2, clients_per_round=2, rounds=1, local_steps=1,
                        outer_optimizer='sgd', outer_lr=1.0, outer_momentum=0.0,
                        dp=privacy.DPConfig(enabled=True, **dp))
   return federation.FederatedAlgorithm(fl, faults.FaultConfig(), seed=7)
@@ -56,7 +55,7 @@ def test_server_clips_each_delta_and_noises_the_sum_by_hand():
   noise = 0.25 * np.asarray(jax.random.normal(key, (2,), jnp.float32))
   np.testing.assert_allclose(state.params['w'], np.array([0.45, 0.6]) + noise, rtol=1e-6)
   assert np.abs(noise).max() > 1e-3  # the noise is there, and it is that draw
-  assert result.stats['dp_clipped_clients'] == 1
+  assert result.stats.dp_clipped_clients == 1
   assert result.synchronisations == 1
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fedjax_pt import records
+from fedjax_pt import summaries
 from fedjax_pt import reporting
 
 
@@ -71,7 +72,7 @@ def _rounds(ppls):
 
 def test_summarize_and_summary_table():
   rounds = _rounds([30.0, 20.0, None])
-  summary = records.summarize(rounds)
+  summary = summaries.summarize(rounds)
   assert (summary.rounds, summary.final_val_ppl, summary.best_val_ppl, summary.best_round) == (
       3, 20.0, 20.0, 2)
   assert summary.tokens == 300 and summary.bytes_communicated == 12_000_000
@@ -79,7 +80,7 @@ def test_summarize_and_summary_table():
   table = reporting.summary_table(rounds, 12.0)
   assert 'best val_ppl                        20.000 (round 2)' in table
   assert '6.00 MB' in table and '300' in table
-  empty = records.summarize([])
+  empty = summaries.summarize([])
   assert empty.rounds is None and empty.bytes_communicated is None
 
 
@@ -90,14 +91,14 @@ def test_summarize_and_summary_table():
     ([1, 3, 3], [2, 2, 2], 'below at step 1 only, above from step 2 on (last +50.0%)'),
 ])
 def test_crossing(a, b, text):
-  curve_a = records.curve(_rounds(a))
-  curve_b = records.curve(_rounds(b))
-  assert records.crossing(curve_a, curve_b).describe('step ') == text
+  curve_a = summaries.curve(_rounds(a))
+  curve_b = summaries.curve(_rounds(b))
+  assert summaries.crossing(curve_a, curve_b).describe('step ') == text
 
 
 def test_curve_scales_x_and_skips_missing_values():
-  assert records.curve(_rounds([5.0, None, 4.0]), scale=50) == [(50, 5.0), (150, 4.0)]
-  assert records.crossing([(1, 1.0)], [(2, 1.0)]).describe() == 'no common evaluation'
+  assert summaries.curve(_rounds([5.0, None, 4.0]), scale=50) == [(50, 5.0), (150, 4.0)]
+  assert summaries.crossing([(1, 1.0)], [(2, 1.0)]).describe() == 'no common evaluation'
 
 
 def test_a_crossing_over_seeds_holds_only_where_every_seed_is_below():
@@ -105,29 +106,29 @@ def test_a_crossing_over_seeds_holds_only_where_every_seed_is_below():
   seed0 = [(1, 9.0), (2, 9.0), (3, 9.0)]  # below everywhere
   seed1 = [(1, 11.0), (2, 9.5), (3, 9.0)]  # above at 1
   seed2 = [(1, 9.0), (2, 10.5), (3, 9.5)]  # above at 2
-  both = records.crossing_over_seeds([(seed0, b), (seed1, b)])
+  both = summaries.crossing_over_seeds([(seed0, b), (seed1, b)])
   assert both.below == (False, True, True)
   # Last gaps -10% and -10%: mean -10.0%, std 0.0%.
   assert both.describe('step ') == 'below for all 2 seeds from step 2 on (last -10.0% ± 0.0%)'
-  three = records.crossing_over_seeds([(seed0, b), (seed1, b), (seed2, b)])
+  three = summaries.crossing_over_seeds([(seed0, b), (seed1, b), (seed2, b)])
   assert three.below == (False, False, True)
   # -10%, -10%, -5%: mean -8.33%, sample std 2.89%.
   assert three.describe('step ') == 'below for all 3 seeds from step 3 on (last -8.3% ± 2.9%)'
   # b over seed0 is above everywhere. Last gaps 10/9 - 1 = +11.1% and -10%: mean +0.6%, sample
   # std 21.1% / sqrt(2) = 14.9%.
-  never = records.crossing_over_seeds([(b, seed0), (seed1, b)])
+  never = summaries.crossing_over_seeds([(b, seed0), (seed1, b)])
   assert never.describe() == ('not below for all 2 seeds at any evaluation, up to 3 '
                               '(last +0.6% ± 14.9%)')
-  one = records.crossing_over_seeds([(seed1, b)])
+  one = summaries.crossing_over_seeds([(seed1, b)])
   assert one.describe('step ') == 'below for its seed from step 2 on (last -10.0%)'
-  assert records.crossing_over_seeds([(seed0, [(7, 1.0)])]).describe() == 'no common evaluation'
+  assert summaries.crossing_over_seeds([(seed0, [(7, 1.0)])]).describe() == 'no common evaluation'
 
 
 def test_spread_and_seed_names():
-  s = records.spread([12.0, 10.0, 14.0, float('nan'), None])
+  s = summaries.spread([12.0, 10.0, 14.0, float('nan'), None])
   assert (s.mean, s.std, s.min, s.max, s.n) == (12.0, 2.0, 10.0, 14.0, 3)
   assert s.describe() == '12.00 ± 2.00 (10.00–14.00)'
-  assert records.spread([3.0]).describe('.1f') == '3.0' and records.spread([None]) is None
-  assert records.without_seed('d_model=64,fedavg,seed=12') == 'd_model=64,fedavg'
-  assert records.without_seed('seed=3,tau=50') == 'tau=50'
-  assert records.without_seed('myseed=3') == 'myseed=3' and records.seed_of('a,seed=4,b') == 4
+  assert summaries.spread([3.0]).describe('.1f') == '3.0' and summaries.spread([None]) is None
+  assert summaries.without_seed('d_model=64,fedavg,seed=12') == 'd_model=64,fedavg'
+  assert summaries.without_seed('seed=3,tau=50') == 'tau=50'
+  assert summaries.without_seed('myseed=3') == 'myseed=3' and summaries.seed_of('a,seed=4,b') == 4

@@ -25,7 +25,7 @@ def test_the_bar_counts_every_step_of_retried_rounds_and_parallel_groups():
   retries = 0
   for round_idx in range(1, spec.fl.rounds + 1):
     state, result = algorithm.apply(state, round_idx, clients)
-    retries += result.stats['retries']
+    retries += result.stats.retries
   assert retries > 0  # seed 0 at failure_prob 0.5 retries: the case under test happened
   assert progress.done == progress.total > spec.fl.rounds * 4 * spec.fl.local_steps
 

@@ -20,7 +20,7 @@ from fedjax_pt import data as data_lib
 from fedjax_pt import errors
 from fedjax_pt import optimizers
 from fedjax_pt import records
-from fedjax_pt.federated import server as server_lib
+from fedjax_pt.federated.config import FLConfig
 from fedjax_pt import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,7 +209,7 @@ def test_without_warmups_the_outer_optimizer_and_its_state_are_unchanged():
 ])
 def test_bad_warmups_name_the_key(fl, message):
   with pytest.raises(ValueError, match=message):
-    server_lib.FLConfig(num_clients=2, clients_per_round=2, rounds=2, local_steps=2, **fl)
+    FLConfig(num_clients=2, clients_per_round=2, rounds=2, local_steps=2, **fl)
 
 
 def test_a_run_with_a_warmup_resumes_to_the_uninterrupted_one(tmp_path):

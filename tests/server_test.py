@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_pt.federated import aggregation
+import oracles
 from fedjax_pt import optimizers
 from fedjax_pt.federated import server
+from fedjax_pt.federated.config import FLConfig
 
 
 def _tree(a, b):
@@ -79,8 +80,8 @@ def test_outer_adam_first_step_moves_by_lr():
 def test_lr_one_momentum_zero_is_fedavg(name):
   rng = np.random.default_rng(2)
   clients = [_tree(rng.normal(size=5), rng.normal()) for _ in range(3)]
-  weights = aggregation.normalized_weights([1, 2, 5])
-  mean = aggregation.weighted_average(clients, weights)
+  weights = oracles.normalized_weights([1, 2, 5])
+  mean = oracles.weighted_average(clients, weights)
   tx = optimizers.outer_optimizer(name, lr=1.0, momentum=0.0)
   state = server.init_server_state(_tree(rng.normal(size=5), rng.normal()), tx)
   state, _ = server.make_server_update(tx)(state, _mean_delta(state, mean))
@@ -98,4 +99,4 @@ def test_fl_config_errors(overrides, message):
   values = dict(num_clients=8, clients_per_round=8, rounds=2, local_steps=5)
   values.update(overrides)
   with pytest.raises(ValueError, match=message):
-    server.FLConfig(**values)
+    FLConfig(**values)

@@ -4,59 +4,62 @@ object with scripted clients."""
 import jax.numpy as jnp
 import pytest
 
+import scripted
+from fedjax_pt.federated import algorithm as federation
 from fedjax_pt.federated import compression
 from fedjax_pt.federated import faults
-from fedjax_pt.federated import algorithm as federation
 from fedjax_pt.federated import profiles
-from fedjax_pt.federated import server
 from fedjax_pt.federated import sim_clock
+from fedjax_pt.federated.config import FLConfig
 
 # Client 0: 100 Mbit/s down, 50 up, 20 ms each way, 1000 tokens/s. Client 1: no links given, its
 # compute measured (3.5 s here).
 FAST = profiles.ClientProfile(tokens_per_s=1000.0, downlink_mbps=100.0, uplink_mbps=50.0,
                               latency_ms=20.0)
 MEASURED = profiles.ClientProfile()
-# Client 0: 2 x 20 ms + 1e6 B x 8 / 100e6 + 2000 / 1000 + 5e5 B x 8 / 50e6 = 0.04 + 0.08 + 2 + 0.08
-CLIENT_0_S = 2.2
+# The model is 250,000 float32 values: the broadcast and every delta, sent uncompressed, are
+# 1 MB plus the payload's headers (the server counts both).
+MODEL = {'w': jnp.zeros((250_000,), jnp.float32)}
+BYTES = compression.payload_bytes(compression.encode(MODEL, 'none'))
+# Client 0: 2 x 20 ms + B x 8 / 100e6 + 2000 / 1000 + B x 8 / 50e6 ~ 0.04 + 0.08 + 2 + 0.16
+CLIENT_0_S = 0.04 + BYTES * 8 / 100e6 + 2.0 + BYTES * 8 / 50e6
 CLIENT_1_S = 3.5
 
 
 class TimedClients:
-  """Client k "trains" to w = values[k] on tokens[k] tokens; its messages have the given sizes and
-  its compute took compute_s[k] here."""
+  """Client k "trains" to w = values[k] on tokens[k] tokens; its compute took compute_s[k]
+  here."""
 
-  def __init__(self, values, tokens=(2000, 500), compute_s=(99.0, 3.5),
-               download=(1_000_000, 1_000_000), upload=(500_000, 500_000)):
+  def __init__(self, values, tokens=(2000, 500), compute_s=(99.0, 3.5)):
     self.values, self.tokens, self.compute_s = values, tokens, compute_s
-    self.download, self.upload = download, upload
     self.calls = []
 
   def unavailable(self):
     return ()
 
-  def train(self, params, round_idx, client_ids, attempt, segment):
+  def train(self, broadcast, round_idx, client_ids, attempt, segment):
     del segment
+    params = scripted.params_of(broadcast)
     for k in client_ids:
       self.calls.append((round_idx, attempt, k))
-      delta = {'w': jnp.asarray([self.values[k]], jnp.float32) - params['w']}
-      yield federation.ClientReport(
-          k, compression.encode(delta, 'none'), num_tokens=self.tokens[k], num_examples=1,
-          mean_loss=0.0, local_steps=k + 1, compute_s=self.compute_s[k], elapsed_s=0.01,
-          download_bytes=self.download[k], upload_bytes=self.upload[k])
+      delta = {'w': jnp.full_like(params['w'], self.values[k]) - params['w']}
+      yield scripted.trained(k, delta, self.tokens[k], examples=1, local_steps=k + 1,
+                             compute_s=self.compute_s[k], elapsed_s=0.01)
 
 
 def _round(clients, table, deadline=0.0, **fl):
-  cfg = server.FLConfig(num_clients=len(table), clients_per_round=len(table), rounds=1,
+  cfg = FLConfig(num_clients=len(table), clients_per_round=len(table), rounds=1,
                         local_steps=1, outer_optimizer='sgd', outer_lr=1.0, outer_momentum=0.0,
                         weighting='uniform', profiles=table, **fl)
   algorithm = federation.FederatedAlgorithm(cfg, faults.FaultConfig(round_deadline_s=deadline),
                                             seed=0)
-  state = algorithm.init({'w': jnp.zeros((1,), jnp.float32)})
-  return algorithm.apply(state, 1, clients)
+  return algorithm.apply(algorithm.init(MODEL), 1, clients)
 
 
 def test_client_time_by_hand():
-  assert sim_clock.client_time_s(FAST, 1_000_000, 500_000, 2000, 99.0) == pytest.approx(CLIENT_0_S)
+  # 2 x 20 ms + 1e6 B x 8 / 100e6 + 2000 / 1000 + 5e5 B x 8 / 50e6 = 0.04 + 0.08 + 2 + 0.08
+  assert sim_clock.client_time_s(FAST, 1_000_000, 500_000, 2000, 99.0) == pytest.approx(2.2)
+  assert sim_clock.client_time_s(FAST, BYTES, BYTES, 2000, 99.0) == pytest.approx(CLIENT_0_S)
   # No throughput in the profile: the compute time measured here; no links: no transfer time.
   assert sim_clock.client_time_s(MEASURED, 1_000_000, 500_000, 500, 3.5) == 3.5
   assert sim_clock.client_time_s(None, 10, 10, 10, 1.25) == 1.25
@@ -66,53 +69,53 @@ def test_client_time_by_hand():
 def test_a_round_lasts_until_its_slowest_client_plus_the_server():
   state, result = _round(TimedClients([1.0, 3.0]), (FAST, MEASURED))
   stats = result.stats
-  assert stats['client_sim_time_s'] == pytest.approx({0: CLIENT_0_S, 1: CLIENT_1_S})
-  assert stats['client_local_steps'] == {0: 1, 1: 2}
-  assert 0 < stats['server_time_s'] < 5  # measured here
-  assert stats['sim_round_time_s'] == pytest.approx(CLIENT_1_S + stats['server_time_s'])
+  assert stats.client_sim_time_s == pytest.approx({0: CLIENT_0_S, 1: CLIENT_1_S})
+  assert stats.client_local_steps == {0: 1, 1: 2}
+  assert 0 < stats.server_time_s < 5  # measured here
+  assert stats.sim_round_time_s == pytest.approx(CLIENT_1_S + stats.server_time_s)
   assert float(state.params['w'][0]) == 2.0  # both averaged
 
 
 def test_the_deadline_drops_exactly_the_late_clients_and_the_server_waits_for_it():
   state, result = _round(TimedClients([1.0, 3.0]), (FAST, MEASURED), deadline=3.0)
   stats = result.stats
-  assert stats['failed_clients'] == {1: 'late: simulated 3.5s > fl.round_deadline_s=3'}
-  assert stats['num_aggregated'] == 1 and float(state.params['w'][0]) == 1.0  # client 0 alone
+  assert stats.failed_clients == {1: 'late: simulated 3.5s > fl.round_deadline_s=3'}
+  assert stats.num_aggregated == 1 and float(state.params['w'][0]) == 1.0  # client 0 alone
   # The server waited for client 1 until the deadline, not only for client 0 (2.2 s).
-  assert stats['sim_round_time_s'] == pytest.approx(3.0 + stats['server_time_s'])
+  assert stats.sim_round_time_s == pytest.approx(3.0 + stats.server_time_s)
   # A deadline that both meet drops nobody.
   _, result = _round(TimedClients([1.0, 3.0]), (FAST, MEASURED), deadline=3.6)
-  assert result.stats['failed_clients'] == {} and result.stats['num_aggregated'] == 2
+  assert result.stats.failed_clients == {} and result.stats.num_aggregated == 2
 
 
 def test_a_late_round_is_retried_and_its_attempts_add_up():
   """min_clients=2 with one late client: the retry samples the late client again (it was not
   aggregated); both attempts wait until the deadline."""
-  cfg = server.FLConfig(num_clients=2, clients_per_round=2, rounds=1, local_steps=1,
+  cfg = FLConfig(num_clients=2, clients_per_round=2, rounds=1, local_steps=1,
                         profiles=(FAST, MEASURED))
   policy = faults.FaultConfig(min_clients=2, round_deadline_s=3.0, max_round_retries=1)
   algorithm = federation.FederatedAlgorithm(cfg, policy, seed=0)
   clients = TimedClients([1.0, 3.0])
-  _, result = algorithm.apply(algorithm.init({'w': jnp.zeros((1,), jnp.float32)}), 1, clients)
+  _, result = algorithm.apply(algorithm.init(MODEL), 1, clients)
   assert clients.calls == [(1, 0, 0), (1, 0, 1), (1, 1, 1)]
-  assert result.stats['skipped'] and result.stats['retries'] == 1
-  assert result.stats['sim_round_time_s'] == pytest.approx(2 * 3.0 + result.stats['server_time_s'])
+  assert result.stats.skipped and result.stats.retries == 1
+  assert result.stats.sim_round_time_s == pytest.approx(2 * 3.0 + result.stats.server_time_s)
 
 
 def test_absent_clients_are_not_asked_and_are_recorded():
   table = (profiles.ClientProfile(availability=0.5), FAST)
   absent_rounds = [r for r in range(1, 50) if profiles.absent(table, 0, r)]
   present_round = next(r for r in range(1, 50) if not profiles.absent(table, 0, r))
-  cfg = server.FLConfig(num_clients=2, clients_per_round=2, rounds=1, local_steps=1,
+  cfg = FLConfig(num_clients=2, clients_per_round=2, rounds=1, local_steps=1,
                         profiles=table)
   algorithm = federation.FederatedAlgorithm(cfg, faults.FaultConfig(), seed=0)
-  state = algorithm.init({'w': jnp.zeros((1,), jnp.float32)})
+  state = algorithm.init(MODEL)
   clients = TimedClients([1.0, 3.0])
   _, result = algorithm.apply(state, absent_rounds[0], clients)
-  assert result.stats['absent_clients'] == [0] and result.stats['clients'] == [1]
+  assert result.stats.absent_clients == [0] and result.stats.clients == [1]
   assert [k for _, _, k in clients.calls] == [1]
   _, result = algorithm.apply(state, present_round, clients)
-  assert 'absent_clients' not in result.stats and result.stats['clients'] == [0, 1]
+  assert result.stats.absent_clients is None and result.stats.clients == [0, 1]
 
 
 def test_wait_by_hand():

@@ -100,7 +100,7 @@ def _attempts(root, name):
     return json.load(f)['attempts']
 
 
-# --- expansion and naming --------------------------------------------------------------------------
+# --- expansion and naming -------------------------------------------------------------------------
 
 def test_product_zip_variants_and_groups():
   spec = {
@@ -327,7 +327,7 @@ def test_diloco_report_over_seeds_pairs_each_seed_with_its_reference(tmp_path):
   assert (out / 'diloco.png').stat().st_size > 0
 
 
-# --- running with a fake trainer -------------------------------------------------------------------
+# --- running with a fake trainer ------------------------------------------------------------------
 
 SPEC = {'config': 'configs/tiny.py', 'base': {'fl.rounds': 3, 'bytes': 1},
         'grid': [{'opt.lr': [1.0, 2.0]}, [{'_name': 'fed'}, {'_name': 'central',
@@ -496,7 +496,7 @@ def test_dry_run_prints_commands_and_runs_nothing(fake):
   assert not os.path.exists(fake / 'root')
 
 
-# --- the real trainer ------------------------------------------------------------------------------
+# --- the real trainer -----------------------------------------------------------------------------
 
 def test_real_sweep_from_clean_root_interrupted_and_resumed(tmp_path):
   """Two tiny fedjax_pt runs; the sweep is interrupted during the second and then completed.

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from fedjax_pt.deploy import node as node_lib
 from fedjax_pt.deploy import protocol
 from fedjax_pt.deploy import secure
+from fedjax_pt.federated.messages import ClientReport
 
 app = ClientApp()
 # Flower prints its own lines; once absl has configured the root logger it would repeat them.
@@ -45,7 +46,8 @@ def train(msg: Message, context: Context) -> Message:
   except Exception as e:  # pylint: disable=broad-except
     # The traceback is for the node's operator; the server gets the reason.
     traceback.print_exc(file=sys.stderr)
-    content = protocol.TrainReply(client=int(request['client']), failure=one_line(e)).to_content()
+    content = protocol.reply_content(ClientReport(client=int(request['client']), update=None,
+                                                  failure=one_line(e)))
   status = content['status']['failure'] or 'done'
   print(f'fedjax_pt node: {where}: {status} in {time.perf_counter() - started:.1f}s', flush=True)
   return Message(content, reply_to=msg)

@@ -1,4 +1,4 @@
-"""The round object's clients as the SuperNodes of a Flower federation (a `federation.Clients`).
+"""The round object's clients as the SuperNodes of a Flower federation (`algorithm.Clients`).
 
 Which node is client k: a node registered on the SuperLink under the name `client-k` (node
 authentication: the server's operator decides which key holds which seat), or else the
@@ -6,10 +6,11 @@ authentication: the server's operator decides which key holds which seat), or el
 whose node is not online and identified is `unavailable()`: the round object does not sample it,
 and samples it again once its node is back.
 
-A round pushes one `train` message per sampled client (the global model is encoded once, with
-fl.compression.download; inline, Flower uploads a record shared by several messages once), and a
-node replies with its delta encoded with fl.compression.upload, which the round object decodes and pulls replies every `poll_s` until
-all are in or `fl.round_timeout_s` has passed. What does not come back is a fault, never an
+A synchronisation pushes one `train` message per sampled client with its part of the round
+object's broadcast (the whole model, or to a node that holds a model of its own the fragment
+synchronised last; inline, Flower uploads a record shared by several messages once). A node runs
+`client_round` and replies with its report and its encoded delta, which the round object decodes;
+the server pulls replies every `poll_s` until all are in or `fl.round_timeout_s` has passed. What does not come back is a fault, never an
 error: Flower's NODE_UNAVAILABLE (a SuperNode that stopped sending heartbeats, about 60 s) reads
 `unavailable`, a ClientApp process that died `crashed`, a reply still missing at the deadline
 `late`; a node's own error reads as its text. Each reason ends with the node id.
@@ -30,13 +31,14 @@ from flwr.common.constant import ErrorCode
 import jax
 import numpy as np
 
-from fedjax_pt.federated import compression
-from fedjax_pt.federated import fragments
-from fedjax_pt.federated import privacy
+from fedjax_pt import errors
 from fedjax_pt.deploy import protocol
 from fedjax_pt.deploy import secure
 from fedjax_pt.deploy import transport as transport_lib
-from fedjax_pt.federated.algorithm import ClientReport, SecureSum
+from fedjax_pt.federated import compression
+from fedjax_pt.federated import fragments
+from fedjax_pt.federated import privacy
+from fedjax_pt.federated.messages import Broadcast, ClientReport, SecureSum
 
 _NAMED = re.compile(r'client-(\d+)')
 # Errors that mean nothing came back from the node: faults of the federation, not of the code.
@@ -53,10 +55,10 @@ class RunInfo:
   shared_dir: str
   keep_snapshots: int
   num_clients: int
-  local_steps: int
   round_timeout_s: float  # 0: wait for every reply (Flower reports dead nodes itself)
   compression: compression.CompressionConfig
   secagg: privacy.SecAggConfig = privacy.SecAggConfig()
+  fragments: int = 1  # fl.fragments
 
 
 class FlowerClients:
@@ -66,17 +68,15 @@ class FlowerClients:
                like: Any, poll_s: float = 0.1):
     self._grid, self._run, self._move, self._poll_s = grid, run, move, poll_s
     comp = run.compression
-    # What a reply's delta is read into: the payload of the parameters' shapes.
-    self._update_like = jax.eval_shape(
-        lambda p: compression.encode(p, comp.upload, comp.block_size), like)
-    self._download = None  # compression.Codec of the broadcast, made for the server's layout
-    self._raw_download = 0  # the broadcast's size as float32 arrays
+    # What a reply's delta is read into: the payload of the parameters' shapes (of a fragment).
+    whole = jax.eval_shape(lambda p: compression.encode(p, comp.upload, comp.block_size), like)
+    assignment = fragments.partition(like, run.fragments)
+    self._update_like = [whole if run.fragments == 1 else
+                         fragments.select(whole, assignment, f) for f in range(run.fragments)]
+    self._host = None  # (the broadcast's payload, {fragment: its part on the host})
     self._client_of: dict[int, int] = {}  # node id -> client, in the order nodes were identified
     self._asked: dict[str, int] = {}  # query message id -> node id, awaiting its answer
     self._node_of: dict[int, int] = {}  # client -> its online node
-    # Nodes keep their Adam states and residuals themselves.
-    self.kept: dict[int, Any] = {}
-    self.carried: dict[str, dict[int, Any]] = {}
 
   # --- which node is which client ----------------------------------------------------------------
 
@@ -146,60 +146,73 @@ class FlowerClients:
       logging.warning('starting without clients %s: no node is online for them after %.0fs',
                       missing, timeout_s)
 
-  # --- a round -------------------------------------------------------------------------------------
+  # --- a synchronisation --------------------------------------------------------------------------
 
-  def train(self, params, round_idx: int, client_ids: Sequence[int], attempt: int,
-            segment: fragments.Segment) -> Iterator[ClientReport]:
+  def train(self, broadcast: Broadcast, round_idx: int, client_ids: Sequence[int], attempt: int,
+            segment: fragments.Segment) -> Iterator[ClientReport | SecureSum]:
     run = self._run
-    if segment.start or segment.steps != run.local_steps:
-      raise ValueError('a deployment synchronises the whole model once a round: fl.fragments '
-                       'must be 1')
-    reports = {k: self._lost(k, None, 'unavailable: no node is online for it', 0)
+    reports = {k: self._lost(k, None, 'unavailable: no node is online for it', received=False)
                for k in client_ids if k not in self._node_of}
     sent = [k for k in client_ids if k in self._node_of]
     if not sent:
       yield from (reports[k] for k in sorted(reports))
       return
-    if attempt == 0:  # what late nodes of the previous round uploaded after it ended
+    if attempt == 0 and segment.start == 0:  # what late nodes of the last round uploaded
       self._move.discard(protocol.storage_name(run.run_key, round_idx - 1))
-    name = protocol.storage_name(run.run_key, round_idx, attempt, 'global')
-    encode_start = time.monotonic()
-    if self._download is None:
-      self._download = compression.Codec(run.compression.download, run.compression.block_size,
-                                         params)
-    broadcast = jax.device_get(self._download.encode(params))
-    model_bytes = compression.payload_bytes(broadcast)
-    self._raw_download = compression.raw_bytes(broadcast)
+    put_start = time.monotonic()
+    payloads = self._payloads(broadcast, sent)
     if run.secagg.enabled:
-      yield from self._secure(broadcast, round_idx, attempt, sent, reports, model_bytes)
+      yield from self._secure(payloads[None], round_idx, attempt, segment, sent, reports)
       return
-    payload = self._move.put(broadcast, name)
-    logging.info('round %d: the model (%.1f MB, %s) put for %d clients (%s) in %.2fs', round_idx,
-                 model_bytes / 1e6, run.compression.download, len(sent), self._move.kind,
-                 time.monotonic() - encode_start)
+    records = {}
+    for fragment, payload in payloads.items():
+      what = 'global' if fragment is None else f'global-fragment-{fragment}'
+      records[fragment] = self._move.put(payload, protocol.storage_name(
+          run.run_key, round_idx, attempt, what, segment.start))
+    logging.info('round %d: the model (%s) put for %d clients (%s) in %.2fs', round_idx,
+                 ', '.join(f'{"whole" if f is None else f"fragment {f}"} '
+                           f'{compression.payload_bytes(p) / 1e6:.1f} MB'
+                           for f, p in payloads.items()),
+                 len(sent), self._move.kind, time.monotonic() - put_start)
     ttl = {'ttl': run.round_timeout_s} if run.round_timeout_s else {}
-    messages = [Message(content=RecordDict({'config': self._request(round_idx, attempt, k),
-                                            **payload}),
-                        dst_node_id=self._node_of[k], message_type=protocol.TRAIN,
-                        group_id=str(round_idx), **ttl) for k in sent]
+    messages = [Message(content=RecordDict({
+        'config': self._request(round_idx, attempt, segment, k, broadcast.fragment_for(k)),
+        **records[broadcast.fragment_for(k)]}), dst_node_id=self._node_of[k],
+                        message_type=protocol.TRAIN, group_id=str(round_idx), **ttl)
+                for k in sent]
     start = time.monotonic()
     pending = dict(zip(self._grid.push_messages(messages), sent))
     deadline = start + run.round_timeout_s if run.round_timeout_s else float('inf')
     while pending and time.monotonic() < deadline:
       for reply in self._grid.pull_messages(list(pending)):
         k = pending.pop(reply.metadata.reply_to_message_id)
-        reports[k] = self._report(reply, k, round_idx, attempt, time.monotonic() - start,
-                                  model_bytes)
+        reports[k] = self._report(reply, k, round_idx, attempt, segment,
+                                  time.monotonic() - start)
       if pending:
         time.sleep(self._poll_s)
     for k in pending.values():
       reports[k] = self._lost(k, self._node_of[k], f'late: no reply within '
-                              f'fl.round_timeout_s={run.round_timeout_s:g}', model_bytes)
-    self._move.discard(name)
+                              f'fl.round_timeout_s={run.round_timeout_s:g}')
+    for fragment in payloads:
+      what = 'global' if fragment is None else f'global-fragment-{fragment}'
+      self._move.discard(protocol.storage_name(run.run_key, round_idx, attempt, what,
+                                               segment.start))
     yield from (reports[k] for k in sorted(reports))
 
-  def _secure(self, broadcast, round_idx: int, attempt: int, sent: Sequence[int],
-              reports: dict[int, ClientReport], model_bytes: int
+  def _payloads(self, broadcast: Broadcast, sent: Sequence[int]) -> dict[int | None, Any]:
+    """What the sampled clients receive, on the host: the whole model and/or one fragment."""
+    if self._host is None or self._host[0] is not broadcast.payload:
+      self._host = (broadcast.payload, {})
+    on_host = self._host[1]
+    for k in sent:
+      fragment = broadcast.fragment_for(k)
+      if fragment not in on_host:
+        on_host[fragment] = jax.device_get(broadcast.payload_for(k))
+    return {f: on_host[f] for f in sorted({broadcast.fragment_for(k) for k in sent},
+                                          key=lambda f: -1 if f is None else f)}
+
+  def _secure(self, broadcast, round_idx: int, attempt: int, segment: fragments.Segment,
+              sent: Sequence[int], reports: dict[int, ClientReport]
               ) -> Iterator[ClientReport | SecureSum]:
     """The round by SecAgg+ (`secure.py`): the nodes' deltas arrive as one sum; each node that
     dropped out is lost (Flower's error) or, if the protocol could not finish, all are."""
@@ -207,13 +220,13 @@ class FlowerClients:
     if len(sent) < 2:  # the sum of one node is its update: not sent at all
       for k in sent:
         reports[k] = self._lost(k, self._node_of[k], 'secure aggregation needs 2 or more nodes '
-                                f'online, {len(sent)} is', 0)
+                                f'online, {len(sent)} is', received=False)
       yield from (reports[k] for k in sorted(reports))
       return
     node_to_client = {self._node_of[k]: k for k in sent}
     result = secure.secure_round(
         self._grid, run.secagg, round_idx,
-        {self._node_of[k]: self._request(round_idx, attempt, k) for k in sent},
+        {self._node_of[k]: self._request(round_idx, attempt, segment, k, None) for k in sent},
         [np.asarray(x) for x in jax.tree.leaves(broadcast)])
     metrics = {node_to_client[n]: m for n, m in result.metrics.items()}
     summed = sorted(metrics)
@@ -221,7 +234,7 @@ class FlowerClients:
     for k in summed:
       if not metrics[k]['finite']:  # the round object's verdict, told by the client itself
         reports[k] = self._failed(k, self._node_of[k], 'non-finite parameters (sent zeros)',
-                                  model_bytes, injected=bool(metrics[k]['injected']))
+                                  injected=bool(metrics[k]['injected']))
     for node_id, k in node_to_client.items():
       if k in summed:
         continue
@@ -229,11 +242,11 @@ class FlowerClients:
       if result.mean is None:
         reason += '; secure aggregation could not finish (too few nodes left to unmask the sum)'
       if code is None:  # its update was lost with the protocol: a fault of the federation
-        reports[k] = self._lost(k, node_id, reason, model_bytes)
+        reports[k] = self._lost(k, node_id, reason)
       elif code in _LOST:
-        reports[k] = self._lost(k, node_id, f'{_LOST[code]}: {reason}', model_bytes)
+        reports[k] = self._lost(k, node_id, f'{_LOST[code]}: {reason}')
       else:  # its own error (the ClientApp raised): what it says
-        reports[k] = self._failed(k, node_id, f'error {code}: {reason}', model_bytes)
+        reports[k] = self._failed(k, node_id, f'error {code}: {reason}')
     yield from (reports[k] for k in sorted(reports))
     if result.mean is None or not finite:
       return
@@ -242,73 +255,80 @@ class FlowerClients:
                  round_idx, finite, result.elapsed_s,
                  f'; {clipped} values clipped to ±fl.secagg.clip_range' if clipped else '')
     mean, loss = secure.split_mean(result.mean, run.secagg.clip_range, len(summed), len(finite))
-    update = jax.tree.unflatten(jax.tree.structure(self._update_like), mean)
-    update = jax.tree.map(lambda like, x: x.reshape(like.shape), self._update_like, update)
+    like = self._update_like[0]
+    update = jax.tree.unflatten(jax.tree.structure(like), mean)
+    update = jax.tree.map(lambda like, x: x.reshape(like.shape), like, update)
+    raw = compression.raw_bytes(broadcast) + compression.raw_bytes(like) + 4
     yield SecureSum(
         clients=finite, update=update, mean_loss=loss,
         num_tokens=sum(int(m['num_tokens']) for m in metrics.values()),
         local_steps={k: int(m['local_steps']) for k, m in metrics.items()},
         download_bytes={k: result.download_bytes.get(self._node_of[k], 0) for k in summed},
         upload_bytes={k: result.upload_bytes.get(self._node_of[k], 0) for k in summed},
-        uncompressed_bytes=len(summed) * (self._raw_download +
-                                          compression.raw_bytes(self._update_like) + 4),
-        elapsed_s=result.elapsed_s, clipped_values=clipped)
+        uncompressed_bytes=len(summed) * raw, elapsed_s=result.elapsed_s, clipped_values=clipped)
 
-  def _request(self, round_idx: int, attempt: int, client: int) -> ConfigRecord:
+  def _request(self, round_idx: int, attempt: int, segment: fragments.Segment, client: int,
+               received: int | None) -> ConfigRecord:
     run = self._run
     return protocol.TrainRequest(
         round=round_idx, attempt=attempt, client=client, run_key=run.run_key,
         config_json=run.config_json, vocab_size=run.vocab_size, transport=self._move.kind,
-        shared_dir=run.shared_dir, keep_snapshots=run.keep_snapshots).to_record()
+        shared_dir=run.shared_dir, keep_snapshots=run.keep_snapshots,
+        received=-1 if received is None else received, sync_fragment=segment.fragment,
+        sync_start=segment.start, sync_steps=segment.steps).to_record()
 
-  def _report(self, reply: Message, k: int, round_idx: int, attempt: int, elapsed_s: float,
-              model_bytes: int) -> ClientReport:
+  def _report(self, reply: Message, k: int, round_idx: int, attempt: int,
+              segment: fragments.Segment, elapsed_s: float) -> ClientReport:
     node_id = self._node_of[k]
     if reply.has_error():
       code, reason = reply.error.code, ' '.join(reply.error.reason.split())
       if code in _LOST:
-        return self._lost(k, node_id, f'{_LOST[code]}: {reason}', model_bytes)
-      return self._failed(k, node_id, f'error {code}: {reason}', model_bytes)
-    answer = protocol.TrainReply.from_content(reply.content)
-    if answer.failure:
-      return self._failed(k, node_id, answer.failure, model_bytes, injected=answer.injected)
+        return self._lost(k, node_id, f'{_LOST[code]}: {reason}')
+      return self._failed(k, node_id, f'error {code}: {reason}')
+    report, timings = protocol.report_of(reply.content)
+    report.elapsed_s = elapsed_s
+    if report.failure:
+      logging.warning('client %d (node %d) %s; left out of the average', k, node_id,
+                      report.failure)
+      report.failure = f'{report.failure} (node {node_id})'
+      return report
     read_start = time.monotonic()
     try:
-      update = self._move.get(reply.content, self._update_like)
+      report.update = self._move.get(reply.content, self._update_like[segment.fragment])
     except Exception as e:  # pylint: disable=broad-except
-      return self._failed(k, node_id, f'sent an unreadable update: {e}', model_bytes)
+      return self._failed(k, node_id, f'sent an unreadable update: {e}')
     finally:
       self._move.discard(protocol.storage_name(self._run.run_key, round_idx, attempt,
-                                               f'client-{k}'))
+                                               f'client-{k}', segment.start))
     logging.info('round %d: client %d (node %d) replied after %.2fs, read in %.2fs; node: %s',
                  round_idx, k, node_id, elapsed_s, time.monotonic() - read_start,
-                 ', '.join(f'{phase} {s:.2f}s' for phase, s in answer.timings.items()))
-    return answer.client_report(
-        update, round_idx, self._run.local_steps, elapsed_s=elapsed_s,
-        download_bytes=model_bytes, upload_bytes=compression.payload_bytes(update),
-        uncompressed_bytes=self._raw_download + compression.raw_bytes(update))
+                 ', '.join(f'{phase} {s:.2f}s' for phase, s in timings.items()))
+    return report
 
-  def _failed(self, k: int, node_id: int, reason: str, model_bytes: int,
-              injected: bool = False) -> ClientReport:
+  def _failed(self, k: int, node_id: int, reason: str, injected: bool = False) -> ClientReport:
     logging.warning('client %d (node %d) %s; left out of the average', k, node_id, reason)
     return ClientReport(client=k, update=None, failure=f'{reason} (node {node_id})',
-                        injected=injected, download_bytes=model_bytes,
-                        uncompressed_bytes=self._raw_download if model_bytes else 0)
+                        injected=injected)
 
-  def _lost(self, k: int, node_id: int | None, reason: str, model_bytes: int) -> ClientReport:
+  def _lost(self, k: int, node_id: int | None, reason: str, received: bool = True
+            ) -> ClientReport:
     where = f' (node {node_id})' if node_id is not None else ''
     logging.warning('client %d%s %s; left out of the average', k, where, reason)
     return ClientReport(client=k, update=None, failure=f'{reason}{where}', lost=True,
-                        download_bytes=model_bytes,
-                        uncompressed_bytes=self._raw_download if model_bytes else 0)
+                        received=received)
 
-  # --- the run's checkpoints: node state lives on the nodes ----------------------------------------
+  # --- the run's checkpoints: what the clients keep lives on the nodes ----------------------------
 
-  def iterator_states(self) -> list[dict[str, Any]]:
-    return []
+  def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    return {}, {}
 
-  def restore(self, iterator_states: Sequence[dict[str, Any]], kept: dict[int, Any],
-              carried: dict[str, dict[int, Any]] | None = None) -> None:
-    if iterator_states or kept or any((carried or {}).values()):
-      logging.warning('the checkpoint holds client data positions, optimizer states or residuals '
-                      '(a simulated run?): the nodes continue from their own state instead')
+  def abstract(self, meta: dict[str, Any]) -> dict[str, Any]:
+    if meta.get('memory'):
+      raise errors.WorkdirRefused(
+          'its checkpoint holds the state of simulated clients (python -m fedjax_pt.main wrote '
+          "it); a deployment's nodes keep their own: resume it with fedjax_pt.main, or start "
+          'the deployment in a new workdir')
+    return {}
+
+  def restore(self, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+    del arrays, meta  # the nodes continue from their own snapshots

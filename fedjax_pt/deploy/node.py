@@ -28,21 +28,20 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from fedjax_pt import build
-from fedjax_pt import local_training
-from fedjax_pt.federated import compression
 from fedjax_pt import data as data_lib
-from fedjax_pt.federated import faults
+from fedjax_pt import local_training
 from fedjax_pt import model as model_lib
-from fedjax_pt.federated import privacy
 from fedjax_pt import sharding
 from fedjax_pt.deploy import node_state
 from fedjax_pt.deploy import protocol
 from fedjax_pt.deploy import secure
 from fedjax_pt.deploy import transport as transport_lib
+from fedjax_pt.federated import client_round
+from fedjax_pt.federated import compression
+from fedjax_pt.federated.messages import ClientReport
 from fedjax_pt.run_spec import RunSpec
 
 _KEYS = ('partition-id', 'num-partitions', 'state-dir', 'jax-cache', 'shared-dir')
@@ -128,19 +127,25 @@ def _trainer(model_cfg: model_lib.ModelConfig, opt_cfg, mesh_cfg: sharding.MeshC
   # Flower runs one message per process, so this builds once per round; a process that serves
   # several (the in-process test grid) reuses the compiled steps, as the simulation does.
   return local_training.Trainer(model_cfg, opt_cfg, sharding.Layout.create(mesh_cfg),
-                            micro_batch_size)
+                                micro_batch_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _rule(spec: RunSpec, trainer: local_training.Trainer) -> client_round.ClientRule:
+  # Its codecs are jitted for the parameters' layout on this node: the programs the simulation's
+  # clients run, so the decoded model and the encoded delta are theirs bit for bit.
+  return client_round.ClientRule(spec.fl, spec.faults, spec.seed, trainer.param_shapes())
 
 
 @dataclasses.dataclass
 class _Setup:
-  """What a node builds for a round from the request: its config, data, trainer and codecs."""
+  """What a node builds for a message from the request: its config, data, trainer and rule."""
   request: protocol.TrainRequest
   spec: RunSpec
   data: Any
   trainer: local_training.Trainer
-  download: compression.Codec
-  upload: compression.Codec
-  payload_like: Any  # the broadcast's payload, as abstract arrays
+  rule: client_round.ClientRule
+  payload_like: Any  # the broadcast's payload it receives, as abstract arrays
 
 
 def _setup(request: protocol.TrainRequest, node: NodeConfig) -> _Setup:
@@ -155,33 +160,35 @@ def _setup(request: protocol.TrainRequest, node: NodeConfig) -> _Setup:
                      f'{model_cfg.vocab_size}, the server model has {request.vocab_size}')
   data = data_lib.build_federated_data(spec.data, num_clients=node.num_partitions, seed=spec.seed)
   trainer = _trainer(model_cfg, spec.opt, spec.mesh, spec.data.micro_batch_size)
+  rule = _rule(spec, trainer)
   comp = spec.fl.compression
   like = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
   payload_like = jax.eval_shape(lambda p: compression.encode(p, comp.download, comp.block_size),
                                 like)
-  download, upload = _codecs(trainer, comp)
-  return _Setup(request, spec, data, trainer, download, upload, payload_like)
+  if request.received_fragment is not None:
+    payload_like = rule.fragment(payload_like, request.received_fragment)
+  return _Setup(request, spec, data, trainer, rule, payload_like)
 
 
 def train(content, node: NodeConfig) -> Any:
-  """The reply content to a train message: client k's round from the global model."""
+  """The reply content to a train message: client k's part of a synchronisation."""
   started = time.perf_counter()
   setup = _setup(protocol.TrainRequest.from_record(content['config']), node)
   request = setup.request
   move = transport_lib.make(request.transport, node.shared_dir or request.shared_dir)
   ready = time.perf_counter()
-  # The global model as this client holds it, as a simulated client receives it.
-  params = setup.download.decode(move.get(content, setup.payload_like))
+  received = setup.rule.decode(move.get(content, setup.payload_like), request.received_fragment)
   fetched = time.perf_counter()
-  reply, update = local_round(setup, params, node)
-  if update is None:
-    return reply.to_content()
+  report, message = local_round(setup, received, node)
+  if message is None:
+    return protocol.reply_content(report)
   trained = time.perf_counter()
-  model = move.put(jax.device_get(update), protocol.storage_name(
-      request.run_key, request.round, request.attempt, f'client-{request.client}'))
-  reply.timings = {'build': ready - started, 'fetch': fetched - ready, 'train': trained - fetched,
-                   'send': time.perf_counter() - trained}
-  return reply.to_content(model)
+  model = move.put(jax.device_get(message), protocol.storage_name(
+      request.run_key, request.round, request.attempt, f'client-{request.client}',
+      request.sync_start))
+  timings = {'build': ready - started, 'fetch': fetched - ready, 'train': report.compute_s,
+             'send': time.perf_counter() - trained}
+  return protocol.reply_content(report, timings, model)
 
 
 def train_secure(content, node: NodeConfig) -> Any:
@@ -193,76 +200,48 @@ def train_secure(content, node: NodeConfig) -> Any:
   setup = _setup(request, node)
   payload = jax.tree.unflatten(jax.tree.structure(setup.payload_like), [
       x.reshape(like.shape) for x, like in zip(leaves, jax.tree.leaves(setup.payload_like))])
-  params = setup.download.decode(payload)
+  received = setup.rule.decode(payload, None)
   fetched = time.perf_counter()
-  reply, update = local_round(setup, params, node)
-  if update is None:
-    raise RuntimeError(reply.failure)
-  timings = {'fetch': fetched - started, 'train': time.perf_counter() - fetched}
-  return secure.reply_content(reply, update, setup.spec.fl.secagg.clip_range, timings)
+  report, message = local_round(setup, received, node)
+  if message is None:
+    raise RuntimeError(report.failure)
+  timings = {'fetch': fetched - started, 'train': report.compute_s}
+  return secure.reply_content(report, message, setup.spec.fl.secagg.clip_range, timings)
 
 
-def local_round(setup: _Setup, params, node: NodeConfig) -> tuple[protocol.TrainReply, Any]:
-  """Client k trains from `params` as the simulation's client k does; its reply and its encoded
-  delta (None when an injected failure stops it first). Saves the node's state snapshot."""
-  request, spec = setup.request, setup.spec
-  comp = spec.fl.compression
-  k, r, attempt = request.client, request.round, request.attempt
-  reply = protocol.TrainReply(client=k, num_examples=setup.data.client_num_tokens(node.shard))
-  fault = faults.injected_fault(spec.faults, spec.seed, r, k, attempt)
-  if fault == 'fail':  # as the simulation: the client crashes before it trains
-    reply.failure = 'raised InjectedFailure: injected failure (fl.fault.failure_prob)'
-    reply.injected = True
-    return reply, None
+def local_round(setup: _Setup, received, node: NodeConfig) -> tuple[ClientReport, Any]:
+  """Client k's part of the synchronisation from what it `received` (`client_round`, as the
+  simulation's client k runs it): its report and its encoded delta (None when it could not
+  train). Saves the node's snapshot of what it keeps."""
+  request, spec, rule = setup.request, setup.spec, setup.rule
+  k, r, attempt, segment = request.client, request.round, request.attempt, request.segment
+  num_examples = setup.data.client_num_tokens(node.shard)
+  fault = rule.fault(k, r, attempt, segment)
+  if fault == 'fail':  # as the simulation: it crashes before training
+    return rule.crashed(k, num_examples), None
   state = node_state.NodeState(os.path.join(node.state_dir, 'runs', request.run_key,
                                             f'client-{k}'))
-  snapshot = state.start(r, attempt, setup.trainer.opt_state_shapes(),
-                         setup.trainer.param_shapes())
+  key = (r, segment.start, attempt)
+  snapshot = state.start(key, {'opt_state': setup.trainer.opt_state_shapes(),
+                               **{name: setup.trainer.param_shapes()
+                                  for name in ('residual', 'model', 'anchor')}})
+  try:
+    start, memory = rule.receive(snapshot.memory, received, request.received_fragment, r, segment)
+  except client_round.NoModel as e:
+    report = rule.crashed(k, num_examples, f'raised NoModel: {e}')
+    report.holds_model = False
+    return report, None
   plan = spec.client_plan(k)  # its batch and local steps, as the simulation's client k
+  steps = rule.local_steps(plan.local_steps, segment)
   iterator = setup.data.client_iterator(node.shard, plan.batch_size)
   if snapshot.iterator is not None:
     iterator.set_state(snapshot.iterator)
-  kept = None if spec.fl.reset_optimizer else snapshot.opt_state
-  result, = setup.trainer.train(params, (r - 1) * spec.fl.local_steps, [iterator], [kept],
-                                plan.local_steps, spec.log_every_steps)
-  if fault == 'nan':
-    result.state = result.state.replace(params=faults.poisoned(result.state.params))
-    reply.injected = True
-  finite = bool(faults.all_finite(result.state.params))
-  if not spec.fl.reset_optimizer and finite:
-    kept = result.state.opt_state  # the simulation's rule: only a finite round's moments are kept
-  noise = privacy.client_noise(spec.fl.dp, spec.fl.clients_per_round)
-  privatize = {} if noise is None else dict(privatize=noise,
-                                            key=privacy.noise_key(spec.seed, r, k, attempt))
-  update, residual = _message(setup.upload, result.state.params, params, snapshot.residual,
-                              comp.error_feedback, finite, privatize)
-  state.save(r, attempt, node_state.Snapshot(iterator.get_state(), kept, residual),
-             request.keep_snapshots)
-  reply.num_tokens, reply.steps = result.num_tokens, result.step_metrics
-  reply.local_steps = plan.local_steps
-  reply.mean_loss, reply.last_loss = result.mean_loss, result.last_loss
-  reply.mean_grad_norm, reply.mean_update_norm = result.mean_grad_norm, result.mean_update_norm
-  return reply, update
-
-
-@functools.lru_cache(maxsize=2)
-def _codecs(trainer: local_training.Trainer, comp: compression.CompressionConfig
-            ) -> tuple[compression.Codec, compression.Codec]:
-  """The download and upload codecs, jitted for the parameters' layout on this node: the programs
-  the simulation's clients run, so the decoded model and the encoded delta are theirs bit for bit."""
-  like = trainer.param_shapes()
-  return (compression.Codec(comp.download, comp.block_size, like),
-          compression.Codec(comp.upload, comp.block_size, like))
-
-
-def _message(upload: compression.Codec, local, received, residual, error_feedback: bool,
-             finite: bool, privatize: dict[str, Any]):
-  """The client's encoded delta and the residual it keeps, as `SimulatedClients` computes them
-  (clipped and noised first with fl.dp.noise_at='clients'): with error feedback the residual
-  starts at zero and a diverged client drops it."""
-  if not error_feedback:
-    return upload.compress_delta(local, received, None, **privatize)[0], None
-  if residual is None:
-    residual = jax.tree.map(jnp.zeros_like, local)
-  update, residual = upload.compress_delta(local, received, residual, **privatize)
-  return update, residual if finite else None
+  training_start = time.perf_counter()
+  result, = setup.trainer.train(start.params, rule.first_step(r, segment), [iterator],
+                                [rule.opt_state(memory, segment)], steps, spec.log_every_steps)
+  compute_s = time.perf_counter() - training_start
+  message, memory, report = rule.finish(k, memory, start, result, fault, segment, r, attempt,
+                                        steps, num_examples)
+  report.compute_s = compute_s
+  state.save(key, node_state.Snapshot(iterator.get_state(), memory), request.keep_snapshots)
+  return report, message

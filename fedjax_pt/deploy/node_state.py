@@ -1,13 +1,14 @@
-"""What a node keeps between rounds, on its own disk: where its data iterator is and, with
-fl.reset_optimizer=False, its Adam moments, and with fl.compression.error_feedback the residual
-of its messages. One snapshot per (round, attempt) it trained.
+"""What a node keeps between messages, on its own disk: where its data iterator is and its
+`ClientMemory` (Adam state with fl.reset_optimizer=False, the residual of its messages with
+fl.compression.error_feedback, its own model with streaming fragments or mixing). One snapshot
+per synchronisation (round, segment, attempt) it trained.
 
-Every message names its round and attempt, and the node starts from its latest snapshot *before*
-them. A server that restarts from an older checkpoint and replays rounds therefore finds each node
-as it was at that checkpoint, exactly as the simulation restores its iterators from the
-checkpoint; snapshots at or after the replayed round belong to the lost future and are deleted.
-A snapshot is written to a temporary directory and renamed, so a node killed mid-write leaves
-the previous one intact.
+Every message names its synchronisation, and the node starts from its latest snapshot *before* it.
+A server that restarts from an older checkpoint and replays rounds therefore finds each node as
+it was at that checkpoint, exactly as the simulation restores its clients from the checkpoint;
+snapshots at or after the replayed synchronisation belong to the lost future and are deleted. A
+snapshot is written to a temporary directory and renamed, so a node killed mid-write leaves the
+previous one intact.
 """
 
 import dataclasses
@@ -19,14 +20,21 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-_NAME = re.compile(r'^r(\d+)-a(\d+)$')
+from fedjax_pt.federated import client_round
+
+# r<round>-s<segment start>-a<attempt>; snapshots of fedjax_pt before streaming fragments in the
+# deployment have no segment (it was 0).
+_NAME = re.compile(r'^r(\d+)(?:-s(\d+))?-a(\d+)$')
 
 
 @dataclasses.dataclass
 class Snapshot:
   iterator: dict[str, Any] | None = None  # grain iterator state; None: start of the data
-  opt_state: Any | None = None  # kept Adam state; None: fresh moments
-  residual: Any | None = None  # what its messages could not carry yet; None: zeros
+  memory: client_round.ClientMemory = dataclasses.field(
+      default_factory=client_round.ClientMemory)
+
+
+Key = tuple[int, int, int]  # (round, segment start, attempt): the order messages come in
 
 
 class NodeState:
@@ -35,52 +43,63 @@ class NodeState:
   def __init__(self, directory: str):
     self.directory = directory
 
-  def _keys(self) -> list[tuple[int, int]]:
+  def _keys(self) -> dict[Key, str]:
     if not os.path.isdir(self.directory):
-      return []
-    return sorted((int(m[1]), int(m[2])) for m in map(_NAME.match, os.listdir(self.directory))
-                  if m)
+      return {}
+    keys = {}
+    for name in os.listdir(self.directory):
+      match = _NAME.match(name)
+      if match:
+        keys[(int(match[1]), int(match[2] or 0), int(match[3]))] = name
+    return dict(sorted(keys.items()))
 
-  def _path(self, key: tuple[int, int]) -> str:
-    return os.path.join(self.directory, f'r{key[0]:06d}-a{key[1]}')
+  def _path(self, name: str) -> str:
+    return os.path.join(self.directory, name)
 
-  def start(self, round_idx: int, attempt: int, opt_like: Any, params_like: Any = None
-            ) -> Snapshot:
-    """The state to train (round_idx, attempt) from; drops snapshots from a lost future.
+  def start(self, key: Key, like: dict[str, Any]) -> Snapshot:
+    """The state to train synchronisation `key` from; drops snapshots from a lost future.
 
-    `opt_like` and `params_like` are the Adam state's and the parameters' shapes, dtypes and
-    shardings, to restore into (the residual has the parameters' layout)."""
+    `like` gives the shapes, dtypes and shardings of each part a memory may hold
+    ({'opt_state': ..., 'residual': ..., ...}), to restore into."""
     keys = self._keys()
-    for key in keys:
-      if key >= (round_idx, attempt):
-        shutil.rmtree(self._path(key))
-    earlier = [key for key in keys if key < (round_idx, attempt)]
+    for later, name in keys.items():
+      if later >= key:
+        shutil.rmtree(self._path(name))
+    earlier = [name for k, name in keys.items() if k < key]
     if not earlier:
       return Snapshot()
     path = self._path(earlier[-1])
     with open(os.path.join(path, 'iterator.json'), encoding='utf-8') as f:
       iterator = json.load(f)
-    arrays = {}
-    for name, like in (('opt_state', opt_like), ('residual', params_like)):
+    merged = None
+    if os.path.isfile(os.path.join(path, 'memory.json')):
+      with open(os.path.join(path, 'memory.json'), encoding='utf-8') as f:
+        merged = json.load(f).get('merged')
+    parts = {}
+    for name in client_round.PARTS:
       if os.path.isdir(os.path.join(path, name)):
         with ocp.StandardCheckpointer() as checkpointer:
-          arrays[name] = checkpointer.restore(os.path.join(path, name), like)
-    return Snapshot(iterator, **arrays)
+          parts[name] = checkpointer.restore(os.path.join(path, name), like[name])
+    return Snapshot(iterator, client_round.ClientMemory(
+        **parts, merged=tuple(merged) if merged else None))
 
-  def save(self, round_idx: int, attempt: int, snapshot: Snapshot, keep: int) -> None:
-    """Records the state after (round_idx, attempt) and keeps the newest `keep` snapshots."""
-    final = self._path((round_idx, attempt))
+  def save(self, key: Key, snapshot: Snapshot, keep: int) -> None:
+    """Records the state after synchronisation `key` and keeps the newest `keep` snapshots."""
+    round_idx, start, attempt = key
+    final = self._path(f'r{round_idx:06d}-s{start}-a{attempt}')
     tmp = f'{final}.tmp'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     with open(os.path.join(tmp, 'iterator.json'), 'w', encoding='utf-8') as f:
       json.dump(snapshot.iterator, f)
-    for name in ('opt_state', 'residual'):
-      if getattr(snapshot, name) is not None:
-        with ocp.StandardCheckpointer() as checkpointer:
-          checkpointer.save(os.path.join(tmp, name), getattr(snapshot, name))
-          checkpointer.wait_until_finished()
+    with open(os.path.join(tmp, 'memory.json'), 'w', encoding='utf-8') as f:
+      json.dump({'merged': snapshot.memory.merged}, f)
+    for name in snapshot.memory.parts():
+      with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(tmp, name), getattr(snapshot.memory, name))
+        checkpointer.wait_until_finished()
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
-    for key in self._keys()[:-max(keep, 1)]:
-      shutil.rmtree(self._path(key))
+    names = list(self._keys().values())
+    for name in names[:-max(keep, 1)]:
+      shutil.rmtree(self._path(name))

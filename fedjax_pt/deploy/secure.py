@@ -11,7 +11,7 @@ float32 arrays plus its mean training loss, weight 1 (the mean is uniform), and 
 what `CLEAR_METRICS` names: its token count, local steps, how many values fell outside the
 range, whether it diverged (then it sends zeros), its timings.
 
-The server side, `secure_round`, gives the round object one `federation.SecureSum` (the mean and
+The server side, `secure_round`, gives the round object one `messages.SecureSum` (the mean and
 its clients) plus a lost or failed `ClientReport` for every node that dropped out. A strategy
 object stands in for Flower's legacy `Strategy`: it sees what the workflow passes to
 `aggregate_fit`, which is the unmasked aggregate and the clear metrics, nothing else.
@@ -40,8 +40,9 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 import jax
 import numpy as np
 
-from fedjax_pt.federated import privacy
 from fedjax_pt.deploy import protocol
+from fedjax_pt.federated import privacy
+from fedjax_pt.federated.messages import ClientReport
 
 _MODULUS = 2 ** privacy.SecAggConfig.MODULUS_BITS
 CLEAR_METRICS = ('client', 'num_tokens', 'local_steps', 'clipped_values', 'finite', 'injected',
@@ -49,7 +50,7 @@ CLEAR_METRICS = ('client', 'num_tokens', 'local_steps', 'clipped_values', 'finit
 LOSS_RANGE = 32.0  # nats: a client's mean loss travels as loss / LOSS_RANGE * clip_range
 
 
-# --- the node's side -------------------------------------------------------------------------------
+# --- the node's side ------------------------------------------------------------------------------
 
 def is_secure(content: RecordDict) -> bool:
   """Whether a train message is a step of the SecAgg+ protocol (not a plain round)."""
@@ -71,7 +72,7 @@ def request_of(content: RecordDict) -> tuple[protocol.TrainRequest, list[np.ndar
   return request, parameters_to_ndarrays(fitins.parameters)
 
 
-def reply_content(reply: protocol.TrainReply, update: Any, clip_range: float,
+def reply_content(report: ClientReport, update: Any, clip_range: float,
                   timings: Mapping[str, float]) -> RecordDict:
   """The FitRes that `secaggplus_mod` masks: the delta's arrays and, last, the client's mean loss
   (scaled into the range: the server gets the clients' mean loss, not one of them); weight 1;
@@ -79,20 +80,21 @@ def reply_content(reply: protocol.TrainReply, update: Any, clip_range: float,
   would give finite garbage that spoils the sum, while zeros let the server take the mean of the
   others exactly (it knows how many were finite)."""
   arrays = [np.asarray(x, np.float32) for x in jax.tree.leaves(jax.device_get(update))]
-  finite = all(np.isfinite(a).all() for a in arrays) and np.isfinite(reply.mean_loss)
+  mean_loss = report.training.mean_loss
+  finite = all(np.isfinite(a).all() for a in arrays) and np.isfinite(mean_loss)
   if finite:
-    arrays.append(np.asarray([reply.mean_loss * clip_range / LOSS_RANGE], np.float32))
+    arrays.append(np.asarray([mean_loss * clip_range / LOSS_RANGE], np.float32))
   else:
     logging.warning('client %d: non-finite parameters; it sends zeros and says so',
-                    reply.client)
+                    report.client)
     arrays = [np.zeros_like(a) for a in arrays] + [np.zeros(1, np.float32)]
   clipped = sum(int(np.count_nonzero(np.abs(a) > clip_range)) for a in arrays)
   if clipped:
     logging.warning('client %d: %d values outside fl.secagg.clip_range=%g are clipped',
-                    reply.client, clipped, clip_range)
-  metrics = {'client': reply.client, 'num_tokens': reply.num_tokens,
-             'local_steps': reply.local_steps, 'clipped_values': clipped,
-             'finite': int(finite), 'injected': int(reply.injected),
+                    report.client, clipped, clip_range)
+  metrics = {'client': report.client, 'num_tokens': report.num_tokens,
+             'local_steps': report.local_steps, 'clipped_values': clipped,
+             'finite': int(finite), 'injected': int(report.injected),
              'time/train': float(timings.get('train', 0.0))}
   fitres = FitRes(Status(Code.OK, 'trained'), ndarrays_to_parameters(arrays), num_examples=1,
                   metrics=metrics)
@@ -108,7 +110,7 @@ def split_mean(mean: Sequence[np.ndarray], clip_range: float, summed: int, finit
   return delta, float(mean[-1][0]) * scale * LOSS_RANGE / clip_range
 
 
-# --- the server's side -----------------------------------------------------------------------------
+# --- the server's side ----------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class SecureResult:

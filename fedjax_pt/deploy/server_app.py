@@ -30,13 +30,13 @@ from absl import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 import ml_collections
-from ml_collections import config_flags
 
-from fedjax_pt.federated import profiles
+from fedjax_pt import cli
 from fedjax_pt import train
 from fedjax_pt.deploy import arrays
 from fedjax_pt.deploy import fleet
 from fedjax_pt.deploy import transport as transport_lib
+from fedjax_pt.federated import profiles
 
 app = ServerApp()
 
@@ -54,30 +54,15 @@ class _NoTraceback(std_logging.Filter):
     return True
 
 
-def _quiet_orbax(record: std_logging.LogRecord) -> bool:
-  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
-
-
 def load_config(path: str, overrides: str) -> ml_collections.ConfigDict:
   """The config of `fedjax_pt.main --config=PATH OVERRIDES`; ValueError names a bad one."""
   if not path:
     raise ValueError("run config 'config' is empty: name a config file, e.g. "
                      "config='/abs/path/configs/tiny.py'")
-  argv = ['server_app', f'--config={path}', *shlex.split(overrides)]
-  bad = [a for a in argv[2:] if not a.startswith('--config.')]
-  if bad:
-    raise ValueError(f'run config overrides: {bad[0]!r} is not a --config.KEY=VALUE override')
-  if not os.path.isfile(path.split(':')[0]):
-    raise ValueError(f'config={path}: no such config file (relative paths start at the '
-                     f"SuperLink's working directory, {os.getcwd()})")
-  values = flags.FlagValues()
   try:
-    config_flags.DEFINE_config_file('config', None, 'config file', flag_values=values,
-                                    lock_config=True, sys_argv=argv)
-    values(argv)
-    return values.config
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'config={path} {overrides}: {" ".join(str(e).split())}') from None
+    return cli.load_config(path, shlex.split(overrides))
+  except ValueError as e:
+    raise ValueError(f'run config: {e}') from None
 
 
 def run_key(workdir: str) -> str:
@@ -89,11 +74,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """What a deployment refuses that the simulation accepts."""
   if config.mode != 'federated':
     raise ValueError(f"a deployment trains mode='federated', got {config.mode!r}")
-  if config.fl.fragments != 1 or config.fl.fragment_mixing:
-    raise ValueError(f'fl.fragments={config.fl.fragments}, fl.fragment_mixing='
-                     f'{config.fl.fragment_mixing}: streaming fragments are simulated only (a node '
-                     'would have to keep its model between messages); use fl.fragments=1, '
-                     'fl.fragment_mixing=0')
   if config.eval.per_client:
     raise ValueError('eval.per_client=True is not supported by the deployment (the server has '
                      "no client's held-out data); set it to False")
@@ -126,13 +106,16 @@ def serve(grid: Grid, run_config: dict) -> train.RunResult:
   key = run_key(workdir)
 
   def make_clients(parts):
-    ckpt = parts.spec.ckpt
+    spec = parts.spec
+    ckpt = spec.ckpt
+    # A node keeps the snapshots of every synchronisation back to the oldest checkpoint the
+    # server may restart from.
+    keep = (ckpt.keep * max(ckpt.every_rounds, 1) + 1) * spec.fl.fragments
     run = fleet.RunInfo(
         run_key=key, config_json=config.to_json(), vocab_size=parts.model.cfg.vocab_size,
-        shared_dir=shared_dir, keep_snapshots=ckpt.keep * max(ckpt.every_rounds, 1) + 1,
-        num_clients=parts.spec.fl.num_clients, local_steps=parts.spec.fl.local_steps,
-        round_timeout_s=parts.spec.faults.round_timeout_s, compression=parts.spec.fl.compression,
-        secagg=parts.spec.fl.secagg)
+        shared_dir=shared_dir, keep_snapshots=keep, num_clients=spec.fl.num_clients,
+        round_timeout_s=spec.faults.round_timeout_s,
+        compression=spec.fl.compression, secagg=spec.fl.secagg, fragments=spec.fl.fragments)
     clients = fleet.FlowerClients(grid, run, move, arrays.abstract(parts.model.params))
     clients.wait_for_nodes(float(run_config['wait-for-nodes-s']))
     return clients
@@ -147,7 +130,7 @@ def main(grid: Grid, context: Context) -> None:
   flags.FLAGS.mark_as_parsed()  # no flags here; absl would warn that logging precedes them
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
-  std_logging.getLogger('absl').addFilter(_quiet_orbax)
+  cli.quiet_logs()
   std_logging.getLogger('httpx').setLevel(std_logging.WARNING)  # a line per Flower request
   flwr_logger = std_logging.getLogger('flwr')
   flwr_logger.addFilter(_NoTraceback())
@@ -156,7 +139,7 @@ def main(grid: Grid, context: Context) -> None:
     result = serve(grid, dict(context.run_config))
   except (ValueError, OSError, ImportError, RuntimeError) as e:
     message = ' '.join(str(e).split())
-    print(f'fedjax_pt: error: {message}', flush=True)
+    print(f'fedjax_pt: error: {message}', flush=True)  # the run's log, which Flower streams
     raise RunFailed(message) from None
   last = result.last_round
   print(f'done: {last.round} rounds, val_ppl {last.val_ppl:.2f}, results in '

@@ -7,12 +7,9 @@ The weight rule (`fl.weighting`) lives here and nowhere else:
   'uniform'  w_k = 1/K.
 """
 
-from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 WEIGHTINGS = ('tokens', 'examples', 'uniform')
 
@@ -26,16 +23,6 @@ def client_weight(rule: str, num_tokens: int, num_examples: int) -> float:
   if rule == 'uniform':
     return 1.0
   raise ValueError(f'fl.weighting must be one of {WEIGHTINGS}, got {rule!r}')
-
-
-def normalized_weights(weights: Sequence[float]) -> np.ndarray:
-  w = np.asarray(weights, np.float64)
-  return w / w.sum()
-
-
-def weighted_average(client_params: Sequence[Any], weights: Sequence[float]) -> Any:
-  """sum_k w_k theta_k (weights must already sum to one): the reference for `RunningAverage`."""
-  return jax.tree.map(lambda *xs: sum(w * x for w, x in zip(weights, xs)), *client_params)
 
 
 @jax.jit
@@ -83,12 +70,6 @@ class RunningAverage:
     if self._sum is None:
       raise ValueError('no client was added to the average')
     return jax.tree.map(lambda s: s / self._total_weight, self._sum)
-
-
-def pseudo_gradient(global_params, mean_client_params):
-  """Delta = theta - sum_k w_k theta_k: the direction the clients moved, negated (from models:
-  the reference for `pseudo_gradient_of_deltas`)."""
-  return jax.tree.map(jnp.subtract, global_params, mean_client_params)
 
 
 def pseudo_gradient_of_deltas(mean_delta):

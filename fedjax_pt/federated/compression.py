@@ -2,7 +2,7 @@
 
     payload = encode(delta, 'int8', block_size=64)   # jittable; a pytree of EncodedArrays
     delta_hat = decode(payload)                       # float32, the shapes of `delta`
-    payload_bytes(payload) == len(to_bytes(payload))  # what the message costs on the wire
+    payload_bytes(payload)                            # what the message costs on the wire
 
 Codecs (`fl.compression.upload` / `download`), for a value x of a block whose largest magnitude
 is m:
@@ -16,9 +16,11 @@ Blocks run over each array flattened in row-major order, the last one zero-padde
 is under one block per array. A non-finite value makes its block's scale non-finite, so a
 diverged client's update still decodes to non-finite values and the server's verdict sees it.
 
-The wire format (`to_bytes`) is what a deployment sends: a header naming every array (its path,
-codec, shape, block size), then each array's values and scales as raw little-endian bytes.
-`payload_bytes` computes its length from shapes alone, so it also sizes `jax.eval_shape` trees.
+`payload_bytes` is the length of the payload as one self-describing message: a header naming
+every array (its path, codec, shape, block size), then each array's values and scales as raw
+bytes (tests/oracles.py writes that message). A deployment's transport adds its own framing
+(Flower's records, orbax's files) to it. It needs shapes only, so it also sizes `jax.eval_shape`
+trees.
 """
 
 import dataclasses
@@ -37,9 +39,7 @@ from jax.sharding import PartitionSpec
 
 CODECS = ('none', 'bf16', 'int8', 'int4')
 _QMAX = {'int8': 127, 'int4': 7}
-_CODEC_IDS = {name: i for i, name in enumerate(CODECS)}
-_MAGIC = b'FJPC\x01'  # format name and version
-_HEADER = struct.Struct('<5sI')  # magic, number of arrays
+_HEADER = struct.Struct('<5sI')  # format name and version, number of arrays
 _ARRAY_HEADER = struct.Struct('<HBBI')  # path length, codec, ndim, block size
 _DIM = struct.Struct('<I')
 
@@ -207,59 +207,11 @@ def _array_bytes(name: str, e: EncodedArray) -> int:
 
 
 def payload_bytes(payload: Any) -> int:
-  """The length of `to_bytes(payload)`, from shapes and dtypes only (no transfer, no copy)."""
+  """The length of the payload as one message, from shapes and dtypes only (no transfer, no
+  copy)."""
   return _HEADER.size + sum(_array_bytes(name, e) for name, e in _named(payload))
 
 
 def raw_bytes(tree: Any) -> int:
   """What the arrays of `tree` (or of a payload) take as plain float32: the uncompressed size."""
   return 4 * sum(math.prod(x.shape) for x in jax.tree.leaves(tree, is_leaf=_is_encoded))
-
-
-def to_bytes(payload: Any) -> bytes:
-  """The payload as one message: header, then per array its header, values and scales."""
-  named = _named(payload)
-  out = [_HEADER.pack(_MAGIC, len(named))]
-  for name, e in named:
-    path = name.encode()
-    out += [_ARRAY_HEADER.pack(len(path), _CODEC_IDS[e.codec], len(e.shape), e.block_size), path,
-            *(_DIM.pack(d) for d in e.shape)]
-    out += [np.asarray(a).astype(np.asarray(a).dtype.newbyteorder('<')).tobytes()
-            for a in (e.values, e.scales) if a is not None]
-  return b''.join(out)
-
-
-def from_bytes(message: bytes) -> dict[str, EncodedArray]:
-  """The arrays of a `to_bytes` message, by path ('block_0/attn/wqkv/kernel')."""
-  magic, count = _HEADER.unpack_from(message, 0)
-  if magic != _MAGIC:
-    raise ValueError(f'not a fedjax_pt payload (header {magic!r})')
-  offset, arrays = _HEADER.size, {}
-  for _ in range(count):
-    path_len, codec_id, ndim, block_size = _ARRAY_HEADER.unpack_from(message, offset)
-    offset += _ARRAY_HEADER.size
-    name = message[offset:offset + path_len].decode()
-    offset += path_len
-    shape = tuple(_DIM.unpack_from(message, offset + _DIM.size * i)[0] for i in range(ndim))
-    offset += _DIM.size * ndim
-    codec = CODECS[codec_id]
-    size = math.prod(shape)
-    if codec in ('none', 'bf16'):
-      dtype = np.float32 if codec == 'none' else jnp.bfloat16
-      values_shape, scales_len = shape, 0
-    else:
-      blocks = -(-size // block_size)
-      dtype = np.int8 if codec == 'int8' else np.uint8
-      values_shape = (blocks, block_size if codec == 'int8' else block_size // 2)
-      scales_len = blocks
-    count_values = math.prod(values_shape)
-    values = np.frombuffer(message, dtype, count_values, offset).reshape(values_shape)
-    offset += values.nbytes
-    scales = None
-    if scales_len:
-      scales = np.frombuffer(message, '<f4', scales_len, offset)
-      offset += scales.nbytes
-    arrays[name] = EncodedArray(values, scales, shape, codec, block_size)
-  if offset != len(message):
-    raise ValueError(f'payload of {len(message)} bytes has {len(message) - offset} trailing bytes')
-  return arrays

@@ -21,7 +21,6 @@ Exit code: 0 when the run completed, 1 when it failed or was stopped, 2 on a bad
 
 import os
 import pathlib
-import re
 import shlex
 import signal
 import sys
@@ -31,38 +30,27 @@ from absl import flags
 from ml_collections import config_flags
 
 from fedjax_pt import build
+from fedjax_pt import cli
 from fedjax_pt import errors
 from fedjax_pt import workdir as workdir_lib
-from fedjax_pt.deploy.local import federation as launcher
 from fedjax_pt.deploy import server_app
 from fedjax_pt.deploy import transport as transport_lib
+from fedjax_pt.deploy.local import federation as launcher
 from fedjax_pt.run_spec import RunSpec
 
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / 'configs' / 'tiny.py'
+_PROGRAM = 'fedjax_pt.deploy.local'
 
 
 def _say(text: str) -> None:
-  print(f'[fedjax_pt.deploy.local] {text}', flush=True)
+  print(f'[{_PROGRAM}] {text}', flush=True)
 
 
-def _fail(message: str, code: int = errors.EXIT_BAD_INPUT) -> None:
-  _say(f'error: {" ".join(message.split())}')
-  sys.exit(code)
+def _fail(message, code: int = errors.EXIT_BAD_INPUT) -> None:
+  cli.fail(message, code, program=_PROGRAM)
 
 
-def _define_config_flag():
-  # config_flags reads the --config.KEY overrides from sys.argv here, at definition time.
-  try:
-    return config_flags.DEFINE_config_file('config', str(_DEFAULT_CONFIG), 'Config file.',
-                                           lock_config=True)
-  except (AttributeError, KeyError) as e:
-    hint = re.search(r'Did you mean "([^"]+)"', str(e))
-    _fail('unknown config key among ' +
-          ', '.join(a.split('=')[0] for a in sys.argv[1:] if a.startswith('--config.')) +
-          (f' (did you mean "{hint[1]}"?)' if hint else ''))
-
-
-_CONFIG = _define_config_flag()
+_CONFIG = cli.define_config(
+    str(pathlib.Path(__file__).resolve().parents[2] / 'configs' / 'tiny.py'), _PROGRAM)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory, as for fedjax_pt.main.')
 _NODES = flags.DEFINE_integer('nodes', None, 'SuperNodes to start, one per client: sets '
                                'fl.num_clients (default: the config\'s).', lower_bound=1)
@@ -79,17 +67,7 @@ _WAIT_S = flags.DEFINE_float('wait_for_nodes_s', 120, 'How long round 1 waits fo
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    rest = flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0])
-  config_file = config_flags.get_config_filename(flags.FLAGS['config']).split(':')[0]
-  if not os.path.isfile(config_file):
-    _fail(f'--config={config_file}: no such config file')
-  try:
-    _CONFIG.value  # pylint: disable=pointless-statement
-  except Exception as e:  # pylint: disable=broad-except
-    _fail(f'--config={config_file} does not load: {e}')
+  rest = cli.parse(argv, _CONFIG, _PROGRAM, usage=__doc__)
   if not _WORKDIR.value:
     _fail('--workdir is required')
   return rest
@@ -134,7 +112,7 @@ def main(argv) -> int:
     _fail(str(e), errors.EXIT_WORKDIR_REFUSED)
   except (ValueError, OSError) as e:
     _fail(str(e))
-  config_file = config_flags.get_config_filename(flags.FLAGS['config'])
+  config_file = config_flags.get_config_filename(flags.FLAGS[_CONFIG.name])
   path, colon, variant = config_file.partition(':')
   run_config = {
       'config': os.path.abspath(path) + colon + variant,

@@ -115,7 +115,7 @@ class LocalFederation:
       raise RuntimeError(f'flwr {" ".join(args)} failed (exit {result.returncode}): '
                          f'{(result.stdout + result.stderr).strip()[-500:]}') from None
 
-  # --- SuperNodes ----------------------------------------------------------------------------------
+  # --- SuperNodes ---------------------------------------------------------------------------------
 
   def add_node(self, name: str, node_config: str, *, register: bool = True,
                tls: bool | None = None, auth: bool | None = None,

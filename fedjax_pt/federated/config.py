@@ -1,0 +1,112 @@
+"""`fl.*`: the federation's typed config (the fault policy is `faults.FaultConfig`)."""
+
+import dataclasses
+
+import ml_collections
+
+from fedjax_pt import optimizers
+from fedjax_pt.federated import aggregation
+from fedjax_pt.federated import compression as compression_lib
+from fedjax_pt.federated import privacy
+from fedjax_pt.federated import profiles as profiles_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class FLConfig:
+  num_clients: int
+  clients_per_round: int
+  rounds: int
+  local_steps: int
+  outer_optimizer: str = 'nesterov'
+  outer_lr: float = 0.1
+  outer_momentum: float = 0.9
+  outer_b2: float = 0.95
+  outer_lr_warmup_rounds: int = 0  # R: the outer lr ramps as lr * min(1, r / R) at round r
+  outer_momentum_warmup_rounds: int = 0  # the same ramp for the outer momentum
+  reset_optimizer: bool = True
+  weighting: str = 'tokens'
+  fragments: int = 1
+  fragment_mixing: float = 0.0
+  compression: compression_lib.CompressionConfig = compression_lib.CompressionConfig()
+  profiles: tuple[profiles_lib.ClientProfile, ...] = ()  # one per client, or () (identical)
+  dp: privacy.DPConfig = privacy.DPConfig()
+  secagg: privacy.SecAggConfig = privacy.SecAggConfig()
+
+  @property
+  def keeps_client_models(self) -> bool:
+    """Whether clients carry their own model from one synchronisation to the next (streaming
+    fragments, or mixing); otherwise every round starts from the global model."""
+    return self.fragments > 1 or self.fragment_mixing > 0
+
+  def __post_init__(self):
+    for name in ('num_clients', 'clients_per_round', 'rounds', 'local_steps'):
+      if getattr(self, name) <= 0:
+        raise ValueError(f'fl.{name} must be positive, got {getattr(self, name)}')
+    if self.clients_per_round > self.num_clients:
+      raise ValueError(f'fl.clients_per_round={self.clients_per_round} exceeds '
+                       f'fl.num_clients={self.num_clients}')
+    if self.outer_optimizer not in optimizers.OUTER_OPTIMIZERS:
+      raise ValueError(f'fl.outer_optimizer must be one of {optimizers.OUTER_OPTIMIZERS}, got '
+                       f'{self.outer_optimizer!r}')
+    if self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
+      raise ValueError(f'fl.outer_lr must be > 0 and fl.outer_momentum in [0, 1), got '
+                       f'{self.outer_lr} and {self.outer_momentum}')
+    for name in ('outer_lr_warmup_rounds', 'outer_momentum_warmup_rounds'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f'fl.{name} must be an integer >= 0 (0: no warmup), got {value!r}')
+    if self.outer_momentum_warmup_rounds and not self.outer_momentum:
+      raise ValueError(f'fl.outer_momentum_warmup_rounds={self.outer_momentum_warmup_rounds} '
+                       'ramps a momentum of 0: set fl.outer_momentum, or the warmup to 0')
+    if self.weighting not in aggregation.WEIGHTINGS:
+      raise ValueError(f'fl.weighting must be one of {aggregation.WEIGHTINGS}, got '
+                       f'{self.weighting!r}')
+    if not isinstance(self.fragments, int) or self.fragments < 1:
+      raise ValueError(f'fl.fragments must be a positive integer, got {self.fragments!r}')
+    if self.fragments > self.local_steps:
+      raise ValueError(f'fl.fragments={self.fragments} exceeds fl.local_steps='
+                       f'{self.local_steps} (a fragment syncs every tau / F steps)')
+    if not 0 <= self.fragment_mixing < 1:
+      raise ValueError(f'fl.fragment_mixing must be in [0, 1), got {self.fragment_mixing}')
+    if self.keeps_client_models and self.clients_per_round != self.num_clients:
+      # A client left out of a synchronisation would train on from a stale model.
+      raise ValueError(f'fl.fragments={self.fragments} / fl.fragment_mixing='
+                       f'{self.fragment_mixing} keep every client\'s model between syncs: they '
+                       f'need fl.clients_per_round = fl.num_clients, got {self.clients_per_round} '
+                       f'of {self.num_clients}')
+    self._check_privacy()
+
+  def _check_privacy(self) -> None:
+    dp, secagg = self.dp, self.secagg
+    if dp.enabled or secagg.enabled:
+      what = 'fl.dp' if dp.enabled else 'fl.secagg'
+      if self.fragments > 1 or self.fragment_mixing:
+        raise ValueError(f'{what} needs whole-model synchronisations: fl.fragments must be 1 and '
+                         f'fl.fragment_mixing 0, got {self.fragments} and {self.fragment_mixing}')
+      if self.weighting == 'examples':
+        raise ValueError(f"{what} averages the clients uniformly (a weight that depends on a "
+                         f"client's data would unbound its influence): fl.weighting must be "
+                         f"'uniform' or 'tokens' with identical clients, got 'examples'")
+    if secagg.enabled:
+      secagg.check(self.clients_per_round)
+      if self.compression.upload != 'none':
+        raise ValueError(f'fl.secagg quantises the deltas itself: fl.compression.upload must be '
+                         f"'none', got {self.compression.upload!r}")
+      if dp.enabled and dp.noise_at != 'clients':
+        raise ValueError("fl.secagg hides each client's delta from the server, which can then "
+                         "neither clip it nor noise it alone: fl.dp.noise_at must be 'clients', "
+                         f'got {dp.noise_at!r}')
+
+  @classmethod
+  def from_config(cls, fl: ml_collections.ConfigDict) -> 'FLConfig':
+    groups = {'compression', 'profiles', 'dp', 'secagg'}
+    fields = {f.name for f in dataclasses.fields(cls)} - groups
+    return cls(**{k: v for k, v in fl.to_dict().items() if k in fields},
+               compression=compression_lib.CompressionConfig.from_config(fl.compression),
+               profiles=profiles_lib.parse(fl.get('profiles', ''), fl.num_clients),
+               dp=privacy.DPConfig.from_config(fl.dp) if 'dp' in fl else privacy.DPConfig(),
+               secagg=(privacy.SecAggConfig.from_config(fl.secagg) if 'secagg' in fl else
+                       privacy.SecAggConfig()))
+
+  def profile(self, k: int) -> profiles_lib.ClientProfile | None:
+    return self.profiles[k] if self.profiles else None
