@@ -9,6 +9,7 @@ setuptools.setup(
     name='fedjax_pt',
     version='0.1.0',
     description='Federated pre-training of large language models in JAX/Flax',
+    license='Apache-2.0',
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
@@ -39,6 +40,7 @@ setuptools.setup(
         'test': _DEPLOY + [
             'pytest>=8,<10',
             'pytest-xdist>=3.5,<4',
+            'ruff>=0.6,<1',
             'chex>=0.1.88,<0.2',
             'sentencepiece>=0.2,<0.3',
             'tensorflow-datasets>=4.9,<5',

@@ -122,7 +122,8 @@ def copy_bandwidth(num_bytes: int, repeats: int = 10) -> float:
 
 def device_line() -> str:
   devices = jax.devices()
-  line = f'{len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}'
+  line = (f'{len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), '
+          f'jax {jax.__version__}')
   if jax.default_backend() == 'cpu' and len(devices) > 1:
     # --xla_force_host_platform_device_count: these share the host's cores and memory.
     line += ('; note: fake CPU devices share one host, so per-device peaks, MFU and bandwidth '

@@ -34,7 +34,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def _run(layout: str, workdir: str) -> dict[str, float]:
   processes, devices = map(int, layout.split('x'))
-  args = [f'--config={_CONFIG.value}', f'--workdir={workdir}', f'--config.fl.rounds={_ROUNDS.value}',
+  args = [f'--config={_CONFIG.value}', f'--workdir={workdir}',
+          f'--config.fl.rounds={_ROUNDS.value}',
           '--config.ckpt.every_rounds=0', '--config.log.progress=False',
           '--config.log.tensorboard=False', *(f'--config.{o}' for o in _OVERRIDES.value)]
   env = dict(os.environ)

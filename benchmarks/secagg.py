@@ -2,9 +2,9 @@ r"""What secure aggregation (Flower's SecAgg+, fl.secagg) costs a deployed round
 
   python -m benchmarks.secagg [--model=tiny|40mb] [--nodes=2] [--rounds=3]
 
-Runs one config twice through a real local federation (`fedjax_pt.deploy.local.federation`: SuperLink
-and SuperNodes on 127.0.0.1, TLS, node authentication, a ClientApp process per message, the JAX
-compilation cache warm): plain, and with fl.secagg.enabled. Rounds after the first (which
+Runs one config twice through a real local federation (`fedjax_pt.deploy.local.federation`:
+SuperLink and SuperNodes on 127.0.0.1, TLS, node authentication, a ClientApp process per message,
+the JAX compilation cache warm): plain, and with fl.secagg.enabled. Rounds after the first (which
 compiles) are compared:
 
   round      mean `round_time_s` of metrics.jsonl (sampling to evaluation included)
@@ -12,8 +12,8 @@ compiles) are compared:
              plain run; every message of the SecAgg+ protocol (keys, shares, masked vectors)
   val_ppl    after the last round: SecAgg+ quantises the deltas (2 * clip_range / 2**22 per value)
 
-`40mb` is a 10.8M-parameter decoder (d_model 384, 6 layers; 43 MB of float32, lr 3e-4) trained one local
-step per round, so the round is mostly moving and masking the model; `tiny` is
+`40mb` is a 10.8M-parameter decoder (d_model 384, 6 layers; 43 MB of float32, lr 3e-4) trained one
+local step per round, so the round is mostly moving and masking the model; `tiny` is
 configs/tiny.py:test (38k parameters).
 """
 

@@ -85,10 +85,13 @@ def write_tables(table: Sequence[Mapping[str, Any]], out: str) -> tuple[str, str
     lines.append(
         f"| `{r['run']}` | {r['upload']} / {r['download']} | "
         f"{'yes' if r['error_feedback'] else 'no'} | {r['fragments']} | "
-        f"{sweep_report.fmt(r['final_val_ppl'], '.2f')} | {sweep_report.fmt(r['vs_none'], '+.1%')} | "
+        f"{sweep_report.fmt(r['final_val_ppl'], '.2f')} | "
+        f"{sweep_report.fmt(r['vs_none'], '+.1%')} | "
         f"{sweep_report.fmt(r['MB_total'], '.1f')} ({sweep_report.fmt(r['MB_sent'], '.1f')} + "
-        f"{sweep_report.fmt(r['MB_received'], '.1f')}) | {sweep_report.fmt(r['less_than_none'], '.2f')}× | "
-        f"{sweep_report.fmt(r['peak_sync_MB'], '.2f')} | {sweep_report.fmt(r['less_than_ddp'], '.0f')}× | "
+        f"{sweep_report.fmt(r['MB_received'], '.1f')}) | "
+        f"{sweep_report.fmt(r['less_than_none'], '.2f')}× | "
+        f"{sweep_report.fmt(r['peak_sync_MB'], '.2f')} | "
+        f"{sweep_report.fmt(r['less_than_ddp'], '.0f')}× | "
         f"{sweep_report.fmt(r['wall_s'] and r['wall_s'] / 60, '.1f')} min |")
   return sweep_report.write_tables(table, list(table[0]), '\n'.join(lines), out, 'compression')
 

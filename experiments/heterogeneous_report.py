@@ -125,7 +125,8 @@ def figure(fleets: Mapping[str, list[plot.Run]], path: str) -> str:
     rounds = min(len(t) for t, _ in curves)
     times = np.mean([t[:rounds] for t, _ in curves], axis=0)
     ppls = np.array([p[:rounds] for _, p in curves])
-    ax.plot(times, ppls.mean(axis=0), 'o-', ms=3, color=f'C{i}', label=f'{name} ({len(runs)} seeds)')
+    ax.plot(times, ppls.mean(axis=0), 'o-', ms=3, color=f'C{i}',
+            label=f'{name} ({len(runs)} seeds)')
     ax.fill_between(times, ppls.min(axis=0), ppls.max(axis=0), color=f'C{i}', alpha=0.15)
   ax.set_title('8 clients, 4x speed spread: validation perplexity on the simulated clock')
   plot.perplexity_axis(ax, 'simulated wall time (s)')

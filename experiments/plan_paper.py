@@ -2,12 +2,12 @@ r"""The paper's runs on paper: federated (float32 or int8 uploads) against DDP o
 
   python experiments/plan_paper.py [--mfu=0.4] [--latency_ms=10] [--gpu=h100]
 
-For configs/125m.py, 350m.py and 1p3b.py as they stand (tau = 500, K = 8 clients, the paper's
-batch and schedule), with every client 8 GPUs (FSDP) at the given MFU and its link at 100 Mbit/s,
-1 Gbit/s and 10 Gbit/s, prints a markdown table of the predicted wall time and bytes of a whole
-run (`fedjax_pt.planning.wallclock`, the time model of `python -m fedjax_pt.plan`), how many times fewer
-bytes federated training sends than DDP (Photon reports 64-512x) and DDP's wall time over
-federated training's. Downloads stay float32. Nothing is compiled or allocated: a few seconds.
+For configs/125m.py, 350m.py and 1p3b.py as they stand (tau = 500, K = 8 clients, the paper's batch
+and schedule), with every client 8 GPUs (FSDP) at the given MFU and its link at 100 Mbit/s, 1 Gbit/s
+and 10 Gbit/s, prints a markdown table of the predicted wall time and bytes of a whole run
+(`fedjax_pt.planning.wallclock`, the time model of `python -m fedjax_pt.plan`), how many times fewer
+bytes federated training sends than DDP (Photon reports 64-512x) and DDP's wall time over federated
+training's. Downloads stay float32. Nothing is compiled or allocated: a few seconds.
 """
 
 import argparse

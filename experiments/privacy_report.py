@@ -44,9 +44,17 @@ def _fleet(run: plot.Run) -> tuple[int, int]:
   return fl['num_clients'], fl['clients_per_round']
 
 
+def _vs_no_dp(row) -> str:
+  """The change against the run without DP, or a dash where the model was destroyed."""
+  if row['final_val_ppl'] and row['final_val_ppl'] > DIVERGED:
+    return '—'
+  return sweep_report.fmt(row['vs_no_dp'], '+.1%')
+
+
 def _final_ppl(run: plot.Run) -> float | None:
   """The last evaluated perplexity even when it is not finite (`summaries.summarize` reports the
-  last finite one): noise can destroy a model, and the table must say so, not show a round before."""
+  last finite one): noise can destroy a model, and the table must say so, not show a round before.
+  """
   evaluated = [r.val_ppl for r in run.rounds if r.val_ppl is not None]
   return evaluated[-1] if evaluated else None
 
@@ -105,7 +113,7 @@ def write_tables(table: Sequence[Mapping[str, Any]], out: str) -> tuple[str, str
         f"{r['sampling_rate']:.2g} | {sweep_report.fmt(r['noise_multiplier'], 'g')} | "
         f"{sweep_report.fmt(r['noise_std_on_mean'], '.3g')} | {_epsilon(r)} | "
         f"{_ppl(r['final_val_ppl'])} | "
-        f"{'—' if r['final_val_ppl'] and r['final_val_ppl'] > DIVERGED else sweep_report.fmt(r['vs_no_dp'], '+.1%')} | "
+        f"{_vs_no_dp(r)} | "
         f"{sweep_report.fmt(r['wall_s'] and r['wall_s'] / 60, '.1f')} min |")
   return sweep_report.write_tables(table, list(table[0]), '\n'.join(lines), out, 'privacy')
 

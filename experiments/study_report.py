@@ -120,12 +120,16 @@ def write_tables(table: Sequence[Mapping[str, Any]], cross: Sequence[Mapping[str
            '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for r in table:
     lines.append(
-        f"| `{r['run']}` | {sweep_report.fmt(r['params'] and r['params'] / 1e3, '.0f')}k | {r['tau']} | "
+        f"| `{r['run']}` | {sweep_report.fmt(r['params'] and r['params'] / 1e3, '.0f')}k | "
+        f"{r['tau']} | "
         f"{r['rounds']} | "
-        f"{sweep_report.fmt(r['tokens'] and r['tokens'] / 1e6, '.2f')}M | {sweep_report.fmt(r['final_val_ppl'], '.2f')} | "
-        f"{sweep_report.fmt(r['best_val_ppl'], '.2f')} | {sweep_report.fmt(r['vs_centralized'], '+.1%')} | "
+        f"{sweep_report.fmt(r['tokens'] and r['tokens'] / 1e6, '.2f')}M | "
+        f"{sweep_report.fmt(r['final_val_ppl'], '.2f')} | "
+        f"{sweep_report.fmt(r['best_val_ppl'], '.2f')} | "
+        f"{sweep_report.fmt(r['vs_centralized'], '+.1%')} | "
         f"{sweep_report.fmt(r['vs_solo'], '+.1%')} | "
-        f"{sweep_report.fmt(r['comm_MB'], '.1f')} | {sweep_report.fmt(r['comm_MB_if_synced_every_step'], ',.0f')} | "
+        f"{sweep_report.fmt(r['comm_MB'], '.1f')} | "
+        f"{sweep_report.fmt(r['comm_MB_if_synced_every_step'], ',.0f')} | "
         f"{sweep_report.fmt(r['wall_s'] and r['wall_s'] / 60, '.1f')} min |")
   lines += ['', '| federated run | against | federated curve |', '|---|---|---|']
   lines += [f"| `{c['federated run']}` | `{c['against']}` | {c['federated curve']} |"

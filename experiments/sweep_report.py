@@ -49,8 +49,9 @@ def summarize(run: Run, workdir: str, rounds_total: int | None = None) -> dict[s
   }
 
 
-SEED_COLUMNS = ('cell', 'seeds', 'runs', *(f'{key}_{stat}' for key in ('final_val_ppl', 'best_val_ppl')
-                                          for stat in ('mean', 'std', 'min', 'max')))
+SEED_COLUMNS = ('cell', 'seeds', 'runs',
+                *(f'{key}_{stat}' for key in ('final_val_ppl', 'best_val_ppl')
+                  for stat in ('mean', 'std', 'min', 'max')))
 
 
 def write_results(rows: Sequence[Mapping[str, Any]], root: str) -> tuple[str, ...]:

@@ -82,7 +82,8 @@ def load_spec(path: str) -> dict[str, Any]:
   else:
     raise SpecError(f'{path}: a spec is a .yaml, .yml or .py file')
   if not isinstance(spec, dict):
-    raise SpecError(f'{path}: the spec must be a mapping (YAML) or define SPEC / get_spec() (Python)')
+    raise SpecError(f'{path}: the spec must be a mapping (YAML) or define SPEC / get_spec() '
+                    '(Python)')
   return spec
 
 

@@ -1,4 +1,4 @@
-"""Assembly: everything a run (or a benchmark, or a notebook) builds from a config, and nothing else.
+"""Assembly: everything a run, a benchmark or a notebook builds from a config, and nothing else.
 
 No function here touches a workdir: `fedjax_pt.workdir` decides what a directory means for a run,
 `fedjax_pt.train` wires the two together.

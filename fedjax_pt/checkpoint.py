@@ -1,4 +1,4 @@
-"""A thin orbax wrapper: round-boundary checkpoints that survive crashes and never destroy good ones.
+"""A thin orbax wrapper: checkpoints at round boundaries that survive crashes, never destroying one.
 
 A checkpoint holds two items: `state`, a pytree of arrays, and `meta`, JSON (what they are is
 `fedjax_pt.run_state`). orbax writes each step into a temporary directory and renames it when
@@ -83,8 +83,8 @@ class Checkpointer:
     steps = self.steps()
     last = f'round {steps[-1]}' if steps else 'none'
     return (f'a checkpoint could not be written to {self.directory} ({_os_cause(error)}'
-            f'{type(error).__name__}: {_shortened(str(error))}); the last complete checkpoint is {last}, and re-running '
-            'the same command resumes from it')
+            f'{type(error).__name__}: {_shortened(str(error))}); the last complete checkpoint is '
+            f'{last}, and re-running the same command resumes from it')
 
   def should_save(self, round_idx: int, last_round: int) -> bool:
     every = self._cfg.every_rounds

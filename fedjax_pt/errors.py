@@ -39,8 +39,8 @@ STOP_REQUESTED = threading.Event()
 def out_of_memory(error: BaseException) -> str | None:
   """The one line to report when `error` is a device or host running out of memory, else None.
 
-  The up-front estimate (`fedjax_pt.planning.memory`) refuses runs that cannot fit before anything is
-  built; this is for the ones it let through (an allocator's overhead, another process's memory).
+  The up-front estimate (`fedjax_pt.planning.memory`) refuses runs that cannot fit before anything
+  is built; this is for the ones it let through (an allocator's overhead, another process's memory).
   XLA reports it as a JaxRuntimeError whose message starts with RESOURCE_EXHAUSTED, followed by
   pages of buffer assignment: keep its first line only.
   """

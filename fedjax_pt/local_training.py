@@ -240,8 +240,9 @@ class Trainer:
     self._param_shapes = jax.tree.map(
         lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), param_shapes,
         one.params)
-    self._unstack = jax.jit(lambda state: [jax.tree.map(lambda x: x[i], state)
-                                           for i in range(parallel)], out_shardings=[one] * parallel)
+    self._unstack = jax.jit(
+        lambda state: [jax.tree.map(lambda x: x[i], state) for i in range(parallel)],
+        out_shardings=[one] * parallel)
 
   def opt_state_shapes(self) -> Any:
     """One client's Adam state as shapes, dtypes and shardings, allocating nothing: what a kept

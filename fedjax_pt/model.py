@@ -1,11 +1,11 @@
 """MPT-style decoder-only transformer (the architecture of the paper's models).
 
 Pre-LayerNorm blocks without biases, GELU MLP of width `mlp_ratio * d_model`, tied input/output
-embeddings, learned absolute positions (RoPE or ALiBi optional). Every parameter carries logical axis
-names so `fedjax_pt.sharding` can map them onto a device mesh.
+embeddings, learned absolute positions (RoPE or ALiBi optional). Every parameter carries logical
+axis names so `fedjax_pt.sharding` can map them onto a device mesh.
 
-Letter key for tensor names: B batch, L sequence length, D d_model, N heads, H head dim, F MLP width,
-V vocabulary, T and S the query and key positions of an attention block.
+Letter key for tensor names: B batch, L sequence length, D d_model, N heads, H head dim, F MLP
+width, V vocabulary, T and S the query and key positions of an attention block.
 """
 
 import dataclasses
@@ -58,7 +58,8 @@ class ModelConfig:
     if self.position_embedding == 'rope' and (self.d_model // self.num_heads) % 2:
       raise ValueError('model.position_embedding=rope needs an even head dimension')
     if self.dtype not in ('float32', 'bfloat16', 'float16'):
-      raise ValueError(f"model.dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+      raise ValueError(
+          f"model.dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
     if self.remat not in ('none', *_REMAT_POLICIES):
       raise ValueError(f"model.remat must be 'none', 'full' or 'dots', got {self.remat!r}")
     if self.attention not in ('xla', 'cudnn'):

@@ -88,8 +88,9 @@ class RoundRecord:
   client_val_loss: dict[int, float] | None = None
   client_val_ppl: dict[int, float] | None = None
   pseudo_grad_norm_per_module: dict[str, float] | None = None
-  # fl.dp: the (epsilon, delta)-DP guarantee of the model after this round (fedjax_pt/federated/privacy.py),
-  # and how many client deltas the server clipped this round (noise at the server).
+  # fl.dp: the (epsilon, delta)-DP guarantee of the model after this round
+  # (fedjax_pt/federated/privacy.py), and how many client deltas the server clipped this round
+  # (noise at the server).
   dp_epsilon: float | None = None
   dp_delta: float | None = None
   dp_clipped_clients: int | None = None

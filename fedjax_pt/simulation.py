@@ -82,8 +82,7 @@ class SimulatedClients:
                                               self._decoded(broadcast, fragment), fragment,
                                               round_idx, segment)
       except client_round.NoModel as e:
-        reports[k] = rule.crashed(k, self._num_examples[k], f'raised NoModel: {e}')
-        reports[k].holds_model = False
+        reports[k] = rule.no_model(k, self._num_examples[k], e)
     if len(reports) == len(group):
       return [reports[k] for k in group]
     # A crashed client of a parallel group, or an empty slot of a short group, trains on zeros and

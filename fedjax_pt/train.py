@@ -1,5 +1,6 @@
 """The run: build, resume, loop over rounds, write records, checkpoint. The one module with side
-effects (files, checkpoints, progress bar, logs); the round itself is `fedjax_pt.federated.algorithm`.
+effects (files, checkpoints, progress bar, logs); the round itself is
+`fedjax_pt.federated.algorithm`.
 
 `run(config, workdir)` trains federated (outer optimizer over client rounds) or centralized (the
 baseline: the same local recipe on the union of the clients' data, logged every `local_steps`).

@@ -1,4 +1,5 @@
-"""What a workdir means for a run: refusing the wrong one, resuming, and setting aside, never deleting.
+"""What a workdir means for a run: refusing the wrong one, resuming, and setting aside, never
+deleting.
 
 A workdir holds config.json, metrics.jsonl, tensorboard/ and checkpoints/. It holds a run once it
 has a checkpoint or a record in metrics.jsonl; a run that failed before its first round leaves

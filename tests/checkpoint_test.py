@@ -1,4 +1,5 @@
-"""Checkpoints: kill-and-resume is bit-identical, bad checkpoints fall back, workdirs are protected."""
+"""Checkpoints: kill-and-resume is bit-identical, bad checkpoints fall back, workdirs are protected.
+"""
 
 import json
 import os

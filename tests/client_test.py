@@ -94,7 +94,8 @@ def test_gradient_accumulation_matches_full_batch(micro_batch_size):
 @pytest.mark.parametrize('remat', ['full', 'dots'])
 def test_remat_does_not_change_results(remat):
   plain = _run(local_training.make_train_step(MODEL, OPT_EXACT))
-  rematted = _run(local_training.make_train_step(dataclasses.replace(MODEL, remat=remat), OPT_EXACT))
+  rematted = _run(local_training.make_train_step(dataclasses.replace(MODEL, remat=remat),
+                                                 OPT_EXACT))
   _assert_same(plain, rematted, rtol=RTOL, atol=ATOL)
 
 

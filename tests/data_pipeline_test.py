@@ -240,8 +240,9 @@ def test_validation_is_held_out_per_client_and_disjoint_from_training(tmp_path):
 
 def test_too_small_client_names_client_and_tokens(tmp_path):
   cfg = _cfg(source='jsonl', path=str(_corpus(tmp_path)), seq_len=64, batch_size=32)
-  with pytest.raises(ValueError, match=r'^client 0 has \d+ training tokens \(\d+ documents in all\) = \d+ windows .*'
-                                       r'lower data.seq_len, data.batch_size or fl.num_clients'):
+  message = (r'^client 0 has \d+ training tokens \(\d+ documents in all\) = \d+ windows .*'
+             r'lower data.seq_len, data.batch_size or fl.num_clients')
+  with pytest.raises(ValueError, match=message):
     build_federated_data(cfg, num_clients=4, seed=0)
 
 

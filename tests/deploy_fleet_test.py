@@ -203,7 +203,8 @@ def test_a_warm_start_with_an_outer_warmup_matches_the_simulation(tmp_path):
   deployed = server_app.serve(FakeGrid(_nodes(tmp_path)), _run_config(
       tmp_path / 'dep', ' '.join(f'--config.{k}={v}' for k, v in keys.items())))
   assert _val_losses(deployed) == _val_losses(simulated)
-  assert deployed.rounds[0].val_loss == records.read_records(str(tmp_path / 'pre')).rounds[-1].val_loss
+  pretrained = records.read_records(str(tmp_path / 'pre')).rounds[-1]
+  assert deployed.rounds[0].val_loss == pretrained.val_loss
 
 
 _STREAMING = {'fragments': 3, 'fragment_mixing': 0.5, 'reset_optimizer': False, 'rounds': 3,

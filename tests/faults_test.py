@@ -1,4 +1,5 @@
-"""Client faults: crashes, NaN updates and late clients are left out; the global model stays finite."""
+"""Client faults: crashes, NaN updates and late clients are left out; the global model stays finite.
+"""
 
 import math
 

@@ -42,7 +42,8 @@ def test_vocabulary_defaults_to_the_padded_one_and_may_be_the_tokenizers_own():
 
 def test_parameter_count_formula():
   cfg = _tiny()
-  # Embedding V*D + positions L*D + per layer (QKV 3D^2 + out D^2 + MLP 8D^2 + 2 norms) + final norm.
+  # Embedding V*D + positions L*D + per layer (QKV 3D^2 + out D^2 + MLP 8D^2 + 2 norms) + final
+  # norm.
   expected = 64 * 32 + 16 * 32 + 2 * (12 * 32 * 32 + 2 * 32) + 32
   assert model_lib.param_count(cfg) == expected
   assert model_lib.param_count(cfg) == sum(

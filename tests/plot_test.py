@@ -1,4 +1,5 @@
-"""A 2-round tiny federated and centralized run record every metric, and the plot command draws them."""
+"""A 2-round tiny federated and centralized run record every metric, and the plot command draws
+them."""
 
 import json
 import os
@@ -115,8 +116,8 @@ def test_labels_name_outer_warmups_and_warm_starts():
   model = {'d_model': 64, 'num_layers': 2}
   assert plot.run_label({'fl': fl, 'model': model}) == (
       'nesterov lr=0.7 mu=0.9 lr warmup 4 K=8/8 tau=50 d64x2')
-  assert plot.run_label({'mode': 'centralized', 'fl': fl, 'model': model,
-                         'init': {'from_checkpoint': 'runs/pre'}}) == 'centralized d64x2 warm-started'
+  warm = {'mode': 'centralized', 'fl': fl, 'model': model, 'init': {'from_checkpoint': 'runs/pre'}}
+  assert plot.run_label(warm) == 'centralized d64x2 warm-started'
 
 
 def test_perplexity_figure_compares_like_with_like(runs, tmp_path, monkeypatch):

@@ -182,7 +182,8 @@ def test_a_checkpoint_of_another_config_is_refused_not_renamed(tmp_path):
   assert result.returncode == errors.EXIT_WORKDIR_REFUSED
   line = _one_error_line(result)
   assert 'the checkpoint of round 2' in line and 'does not match this config' in line
-  assert 'params.block_0.attn.out_proj.kernel is float32[32, 32] there, float32[64, 64] here' in line
+  assert ('params.block_0.attn.out_proj.kernel is float32[32, 32] there, float32[64, 64] here'
+          in line)
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
   assert not [d for d in os.listdir(tmp_path) if d.startswith('corrupted')]
 

@@ -155,7 +155,8 @@ def test_shardings_follow_the_rules():
   expected = {'wte': {'embedding': P(None, 'fsdp')}, 'wpe': P(None, 'fsdp'),
               'norm_f': {'scale': P(None)}}
   block = {'attn': {'wqkv': {'kernel': P('fsdp', None)}, 'out_proj': {'kernel': P(None, 'fsdp')}},
-           'mlp': {'up_proj': {'kernel': P('fsdp', None)}, 'down_proj': {'kernel': P(None, 'fsdp')}},
+           'mlp': {'up_proj': {'kernel': P('fsdp', None)},
+                   'down_proj': {'kernel': P(None, 'fsdp')}},
            'norm_1': {'scale': P(None)}, 'norm_2': {'scale': P(None)}}
   expected.update({f'block_{i}': block for i in range(MODEL.num_layers)})
   assert jax.tree.map(lambda s: s.spec, shardings) == expected
@@ -195,7 +196,8 @@ def test_mesh_defaults_use_the_remaining_devices():
 
 
 @pytest.mark.parametrize('overrides, message', [
-    (dict(fsdp=8, batch_size=4), r'data.batch_size=4 is not divisible by mesh.data x mesh.fsdp = 8'),
+    (dict(fsdp=8, batch_size=4),
+     r'data.batch_size=4 is not divisible by mesh.data x mesh.fsdp = 8'),
     (dict(fsdp=8, micro_batch_size=4), r'data.micro_batch_size=4 is not divisible'),
     (dict(data=3, num_devices=3, batch_size=4), r'data.batch_size=4 is not divisible by mesh.data'),
     (dict(clients=3), r'mesh.clients x mesh.data = 3 x 1 does not divide the 8 local devices'),

@@ -1,4 +1,5 @@
-"""Tests of experiments/sweep*.py: grid expansion and naming, skip / resume / restart, results tables.
+"""Tests of experiments/sweep*.py: grid expansion and naming, skip / resume / restart, results
+tables.
 
 Most tests drive the sweep with a fake trainer (a few lines of Python that speak fedjax_pt.main's
 command line and write its files), so skip and resume logic is checked quickly and exactly; one test
@@ -59,7 +60,8 @@ FAKE_TRAINER = textwrap.dedent('''\
           sys.exit(1)
         lr = float(args.get('config.opt.lr', 1.0))
         record = {'kind': 'round', 'round': r, 'tokens': 100 * r, 'val_loss': 1.0,
-                  'val_ppl': 10.0 / r / lr + (5 if r == rounds else 0) + int(args.get('config.seed', 0)),
+                  'val_ppl': (10.0 / r / lr + (5 if r == rounds else 0) +
+                              int(args.get('config.seed', 0))),
                   'round_time_s': 0.5}
         if 'config.bytes' in args:
           record['bytes_sent'] = record['bytes_received'] = 1000 * r
@@ -135,8 +137,8 @@ def test_product_zip_variants_and_groups():
 
 def test_set_wins_over_the_grid_and_values_format_for_config_flags():
   runs = sweep_spec.expand({'config': 'c.py', 'grid': [{'fl.rounds': [5, 6]}]},
-                      sweep_spec.parse_set(['fl.rounds=2', 'fl.reset_optimizer=false', 'opt.lr=1e-3',
-                                       'data.path=/a/b.jsonl']))
+                           sweep_spec.parse_set(['fl.rounds=2', 'fl.reset_optimizer=false',
+                                                 'opt.lr=1e-3', 'data.path=/a/b.jsonl']))
   assert [r.name for r in runs] == ['rounds=5', 'rounds=6']
   assert runs[0].command('W')[5:] == [
       '--config.fl.rounds=2', '--config.fl.reset_optimizer=False', '--config.opt.lr=0.001',
@@ -179,7 +181,8 @@ def test_a_python_spec_that_does_not_load_is_one_line(tmp_path):
 def test_python_spec(tmp_path):
   path = tmp_path / 'spec.py'
   path.write_text("SPEC = {'config': 'c.py', 'grid': [{'seed': [0, 1]}]}\n")
-  assert [r.name for r in sweep_spec.expand(sweep_spec.load_spec(str(path)))] == ['seed=0', 'seed=1']
+  runs = sweep_spec.expand(sweep_spec.load_spec(str(path)))
+  assert [r.name for r in runs] == ['seed=0', 'seed=1']
 
 
 # --- status and results ---------------------------------------------------------------------------
@@ -256,7 +259,8 @@ def test_references_to_keys_and_to_earlier_runs():
   runs = sweep_spec.expand({
       'config': 'c.py',
       'groups': [{'name': 'pre', 'grid': [{'model.d_model': [32, 64]}]},
-                 {'name': 'warm', 'base': {'init.from_checkpoint': '{root}/pre,d_model={model.d_model}'},
+                 {'name': 'warm',
+                  'base': {'init.from_checkpoint': '{root}/pre,d_model={model.d_model}'},
                   'grid': [{'model.d_model': [32, 64]}, {'seed': [0, 1]}]}]})
   warm = {r.name: r for r in runs}['warm,d_model=64,seed=1']
   assert warm.overrides['init.from_checkpoint'] == '{root}/pre,d_model=64'
@@ -358,8 +362,10 @@ def test_clean_root_runs_everything_then_skips_finished_runs(fake):
 
 def test_a_run_waits_for_the_run_it_starts_from_and_seeds_are_summarized(fake):
   spec = _spec(fake, {'config': 'configs/tiny.py', 'base': {'fl.rounds': 2},
-                      'groups': [{'name': 'pre', 'base': {'sleep': 2.0}, 'grid': [{'seed': [0, 1]}]},
-                                 {'name': 'warm', 'base': {'init.from_checkpoint': '{root}/pre,seed={seed}'},
+                      'groups': [{'name': 'pre', 'base': {'sleep': 2.0},
+                                  'grid': [{'seed': [0, 1]}]},
+                                 {'name': 'warm',
+                                  'base': {'init.from_checkpoint': '{root}/pre,seed={seed}'},
                                   'grid': [{'seed': [0, 1]}]}]})
   root = str(fake / 'root')
   # Two at a time: without the dependency, warm,seed=0 would start beside pre,seed=1 and find

@@ -55,29 +55,32 @@ def get_config() -> ml_collections.ConfigDict:
   # Client faults: a client that raises, returns NaN/Inf or reports after the deadline is left out.
   c.fl.min_clients = 1  # fewest usable clients for the round to update the global model
   c.fl.round_timeout_s = 0.0  # a client's deadline in seconds (0: none)
-  c.fl.round_deadline_s = 0.0  # the same in simulated seconds (fedjax_pt/federated/sim_clock.py; 0: none)
+  c.fl.round_deadline_s = 0.0  # the same in simulated seconds (federated/sim_clock.py; 0: none)
   c.fl.on_too_few_clients = 'retry'  # 'retry' (resample, up to max_round_retries) | 'skip'
   c.fl.max_round_retries = 2
   c.fl.fault = ml_collections.ConfigDict()  # seeded fault injection, for testing robustness
   c.fl.fault.failure_prob = 0.0  # a sampled client crashes
   c.fl.fault.nan_prob = 0.0  # a sampled client returns NaN parameters
-  # Communication (fedjax_pt/federated/compression.py): clients send their delta theta_k - theta, the server
-  # broadcasts theta; each direction is encoded with a codec, with exact wire sizes in the records.
+  # Communication (fedjax_pt/federated/compression.py): clients send their delta theta_k - theta,
+  # the server broadcasts theta; each direction is encoded with a codec, with exact wire sizes in
+  # the records.
   c.fl.compression = ml_collections.ConfigDict()
   c.fl.compression.upload = 'none'  # 'none' (float32) | 'bf16' | 'int8' | 'int4': clients' deltas
   c.fl.compression.download = 'none'  # the same codecs for the global model sent to clients
   c.fl.compression.block_size = 64  # values sharing one float32 absmax scale (int8, int4); even
   c.fl.compression.error_feedback = False  # clients add what earlier messages lost to the next
-  # Streaming fragments (fedjax_pt/federated/fragments.py, Streaming DiLoCo): the model in F fragments of
-  # consecutive layers; fragment f syncs at local steps f * local_steps / F + k * local_steps.
+  # Streaming fragments (fedjax_pt/federated/fragments.py, Streaming DiLoCo): the model in F
+  # fragments of consecutive layers; fragment f syncs at local steps f * local_steps / F + k *
+  # local_steps.
   c.fl.fragments = 1  # F (at most local_steps); F > 1 needs every client in every round
   c.fl.fragment_mixing = 0.0  # alpha: a client takes alpha * own + (1 - alpha) * global fragment
-  # Heterogeneous clients (fedjax_pt/federated/profiles.py): per-client batch, local steps or time budget,
-  # throughput, links and availability, as a JSON list inline or a .json/.yaml file; '' = identical.
+  # Heterogeneous clients (fedjax_pt/federated/profiles.py): per-client batch, local steps or time
+  # budget, throughput, links and availability, as a JSON list inline or a .json/.yaml file; '' =
+  # identical.
   c.fl.profiles = ''
-  # Client-level differential privacy (fedjax_pt/federated/privacy.py, DP-FedAvg): each client's delta is
-  # clipped to clip_norm, Gaussian noise of std noise_multiplier * clip_norm is added to their
-  # sum; (epsilon, delta) after every round is in the records (dp_epsilon, dp_delta).
+  # Client-level differential privacy (fedjax_pt/federated/privacy.py, DP-FedAvg): each client's
+  # delta is clipped to clip_norm, Gaussian noise of std noise_multiplier * clip_norm is added to
+  # their sum; (epsilon, delta) after every round is in the records (dp_epsilon, dp_delta).
   c.fl.dp = ml_collections.ConfigDict()
   c.fl.dp.enabled = False
   c.fl.dp.clip_norm = 1.0  # C, the largest L2 norm of a client's delta ('inf': no clipping)

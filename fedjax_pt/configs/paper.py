@@ -1,4 +1,4 @@
-"""The recipe shared by the paper's four MPT configs (DESIGN.md), parametrised by the table's row."""
+"""The recipe shared by the paper's four MPT configs (DESIGN.md), parametrised by their row."""
 
 from fedjax_pt.configs import base
 

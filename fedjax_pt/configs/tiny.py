@@ -3,9 +3,9 @@
   python -m fedjax_pt.main --config=configs/tiny.py --workdir=runs/tiny
 
 Expected: 4 clients x 10 rounds x 25 local steps of a 0.46M-parameter byte-level decoder; the
-validation perplexity falls from 360.7 at initialisation (round 0) to 35.4 after round 1, 20.1
-after round 6 and 19.0 after round 10, flat from round 7 on (`done: 10 rounds, val_ppl 18.99`),
-in about 100 s on 2 quiet CPU cores. Centralized baseline on the same data: add --config.mode=centralized.
+validation perplexity falls from 360.7 at initialisation (round 0) to 35.4 after round 1, 20.1 after
+round 6 and 19.0 after round 10, flat from round 7 on (`done: 10 rounds, val_ppl 18.99`), in about
+100 s on 2 quiet CPU cores. Centralized baseline on the same data: add --config.mode=centralized.
 
 `--config=configs/tiny.py:test` is the few-second variant that the test suite builds on: a
 d_model 32 decoder on 32-byte sequences, 2 rounds of 3 local steps.

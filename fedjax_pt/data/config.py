@@ -1,7 +1,7 @@
 """Typed, validated view of the `data` group of the experiment config.
 
-The ml_collections ConfigDict stops at this boundary: library code only sees the frozen `DataConfig`,
-so a bad value fails here, once, with a one-line message that names the `data.*` key.
+The ml_collections ConfigDict stops at this boundary: library code only sees the frozen
+`DataConfig`, so a bad value fails here, once, with a one-line message that names the `data.*` key.
 """
 
 import dataclasses

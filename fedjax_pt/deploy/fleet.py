@@ -6,14 +6,14 @@ authentication: the server's operator decides which key holds which seat), or el
 whose node is not online and identified is `unavailable()`: the round object does not sample it,
 and samples it again once its node is back.
 
-A synchronisation pushes one `train` message per sampled client with its part of the round
-object's broadcast (the whole model, or to a node that holds a model of its own the fragment
-synchronised last; inline, Flower uploads a record shared by several messages once). A node runs
-`client_round` and replies with its report and its encoded delta, which the round object decodes;
-the server pulls replies every `poll_s` until all are in or `fl.round_timeout_s` has passed. What does not come back is a fault, never an
-error: Flower's NODE_UNAVAILABLE (a SuperNode that stopped sending heartbeats, about 60 s) reads
-`unavailable`, a ClientApp process that died `crashed`, a reply still missing at the deadline
-`late`; a node's own error reads as its text. Each reason ends with the node id.
+A synchronisation pushes one `train` message per sampled client with its part of the round object's
+broadcast (the whole model, or to a node that holds a model of its own the fragment synchronised
+last; inline, Flower uploads a record shared by several messages once). A node runs `client_round`
+and replies with its report and its encoded delta, which the round object decodes; the server pulls
+replies every `poll_s` until all are in or `fl.round_timeout_s` has passed. What does not come back
+is a fault, never an error: Flower's NODE_UNAVAILABLE (a SuperNode that stopped sending heartbeats,
+about 60 s) reads `unavailable`, a ClientApp process that died `crashed`, a reply still missing at
+the deadline `late`; a node's own error reads as its text. Each reason ends with the node id.
 
 Reports are yielded in client order once the round's replies are in, so the weighted mean adds
 the clients in the simulation's order and the result is bit-identical to it.

@@ -1,5 +1,6 @@
-"""A node's side of a round: client k's local update on the node's own data, as the simulation
-runs it, from the message to the reply. `client_app.py` wraps this in a Flower ClientApp.
+"""A node's part of a synchronisation, from the message to the reply: client k's side of it
+(`federated.client_round`) around its local training on the node's own data. `client_app.py`
+wraps this in a Flower ClientApp.
 
 Flower starts a fresh ClientApp process for every message, so each round rebuilds what it needs
 from the request and the node config: the config, the data pipeline, the compiled train step
@@ -8,9 +9,10 @@ from the request and the node config: the config, the data pipeline, the compile
 Node config (`flower-supernode --node-config "..."`, TOML values):
   partition-id    the client id this node trains as (required)
   num-partitions  1 (default): the node's corpus is all its own. N > 1: the node partitions its
-                  corpus into N shards as the simulation does and trains shard partition-id; with
-                  the server's data config and N = fl.num_clients this is the simulation's client
-                  k exactly (the one-machine set-up, and the equivalence test)
+                  corpus into N shards (`data.build_federated_data`) and trains shard
+                  partition-id; with the server's data config and N = fl.num_clients that is
+                  the data of `fedjax_pt.main`'s client k (the one-machine set-up, and the
+                  equivalence tests)
   state-dir       node-local directory for its state snapshots (default ~/.cache/fedjax_pt/node)
   jax-cache       JAX persistent compilation cache (default <state-dir>/jax-cache)
   shared-dir      where this node reaches the `shared` transport's root, if not at the
@@ -124,8 +126,8 @@ def node_run_config(request: protocol.TrainRequest,
 @functools.lru_cache(maxsize=2)
 def _trainer(model_cfg: model_lib.ModelConfig, opt_cfg, mesh_cfg: sharding.MeshConfig,
              micro_batch_size: int) -> local_training.Trainer:
-  # Flower runs one message per process, so this builds once per round; a process that serves
-  # several (the in-process test grid) reuses the compiled steps, as the simulation does.
+  # Flower runs one message per process, so this builds once per message; a process that serves
+  # several (the in-process test grid) reuses the compiled steps.
   return local_training.Trainer(model_cfg, opt_cfg, sharding.Layout.create(mesh_cfg),
                                 micro_batch_size)
 
@@ -210,14 +212,14 @@ def train_secure(content, node: NodeConfig) -> Any:
 
 
 def local_round(setup: _Setup, received, node: NodeConfig) -> tuple[ClientReport, Any]:
-  """Client k's part of the synchronisation from what it `received` (`client_round`, as the
-  simulation's client k runs it): its report and its encoded delta (None when it could not
-  train). Saves the node's snapshot of what it keeps."""
+  """Client k's part of the synchronisation from what it `received` (`client_round`): its report
+  and its encoded delta (None when it could not train). Saves the node's snapshot of what it
+  keeps."""
   request, spec, rule = setup.request, setup.spec, setup.rule
   k, r, attempt, segment = request.client, request.round, request.attempt, request.segment
   num_examples = setup.data.client_num_tokens(node.shard)
   fault = rule.fault(k, r, attempt, segment)
-  if fault == 'fail':  # as the simulation: it crashes before training
+  if fault == 'fail':  # it crashes before training
     return rule.crashed(k, num_examples), None
   state = node_state.NodeState(os.path.join(node.state_dir, 'runs', request.run_key,
                                             f'client-{k}'))
@@ -228,10 +230,8 @@ def local_round(setup: _Setup, received, node: NodeConfig) -> tuple[ClientReport
   try:
     start, memory = rule.receive(snapshot.memory, received, request.received_fragment, r, segment)
   except client_round.NoModel as e:
-    report = rule.crashed(k, num_examples, f'raised NoModel: {e}')
-    report.holds_model = False
-    return report, None
-  plan = spec.client_plan(k)  # its batch and local steps, as the simulation's client k
+    return rule.no_model(k, num_examples, e), None
+  plan = spec.client_plan(k)  # its batch and local steps (`fl.profiles`)
   steps = rule.local_steps(plan.local_steps, segment)
   iterator = setup.data.client_iterator(node.shard, plan.batch_size)
   if snapshot.iterator is not None:

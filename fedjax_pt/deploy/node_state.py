@@ -5,8 +5,8 @@ per synchronisation (round, segment, attempt) it trained.
 
 Every message names its synchronisation, and the node starts from its latest snapshot *before* it.
 A server that restarts from an older checkpoint and replays rounds therefore finds each node as
-it was at that checkpoint, exactly as the simulation restores its clients from the checkpoint;
-snapshots at or after the replayed synchronisation belong to the lost future and are deleted. A
+it was at that checkpoint; snapshots at or after the replayed synchronisation belong to the lost
+future and are deleted. A
 snapshot is written to a temporary directory and renamed, so a node killed mid-write leaves the
 previous one intact.
 """

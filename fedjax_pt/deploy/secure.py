@@ -238,10 +238,10 @@ def secure_round(grid, cfg: privacy.SecAggConfig, round_idx: int,
   context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
       Parameters(tensors=[], tensor_type='numpy.ndarray'), keep_input=True)
   workflow = SecAggPlusWorkflow(
-      num_shares=float(cfg.num_shares), reconstruction_threshold=float(cfg.reconstruction_threshold),
-      max_weight=1.0, clipping_range=float(cfg.clip_range),
-      quantization_range=2 ** cfg.quantization_bits, modulus_range=_MODULUS,
-      timeout=cfg.timeout_s or None)
+      num_shares=float(cfg.num_shares),
+      reconstruction_threshold=float(cfg.reconstruction_threshold), max_weight=1.0,
+      clipping_range=float(cfg.clip_range), quantization_range=2 ** cfg.quantization_bits,
+      modulus_range=_MODULUS, timeout=cfg.timeout_s or None)
   metered = _Metered(grid)
   start = time.monotonic()
   workflow(metered, context)

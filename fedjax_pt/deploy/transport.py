@@ -1,6 +1,6 @@
 """How a model travels between the server and a node: in the Flower message, or through storage.
-What travels is a compression payload (`fedjax_pt.federated.compression`): the global model encoded with
-fl.compression.download, a client's delta encoded with fl.compression.upload.
+What travels is a compression payload (`fedjax_pt.federated.compression`): the global model encoded
+with fl.compression.download, a client's delta encoded with fl.compression.upload.
 
 `inline` (the default) puts the arrays in the message: Flower chunks them through the SuperLink,
 and one record placed in several messages is uploaded once. `shared` is the pattern Photon uses

@@ -15,7 +15,7 @@ WEIGHTINGS = ('tokens', 'examples', 'uniform')
 
 
 def client_weight(rule: str, num_tokens: int, num_examples: int) -> float:
-  """Client k's unnormalised weight under `rule` (normalised by the sum over the round's clients)."""
+  """Client k's unnormalised weight under `rule` (divided by the sum over the round's clients)."""
   if rule == 'tokens':
     return float(num_tokens)
   if rule == 'examples':

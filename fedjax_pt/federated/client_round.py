@@ -141,6 +141,13 @@ class ClientRule:
     return ClientReport(client=client, update=None, num_examples=num_examples,
                         failure=failure or _INJECTED, injected=failure is None)
 
+  def no_model(self, client: int, num_examples: int, error: NoModel) -> ClientReport:
+    """The report of a client that could not merge what it received: it says it holds no model,
+    so the server sends it the whole model next."""
+    report = self.crashed(client, num_examples, f'raised NoModel: {error}')
+    report.holds_model = False
+    return report
+
   def finish(self, client: int, memory: ClientMemory, start: Start,
              result: local_training.ClientResult, fault: str | None,
              segment: fragments_lib.Segment, round_idx: int, attempt: int, local_steps: int,

@@ -1,10 +1,10 @@
 """Client faults: what the server tolerates, and seeded fault injection to test that it does.
 
 A sampled client can fail three ways: it raises (crash, lost connection), it returns non-finite
-parameters (divergence, corruption), or it reports late: after `fl.round_timeout_s` of real time,
-or after `fl.round_deadline_s` of simulated time (`fedjax_pt.federated.sim_clock`). Such a client is left
-out of the round's average. Injected faults are a pure function of (seed, round, client, attempt), so
-a resumed run meets exactly the faults an uninterrupted one did.
+parameters (divergence, corruption), or it reports late: after `fl.round_timeout_s` of real time, or
+after `fl.round_deadline_s` of simulated time (`fedjax_pt.federated.sim_clock`). Such a client is
+left out of the round's average. Injected faults are a pure function of (seed, round, client,
+attempt), so a resumed run meets exactly the faults an uninterrupted one did.
 """
 
 import dataclasses

@@ -56,10 +56,11 @@ def make_server_update(tx: optax.GradientTransformation, like: ServerState | Non
   """Returns `apply(state, mean_delta) -> (state, metrics)`: the jitted outer step on the clients'
   mean delta (sum_k w_k (theta_k - theta); the pseudo-gradient is its negation).
 
-  With a `fragment` (streaming fragments), `mean_delta` is a fragment tree (`fedjax_pt.federated.fragments`)
-  and the step moves that fragment of the model and its own optimizer state only. Given a sharded
-  state `like` (from `init_server_state` with shardings), the step keeps every array of the state
-  where it is in `like` and updates the state in place (donation).
+  With a `fragment` (streaming fragments), `mean_delta` is a fragment tree
+  (`fedjax_pt.federated.fragments`) and the step moves that fragment of the model and its own
+  optimizer state only. Given a sharded state `like` (from `init_server_state` with shardings), the
+  step keeps every array of the state where it is in `like` and updates the state in place
+  (donation).
   """
   part = ((lambda tree: tree) if fragment is None else
           (lambda tree: fragments_lib.select(tree, assignment, fragment)))

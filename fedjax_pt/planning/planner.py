@@ -185,7 +185,8 @@ def describe(config: ml_collections.ConfigDict) -> str:
   lines = [f'model: {model_lib.param_count(model_cfg):,} parameters, d_model {model_cfg.d_model}, '
            f'{model_cfg.num_layers} layers, {model_cfg.num_heads} heads, vocab '
            f'{model_cfg.vocab_size}, seq {spec.data.seq_len}, {model_cfg.dtype}',
-           f'training FLOPs per token: {model_lib.flops_per_token(model_cfg, spec.data.seq_len):.3g}',
+           'training FLOPs per token: '
+           f'{model_lib.flops_per_token(model_cfg, spec.data.seq_len):.3g}',
            f'mesh: clients {spec.mesh.clients} x data {spec.mesh.data} x fsdp {spec.mesh.fsdp} of '
            f'{jax.device_count()} {jax.devices()[0].platform} device(s)',
            f'memory per device, estimate: {est.total / GIB:.2f} GiB ({est.breakdown()}), at '

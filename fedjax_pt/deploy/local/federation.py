@@ -129,7 +129,8 @@ class LocalFederation:
     tls = self.secure if tls is None else tls
     auth = self.secure if auth is None else auth
     cmd = [str(_BIN / 'flower-supernode'), '--superlink', f'127.0.0.1:{self.port}',
-           '--host', '127.0.0.1', '--port', str(distributed.free_port()), '--node-config', node_config]
+           '--host', '127.0.0.1', '--port', str(distributed.free_port()),
+           '--node-config', node_config]
     cmd += ['--root-certificates', str(self.tls.ca)] if tls else ['--insecure']
     if auth:
       private, public = certs.make_node_key(self.directory / 'keys', name)
