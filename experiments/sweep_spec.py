@@ -99,6 +99,8 @@ def expand(spec: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> l
   runs = []
   for where, group in labelled:
     _check_keys(group, {'name', 'config', 'base', 'grid'}, where)
+    if group.get('name'):
+      _check_label(group['name'], f'{where}.name')
     config = group.get('config') or spec.get('config')
     if not config:
       raise SpecError('spec: config (a config file, e.g. configs/tiny.py) is required')
@@ -194,6 +196,8 @@ def _axis(axis: Any, where: str) -> list[tuple[list[Any], dict[str, Any]]]:
         raise SpecError(f'{where}[{j}]: a variant is a mapping of overrides, got {variant!r}')
       variant = dict(variant)
       label = variant.pop('_name', None)
+      if label is not None:
+        _check_label(label, f'{where}[{j}]._name')
       overrides = _overrides(variant, f'{where}[{j}]')
       parts = [str(label)] if label is not None else list(overrides.items())
       out.append((parts, overrides))
@@ -243,6 +247,14 @@ def run_name(parts: Sequence[Any]) -> str:
     digest = hashlib.sha1(name.encode()).hexdigest()[:10]
     name = f'{name[:_NAME_MAX - 11]}-{digest}'
   return name
+
+
+def _check_label(label: Any, where: str) -> None:
+  """A variant's or group's name becomes part of a workdir's name under the sweep root: '.' or
+  '..' would put the workdir at the root or outside it."""
+  if not str(label).strip('.'):
+    raise SpecError(f'{where}: {label!r} is not a name (it would put the run\'s workdir outside '
+                    'its own directory under the root)')
 
 
 def _safe(text: str) -> str:

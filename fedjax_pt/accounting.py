@@ -5,6 +5,7 @@ record, with what is derived from those totals: the privacy spent so far (epsilo
 """
 
 import dataclasses
+import math
 from typing import Any
 
 from fedjax_pt import metrics
@@ -23,6 +24,18 @@ class Totals:
   bytes_received: int = 0
   sim_wall_time_s: float = 0.0  # simulated (`federated.sim_clock`)
   dp_releases: int = 0  # synchronisations that released a DP mechanism (fl.dp)
+
+
+def divergence(record: records.RoundRecord, params_finite: bool) -> str | None:
+  """Why the model of a round counts as destroyed, or None. Parameters that are not finite, and
+  also finite ones so large that the norm overflows or the losses are not finite."""
+  if not params_finite:
+    return 'the global model is not finite'
+  for key in ('global_norm', 'val_loss', 'train_loss'):
+    value = getattr(record, key)
+    if value is not None and not math.isfinite(value):
+      return f'the global model\'s {key} is {value}'
+  return None
 
 
 def _dp(spec: RunSpec) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -91,7 +92,9 @@ class Checkpointer:
     return bool(every) and (round_idx % every == 0 or round_idx == last_round)
 
   def save(self, round_idx: int, state: Any, meta: dict[str, Any]) -> None:
-    """Starts saving; with async_save the files are written while the next round trains."""
+    """Starts saving; with async_save the files are written while the next round trains. The
+    meta records every array's fingerprint, which a restore checks."""
+    meta = {**meta, FINGERPRINTS: fingerprints(state)}
     try:
       with _interrupts_deferred():
         self._manager.save(round_idx, args=ocp.args.Composite(
@@ -132,6 +135,7 @@ class Checkpointer:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target)))
+        check_fingerprints(restored['state'], meta)
         return Restored(round=step, state=restored['state'], meta=meta)
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside_unreadable(step, e)
@@ -224,9 +228,15 @@ def load_warm_start(start: WarmStart, abstract_params: Any) -> Any:
   check_warm_start(start, abstract_params)
   target = {'params': abstract(abstract_params)}
   with _reader(start) as manager:
-    restored = manager.restore(start.round, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
+    restored = manager.restore(start.round, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True),
+        meta=ocp.args.JsonRestore()))
+  try:
+    check_fingerprints({'params': restored['state']['params']}, dict(restored['meta']))
+  except CorruptCheckpoint as e:
+    raise WarmStartError(f'init.from_checkpoint: {start.path} {e}') from None
   return restored['state']['params']
 
 
@@ -267,6 +277,49 @@ def _interrupts_deferred():
     signal.raise_signal(received[0])  # now, to the handler it was meant for
 
 
+FINGERPRINTS = 'fingerprints'  # the meta's key
+
+
+class CorruptCheckpoint(ValueError):
+  """A checkpoint's arrays read back as other values than were saved."""
+
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+  """sum_i (2 i + 1) * bits_i mod 2**32 over the array's values as unsigned integers: any change
+  of one value changes it (odd factors are invertible mod 2**32), the same on any device layout
+  (integer sums do not depend on their order), computed where the array is."""
+  width = x.dtype.itemsize * 8
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{width}')).astype(jnp.uint32)
+  bits = bits.reshape(-1)
+  odd = jnp.arange(bits.size, dtype=jnp.uint32) * 2 + 1
+  return jnp.sum(bits * odd, dtype=jnp.uint32)
+
+
+_fingerprints = jax.jit(lambda leaves: [_fingerprint(x) for x in leaves])
+
+
+def fingerprints(tree: Any) -> dict[str, int]:
+  """{'params.wte.embedding': fingerprint} of every array of `tree`."""
+  named = jax.tree_util.tree_leaves_with_path(tree)
+  values = jax.device_get(_fingerprints([x for _, x in named]))
+  return {_path_name(path): int(v) for (path, _), v in zip(named, values)}
+
+
+def check_fingerprints(tree: Any, meta: dict[str, Any]) -> None:
+  """Raises CorruptCheckpoint naming the first array of `tree` whose fingerprint is not the one
+  saved in `meta` (a checkpoint written before fingerprints existed is not checked)."""
+  saved = meta.get(FINGERPRINTS)
+  if saved is None:
+    return
+  for name, value in fingerprints(tree).items():
+    if saved.get(name) != value:
+      raise CorruptCheckpoint(f'{name} does not hold the values that were saved (fingerprint '
+                              f'{value}, saved {saved.get(name)}): the files are corrupted')
+
+
 def abstract(tree: Any) -> Any:
   """Shapes, dtypes and shardings of `tree` (arrays or ShapeDtypeStructs): what a restore needs
   to rebuild it exactly."""
@@ -305,11 +358,14 @@ def _key_name(key: Any) -> str:
   return str(key)
 
 
+def _path_name(path) -> str:
+  return '.'.join(_key_name(k) for k in path)
+
+
 def _arrays(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
   """{'params.wte.embedding': (shape, dtype)} of a tree of arrays or array metadata."""
   leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return {'.'.join(_key_name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
-          for path, leaf in leaves}
+  return {_path_name(path): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaves}
 
 
 def _first_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str | None:

@@ -8,9 +8,12 @@ overrides, as `python -m fedjax_pt.main` takes them.
 """
 
 from collections.abc import Sequence
+import datetime
 import logging as std_logging
 import os
+import pathlib
 import re
+import signal
 import sys
 import threading
 from typing import NoReturn
@@ -70,6 +73,12 @@ def config_file(config_flag) -> str:
   return config_flags.get_config_filename(flags.FLAGS[config_flag.name]).split(':')[0]
 
 
+def default_workdir(config_path: str) -> str:
+  """Where a run writes when no --workdir is given: runs/<config name>-<timestamp>."""
+  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+  return os.path.join('runs', f'{pathlib.Path(config_path.split(":")[0]).stem}-{stamp}')
+
+
 def parse(argv: list[str], config_flag, program: str = 'fedjax_pt',
           usage: str | None = None) -> list[str]:
   """absl's parser (as `app.run`'s flags_parser), with every flag or config error reduced to one
@@ -122,6 +131,29 @@ def load_config(path: str, overrides: Sequence[str]) -> ml_collections.ConfigDic
     return values.config
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f'config={path} {" ".join(overrides)}: {" ".join(str(e).split())}') from None
+
+
+def interrupt_once(program: str = 'fedjax_pt') -> None:
+  """SIGINT and SIGTERM (a scheduler's, a sweep's) stop the command as Ctrl-C does, by raising
+  KeyboardInterrupt once. A second signal arrives while it stops (saving its checkpoint, stopping
+  its processes): raised again, it would cut that short with a traceback, so it is noted in one
+  line and the stop goes on."""
+
+  def noted(signum, frame):
+    del frame
+    print(f'{program}: {signal.Signals(signum).name} received while stopping; the stop goes on',
+          file=sys.stderr, flush=True)
+
+  def first(signum, frame):
+    del signum, frame
+    errors.STOP_REQUESTED.set()  # in case the KeyboardInterrupt lands where it is swallowed
+    for signum in (signal.SIGINT, signal.SIGTERM):
+      signal.signal(signum, noted)
+    raise KeyboardInterrupt
+
+  errors.STOP_REQUESTED.clear()
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, first)
 
 
 def _quiet(record) -> bool:

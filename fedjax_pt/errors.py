@@ -36,6 +36,21 @@ class Interrupted(RuntimeError):
 STOP_REQUESTED = threading.Event()
 
 
+def exit_code(error: BaseException) -> int | None:
+  """The exit code a command ends with when a run raised `error`; None for an error that is
+  nobody's input (a bug: it keeps its traceback)."""
+  for kind, code in ((WorkdirRefused, EXIT_WORKDIR_REFUSED), (WorkdirBusy, EXIT_WORKDIR_BUSY),
+                     (TrainingFailed, EXIT_TRAINING_FAILED), (Interrupted, EXIT_INTERRUPTED)):
+    if isinstance(error, kind):
+      return code
+  if out_of_memory(error) is not None:
+    return EXIT_TRAINING_FAILED
+  # Bad input or an unusable workdir (not a directory, not writable, disk full).
+  if isinstance(error, (ValueError, OSError, ImportError)):
+    return EXIT_BAD_INPUT
+  return None
+
+
 def out_of_memory(error: BaseException) -> str | None:
   """The one line to report when `error` is a device or host running out of memory, else None.
 
@@ -45,7 +60,10 @@ def out_of_memory(error: BaseException) -> str | None:
   pages of buffer assignment: keep its first line only.
   """
   text = str(error)
-  if not (isinstance(error, MemoryError) or 'RESOURCE_EXHAUSTED' in text):
+  # Only an allocation: tensorstore also says RESOURCE_EXHAUSTED, of a full disk (a save's error).
+  allocating = isinstance(error, MemoryError) or any(
+      kind.__name__ == 'JaxRuntimeError' for kind in type(error).__mro__)
+  if not (allocating and (isinstance(error, MemoryError) or 'RESOURCE_EXHAUSTED' in text)):
     return None
   first = (text.strip().splitlines() or [type(error).__name__])[0][:300]
   return (f'out of memory while training: {first}; lower data.batch_size, or set '

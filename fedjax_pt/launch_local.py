@@ -13,9 +13,7 @@ several hosts, run `python -m fedjax_pt.main` on each yourself (README: "One cli
 hosts"): this launcher is the same command, N times, on one host.
 """
 
-import datetime
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -47,8 +45,7 @@ def _workdir(args: list[str]) -> tuple[str, list[str]]:
     if arg.startswith('--workdir='):
       return arg.split('=', 1)[1], args
   config = next((a.split('=', 1)[1] for a in args if a.startswith('--config=')), 'tiny.py')
-  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-  workdir = os.path.join('runs', f'{pathlib.Path(config.split(":")[0]).stem}-{stamp}')
+  workdir = cli.default_workdir(config)
   return workdir, [*args, f'--workdir={workdir}']
 
 

@@ -10,15 +10,11 @@ Exit codes (fedjax_pt/errors.py): 0 done, 2 bad input, 3 workdir holds another e
 130 interrupted.
 """
 
-import datetime
-import os
 import pathlib
-import signal
 
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 
 from fedjax_pt import cli
 from fedjax_pt import errors
@@ -29,17 +25,6 @@ _CONFIG = cli.define_config(str(pathlib.Path(__file__).resolve().parent / 'confi
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Output directory (metrics.jsonl, config.json). Default: '
     'runs/<config name>-<timestamp>.')
-# What a failed run raises, and the exit code each gets (bad input is ValueError, OSError, ...).
-_FAILURES = ((errors.WorkdirRefused, errors.EXIT_WORKDIR_REFUSED),
-             (errors.WorkdirBusy, errors.EXIT_WORKDIR_BUSY),
-             (errors.TrainingFailed, errors.EXIT_TRAINING_FAILED),
-             (errors.Interrupted, errors.EXIT_INTERRUPTED))
-
-
-def _raise_interrupt(signum, frame):
-  del signum, frame
-  errors.STOP_REQUESTED.set()  # in case the KeyboardInterrupt lands where it is swallowed
-  raise KeyboardInterrupt  # SIGTERM (a scheduler, a sweep) stops the run like Ctrl-C
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -61,25 +46,16 @@ def main(argv):
     # Every process must write to one directory, which a timestamped default would not be.
     cli.fail(f'mesh.num_processes={config.mesh.num_processes} needs --workdir: the same '
              'directory (on a file system that every host sees) for every process')
-  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-  workdir = _WORKDIR.value or os.path.join(
-      'runs', f'{pathlib.Path(cli.config_file(_CONFIG)).stem}-{stamp}')
+  workdir = _WORKDIR.value or cli.default_workdir(cli.config_file(_CONFIG))
   logging.info('workdir: %s', workdir)
-  errors.STOP_REQUESTED.clear()
-  signal.signal(signal.SIGTERM, _raise_interrupt)
-  signal.signal(signal.SIGINT, _raise_interrupt)
+  cli.interrupt_once()
   try:
     result = train.run(config, workdir)
-  except tuple(kind for kind, _ in _FAILURES) as e:
-    cli.fail(e, next(code for kind, code in _FAILURES if isinstance(e, kind)))
-  except (MemoryError, jax.errors.JaxRuntimeError) as e:
-    if errors.out_of_memory(e) is None:
+  except Exception as e:  # pylint: disable=broad-except
+    code = errors.exit_code(e)
+    if code is None:
       raise
-    cli.fail(errors.out_of_memory(e), errors.EXIT_TRAINING_FAILED)
-  except (ValueError, OSError, ImportError) as e:
-    # Bad input or an unusable workdir (not a directory, not writable, disk full): one line that
-    # names the culprit, no traceback.
-    cli.fail(e)
+    cli.fail(errors.out_of_memory(e) or e, code)
   if not result.rounds:  # a process other than 0 of a resumed run that had nothing left to do
     print(f'done: results in {workdir}')
     return

@@ -25,6 +25,8 @@ if __name__ == '__main__':
     return '8'
 
   _COUNT = _gpus_per_client(sys.argv)
+  # XLA makes the devices when JAX first uses them, after the flags are checked (too many would
+  # hang there).
   if _COUNT.isdigit() and int(_COUNT) > 0:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={_COUNT}').strip()

@@ -11,6 +11,7 @@ from fedjax_pt import data as data_lib
 from fedjax_pt import distributed
 from fedjax_pt import optimizers
 from fedjax_pt import sharding
+from fedjax_pt.configs import base as base_config
 from fedjax_pt.federated import faults
 from fedjax_pt.federated import profiles as profiles_lib
 from fedjax_pt.federated.config import FLConfig
@@ -73,6 +74,7 @@ class RunSpec:
                tensorboard=config.log.tensorboard, per_layer_norms=config.log.per_layer_norms,
                init_from=init.from_checkpoint)
     distributed.ProcessConfig.from_config(config.mesh)  # checks mesh.num_processes & co.
+    _check_nothing_ignored(config)
     spec.check_profiles()
     if (spec.fl.dp.enabled or spec.fl.secagg.enabled) and spec.fl.weighting == 'tokens' and (
         not spec.uniform_clients):
@@ -106,6 +108,38 @@ class RunSpec:
       raise ValueError(f'fl.profiles give clients different batches or local steps, which '
                        f'streaming fragments cannot schedule: fl.fragments must be 1, got '
                        f'{fl.fragments}')
+
+
+def _changed(config: ml_collections.ConfigDict, group: str) -> list[str]:
+  """The keys of `group` ('fl.dp') whose value is not the default's."""
+  default, current = base_config.get_config(), config
+  for name in group.split('.'):
+    default, current = default[name], current[name]
+  return [f'{group}.{k}' for k, v in current.items() if k in default and v != default[k]]
+
+
+def _check_nothing_ignored(config: ml_collections.ConfigDict) -> None:
+  """A key that the rest of the config switches off is an error, not a silent no-op: a user who
+  sets fl.dp.noise_multiplier without fl.dp.enabled must not believe the run was private."""
+  fl = config.fl
+  for group in ('fl.dp', 'fl.secagg'):
+    switched_off = not config.fl[group.split('.')[1]].enabled
+    changed = [k for k in _changed(config, group) if not k.endswith('.enabled')]
+    if switched_off and changed:
+      raise ValueError(f'{changed[0]} is set but {group}.enabled=False, which ignores it: set '
+                       f'{group}.enabled=True, or leave {group}.* at their defaults')
+  comp = fl.compression
+  quantised = {comp.upload, comp.download} & {'int8', 'int4'}
+  if not quantised and 'fl.compression.block_size' in _changed(config, 'fl.compression'):
+    raise ValueError(f'fl.compression.block_size={comp.block_size} is set, but only the int8 and '
+                     'int4 codecs have blocks (fl.compression.upload and .download are '
+                     f'{comp.upload!r} and {comp.download!r})')
+  if comp.error_feedback and comp.upload == 'none':
+    raise ValueError("fl.compression.error_feedback=True with fl.compression.upload='none': "
+                     'exact messages leave nothing to feed back; choose a lossy upload codec')
+  if config.mode == 'centralized' and config.eval.per_client:
+    raise ValueError('eval.per_client=True evaluates the global model on each client\'s held-out '
+                     "data, which mode='centralized' has no global model of: set it to False")
 
 
 _MAY_BE_INFINITE = ('fl.dp.clip_norm',)  # inf: no clipping

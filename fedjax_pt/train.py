@@ -138,11 +138,12 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
       session.writer.write(record)
       rounds.append(record)
       progress.write(reporting.round_line(record, fl.rounds))
-      if not faults.all_finite(state.params):
+      diverged = accounting.divergence(record, bool(faults.all_finite(state.params)))
+      if diverged:
         saved = session.checkpointer.steps()
         raise errors.TrainingFailed(
-            f'the global model is not finite after round {round_idx}: training diverged (lower '
-            'opt.lr or fl.outer_lr); this round is not checkpointed, ' +
+            f'{diverged} after round {round_idx}: training diverged (lower opt.lr or '
+            'fl.outer_lr); this round is not checkpointed, ' +
             (f'the last checkpoint is round {saved[-1]}' if saved else 'and no earlier one was'))
       if session.checkpointer.should_save(round_idx, fl.rounds):
         arrays, meta = run_state.save_items(algorithm, state, clients, round_idx, totals,

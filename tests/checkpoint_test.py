@@ -409,3 +409,47 @@ def test_a_storage_error_names_its_os_cause_first(tmp_path, monkeypatch):
   # An error that carries no OS code is reported as it is, with no invented cause.
   assert checkpoint_lib._os_cause(ValueError('bad spec')) == ''
   assert checkpoint_lib._os_cause(OSError(28, 'x')) == f'{os.strerror(28)}: '
+
+
+def _rewrite_state(checkpoint, change):
+  """Writes the arrays of `checkpoint` (a checkpoints/N directory) again, changed by `change`,
+  leaving its meta as it was: what a flipped byte that the compressor still decodes does."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.StandardCheckpointer() as checkpointer:
+    tree = checkpointer.restore(checkpoint / 'state')
+    checkpointer.save(checkpoint / 'rewritten', change(tree))
+    checkpointer.wait_until_finished()
+  shutil.rmtree(checkpoint / 'state')
+  os.rename(checkpoint / 'rewritten', checkpoint / 'state')
+
+
+def _nudged(tree):
+  """One value of the embedding moved by one ulp."""
+  embedding = np.array(tree['params']['wte']['embedding'])
+  embedding[3, 5] = np.nextafter(embedding[3, 5], np.float32(1))
+  tree['params']['wte']['embedding'] = embedding
+  return tree
+
+
+def test_a_checkpoint_whose_values_changed_is_set_aside_and_the_run_falls_back(tmp_path, caplog):
+  """Every array's fingerprint is in the checkpoint's meta: values that read back fine but differ
+  from what was saved are corruption. The resume names the array, moves the checkpoint aside and
+  continues from the previous one: bit for bit the uninterrupted run."""
+  reference = train.run(_config(), str(tmp_path / 'reference'))
+  train.run(_config(), str(tmp_path / 'run'))
+  _rewrite_state(tmp_path / 'run' / 'checkpoints' / '3', _nudged)
+  resumed = train.run(_config(), str(tmp_path / 'run'))
+  _assert_bit_identical(resumed.params, reference.params)
+  assert (tmp_path / 'run' / 'corrupted-checkpoint-3').is_dir()
+  assert 'params.wte.embedding does not hold the values that were saved' in caplog.text
+
+
+def test_a_warm_start_from_a_changed_checkpoint_is_one_line(tmp_path):
+  train.run(_config(rounds=1), str(tmp_path / 'pre'))
+  _rewrite_state(tmp_path / 'pre' / 'checkpoints' / '1', _nudged)
+  config = _config(rounds=1)
+  config.init.from_checkpoint = str(tmp_path / 'pre')
+  with pytest.raises(checkpoint_lib.WarmStartError,
+                     match=r'init.from_checkpoint: .*/pre/checkpoints/1 params.wte.embedding does '
+                           r'not hold the values that were saved'):
+    train.run(config, str(tmp_path / 'warm'))

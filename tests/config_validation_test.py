@@ -47,6 +47,11 @@ def _set(config, dotted, value):
     ('mesh.process_id', 1, 'mesh.process_id=1 / mesh.coordinator=\'\' join a multi-process run'),
     ('mesh.coordinator', 'localhost', "mesh.coordinator must be 'host:port', got 'localhost'"),
     ('mesh.heartbeat_timeout_s', 0, 'mesh.heartbeat_timeout_s must be a positive integer'),
+    # Keys that the rest of the config switches off are refused, not silently ignored.
+    ('fl.dp.noise_multiplier', 0.5, 'fl.dp.noise_multiplier is set but fl.dp.enabled=False'),
+    ('fl.secagg.clip_range', 2.0, 'fl.secagg.clip_range is set but fl.secagg.enabled=False'),
+    ('fl.compression.block_size', 128, 'fl.compression.block_size=128 is set, but only the int8'),
+    ('fl.compression.error_feedback', True, "with fl.compression.upload='none'"),
 ])
 def test_config_error_is_one_line_and_immediate(tmp_path, key, value, message):
   config = tiny.get_config()
@@ -57,3 +62,10 @@ def test_config_error_is_one_line_and_immediate(tmp_path, key, value, message):
   assert message in str(info.value) and '\n' not in str(info.value)
   assert time.perf_counter() - start < 5.0  # nothing was tokenized or compiled
   assert not (tmp_path / 'run').exists()
+
+
+def test_per_client_evaluation_of_a_centralized_run_is_refused(tmp_path):
+  config = tiny.get_config()
+  config.mode, config.eval.per_client = 'centralized', True
+  with pytest.raises(ValueError, match="eval.per_client=True evaluates the global model on each"):
+    train.run(config, str(tmp_path / 'run'))

@@ -247,6 +247,15 @@ def test_streaming_fragments_match_the_simulation_across_a_server_restart(tmp_pa
   assert trains == ['1'] * 6 + ['2'] * 6 + ['3'] * 6 + ['3'] * 6  # 3 syncs x 2 nodes a round
 
 
+def test_a_destroyed_model_ends_a_deployed_run(tmp_path):
+  """Huge but finite parameters (outer lr 1e25): divergence, as in the simulation."""
+  with pytest.raises(train.errors.TrainingFailed, match='after round 1: training diverged'):
+    server_app.serve(FakeGrid(_nodes(tmp_path)), _run_config(
+        tmp_path / 'run', '--config.fl.outer_lr=1e25 --config.fl.outer_momentum=0 '
+        '--config.fl.rounds=1'))
+  assert not (tmp_path / 'run' / 'checkpoints' / '1').exists()
+
+
 def test_a_simulated_run_is_not_continued_by_a_deployment(tmp_path):
   """Its clients' Adam states are in its checkpoint, not on any node: refused, nothing moved."""
   train.run(_config(reset_optimizer=False, rounds=1), str(tmp_path / 'run'))

@@ -198,3 +198,22 @@ def test_a_killed_node_and_a_broken_node_are_faults_and_the_run_finishes(tmp_pat
   assert math.isfinite(rounds[-1].val_loss) and math.isfinite(rounds[-1].global_norm)
   log = (workdir / 'deploy' / 'logs' / 'run.log').read_text()
   assert 'client 2 (node' in log and 'no-such-dir' in log and 'Traceback' not in log
+
+
+@pytest.mark.parametrize('flags, message', [
+    (('--config.data.source=jsonl', '--config.data.path=/nonexistent/*.jsonl'),
+     "data.path pattern '/nonexistent/*.jsonl' matches no file"),
+    (("--node_config=data.path='/x.jsonl' oops",), "--node_config for node 0: 'oops' is not a "
+                                                   'key=value pair'),
+    (('--node_config=data.seq_len=64',), "node config key 'data.seq_len' is part of the recipe"),
+    (('--transport=shared', '--config.fl.secagg.enabled=True'),
+     "fl.secagg sends the masked deltas in Flower's messages"),
+])
+def test_bad_data_or_node_config_is_refused_before_any_process_starts(tmp_path, flags, message):
+  result = subprocess.run([sys.executable, '-m', 'fedjax_pt.deploy.local', '--nodes=3',
+                           f'--workdir={tmp_path}', *TINY, *flags], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1].startswith('fedjax_pt.deploy.local: error: ') and message in lines[-1], lines
+  assert not (tmp_path / 'deploy').exists()  # no certificate, key or process was made

@@ -136,7 +136,7 @@ def test_a_cudnn_config_is_planned_on_a_host_without_cudnn():
 
 @pytest.mark.parametrize('flags, message', [
     (('v100', 8, 0.4, 1000, 10), '--gpu must be one of h100, h200, a100, l4, cpu'),
-    (('h100', 0, 0.4, 1000, 10), '--gpus_per_client must be positive'),
+    (('h100', 0, 0.4, 1000, 10), '--gpus_per_client must be in'),
     (('h100', 8, 0.0, 1000, 10), '--mfu must be in (0, 1]'),
     (('h100', 8, 1.5, 1000, 10), '--mfu must be in (0, 1]'),
     (('h100', 8, 0.4, -5, 10), '--bandwidth_mbps must be positive'),
@@ -144,6 +144,18 @@ def test_a_cudnn_config_is_planned_on_a_host_without_cudnn():
 def test_bad_flags_name_the_flag(flags, message):
   with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(']', r'\]')):
     plan.check_flags(*flags)
+
+
+def test_too_many_devices_per_client_are_refused_before_xla_makes_them():
+  """100,000 CPU devices would take XLA minutes to make: the flag is checked first."""
+  result = subprocess.run(
+      [sys.executable, '-m', 'fedjax_pt.plan', '--config=configs/tiny.py',
+       '--gpus_per_client=100000'], cwd=REPO, capture_output=True, text=True, timeout=120,
+      check=False, env={**os.environ, 'PYTHONPATH': REPO})
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      'fedjax_pt: error: --gpus_per_client must be in [1, 1024] (XLA compiles the step on as '
+      'many CPU devices), got 100000')
 
 
 def test_the_cli_reports_a_bad_flag_in_one_line_with_exit_2():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from dp_accounting import dp_event
 from dp_accounting import rdp
+from dp_accounting.pld import pld_privacy_accountant
 from scipy import stats
 
 import scripted
@@ -113,6 +114,39 @@ def test_epsilon_of_one_gaussian_release_is_the_exact_one():
   for noise in (0.05, 0.8, 3.0):
     assert privacy.epsilon(noise, 0.25, 8, delta) <= privacy.epsilon(noise, 1.0, 8, delta)
   assert privacy.epsilon(0.0, 1.0, 3, delta) == math.inf
+
+
+@pytest.mark.parametrize('sigma, rate, releases', [(0.3, 1.0, 5), (0.2, 0.25, 5)])
+def test_pld_grid_scaled_to_the_rdp_bound_agrees_with_the_default_grid(sigma, rate, releases):
+  """Where the library's default grid (1e-4 nats a step) is affordable, the grid of fedjax_pt
+  (1e-5 of the RDP epsilon a step, when that is coarser) gives its epsilon to the discretisation
+  error: at most a step per release, relatively releases * 1e-5 * rdp / epsilon."""
+  gaussian = dp_event.GaussianDpEvent(sigma)
+  event = gaussian if rate >= 1 else dp_event.PoissonSampledDpEvent(rate, gaussian)
+  accountant = pld_privacy_accountant.PLDAccountant()
+  accountant.compose(event, releases)
+  default = accountant.get_epsilon(1e-5)
+  ours = privacy.epsilon(sigma, rate, releases, 1e-5, 'pld')
+  rdp_bound = privacy.epsilon(sigma, rate, releases, 1e-5, 'rdp')
+  assert abs(ours - default) / default <= releases * 1e-5 * rdp_bound / default
+
+
+def test_pld_at_little_noise_gives_an_epsilon_instead_of_exhausting_memory():
+  """At noise 0.001 the default grid needs billions of points (a MemoryError, which the run then
+  reported as a training OOM); the scaled grid gives a bound below RDP's."""
+  pld = privacy.epsilon(0.001, 1.0, 3, 1e-5, 'pld')
+  assert 0 < pld <= privacy.epsilon(0.001, 1.0, 3, 1e-5, 'rdp')
+
+
+def test_an_accountant_that_fails_is_named_not_taken_for_a_training_oom(monkeypatch):
+  def exhausted(self, event, count=1):
+    raise MemoryError('Unable to allocate 19.4 GiB')
+
+  monkeypatch.setattr(pld_privacy_accountant.PLDAccountant, 'compose', exhausted)
+  with pytest.raises(ValueError, match=r"fl.dp.accountant=pld failed at fl.dp.noise_multiplier="
+                                       r"0.123 after 2 releases \(MemoryError.*use "
+                                       r"fl.dp.accountant='rdp'"):
+    privacy.epsilon(0.123, 1.0, 2, 1e-5, 'pld')
 
 
 def _config(**dp):

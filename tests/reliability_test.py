@@ -69,6 +69,22 @@ def test_divergence_is_a_failure_not_done(tmp_path):
   assert not os.path.isdir(tmp_path / 'checkpoints' / '1')  # the NaN model is not saved
 
 
+@pytest.mark.parametrize('mode, flags', [
+    # Parameters near 1e25: finite, but their norm overflows float32 and the loss is NaN.
+    ('federated', ('--config.fl.outer_lr=1e25', '--config.fl.outer_momentum=0')),
+    # One Adam step moves every value by about lr: 1e20, finite, but its square overflows.
+    ('centralized', ('--config.opt.lr=1e20', '--config.opt.warmup_steps=0',
+                     '--config.fl.local_steps=1')),
+])
+def test_a_destroyed_model_with_finite_parameters_is_a_failure(tmp_path, mode, flags):
+  result = _main(tmp_path, TEST_CONFIG, f'--config.mode={mode}', '--config.fl.rounds=1', *flags)
+  assert result.returncode == errors.EXIT_TRAINING_FAILED, result.stderr[-2000:]
+  line = _one_error_line(result)
+  assert "the global model's" in line and 'after round 1: training diverged' in line, line
+  assert 'done:' not in result.stdout
+  assert not os.path.isdir(tmp_path / 'checkpoints' / '1')
+
+
 def test_a_run_whose_every_round_is_skipped_is_a_failure(tmp_path):
   result = _main(tmp_path, TEST_CONFIG, '--config.fl.round_timeout_s=0.001',
                  '--config.fl.on_too_few_clients=skip')
@@ -108,6 +124,25 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(tmp_path):
   last = stderr.strip().splitlines()[-1]
   assert last.startswith('fedjax_pt: error: interrupted at round ')
   assert 're-run the same command to resume (from the checkpoint of round' in last
+  resumed = _main(tmp_path, TEST_CONFIG, '--config.fl.rounds=4')
+  assert resumed.returncode == 0 and 'resuming' in resumed.stderr, resumed.stderr[-3000:]
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_while_stopping_is_noted_and_the_stop_completes(tmp_path, signum):
+  """A user (or a scheduler) signals twice: the second arrives while the run saves and closes.
+  It is one line, the run still ends with its own line and exit 130, and resumes."""
+  process = _start(tmp_path, '--config.fl.rounds=40')
+  try:
+    _wait_for_round(tmp_path, 2, process)
+    process.send_signal(signum)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    _stop(process)
+  assert process.returncode == errors.EXIT_INTERRUPTED, stderr[-3000:]
+  assert 'Traceback' not in stderr and 'Exception ignored' not in stderr, stderr[-3000:]
+  assert stderr.strip().splitlines()[-1].startswith('fedjax_pt: error: interrupted at round ')
   resumed = _main(tmp_path, TEST_CONFIG, '--config.fl.rounds=4')
   assert resumed.returncode == 0 and 'resuming' in resumed.stderr, resumed.stderr[-3000:]
 

@@ -161,6 +161,10 @@ def test_names_disambiguate_keys_shorten_paths_and_stay_short():
     ({'config': 'c', 'grid': [[{'_name': 'a'}, {'_name': 'a', 'seed': 1}]]}, 'share the workdir'),
     ({'config': 'c', 'base': {'fl rounds': 1}}, 'is not a config key'),
     ({'config': 'c', 'grids': []}, r'unknown key\(s\) grids'),
+    ({'config': 'c', 'grid': [[{'_name': '..'}]]},
+     r"spec.grid\[0\]\[0\]._name: '..' is not a name"),
+    ({'config': 'c', 'groups': [{'name': '.', 'grid': []}]},
+     r"groups\[0\].name: '.' is not a name"),
 ])
 def test_bad_specs_name_the_culprit(spec, message):
   with pytest.raises(sweep_spec.SpecError, match=message):

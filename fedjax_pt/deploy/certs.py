@@ -43,8 +43,21 @@ def _names(host: str) -> list[x509.GeneralName]:
     return names + [x509.DNSName(host)]
 
 
-def make_tls(directory: pathlib.Path, host: str = '127.0.0.1', days: int = 30) -> TLSFiles:
-  """A CA (EC P-384) and a server certificate for `host`, localhost and 127.0.0.1."""
+def _refuse_to_overwrite(paths: list[pathlib.Path], force: bool) -> None:
+  """Credentials are never replaced by accident: a new CA or key locks out whoever holds the
+  old one (every organisation, or the node whose key the operator registered)."""
+  existing = [str(p) for p in paths if p.exists()]
+  if existing and not force:
+    raise FileExistsError(f'{existing[0]} exists; it would be replaced, locking out whoever holds '
+                          'it (--force replaces it)')
+
+
+def make_tls(directory: pathlib.Path, host: str = '127.0.0.1', days: int = 30,
+             force: bool = True) -> TLSFiles:
+  """A CA (EC P-384) and a server certificate for `host`, localhost and 127.0.0.1. Existing
+  files are replaced only with `force`."""
+  files = TLSFiles(directory / 'ca.crt', directory / 'server.pem', directory / 'server.key')
+  _refuse_to_overwrite([files.ca, files.cert, files.key], force)
   directory.mkdir(parents=True, exist_ok=True)
   now = datetime.datetime.now(datetime.timezone.utc)
   valid = dict(not_valid_before=now - datetime.timedelta(minutes=5),
@@ -70,7 +83,6 @@ def make_tls(directory: pathlib.Path, host: str = '127.0.0.1', days: int = 30) -
           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
           .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
           .sign(ca_key, hashes.SHA256()))
-  files = TLSFiles(directory / 'ca.crt', directory / 'server.pem', directory / 'server.key')
   files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
   files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
   _write_private(files.key, key.private_bytes(serialization.Encoding.PEM,
@@ -79,12 +91,14 @@ def make_tls(directory: pathlib.Path, host: str = '127.0.0.1', days: int = 30) -
   return files
 
 
-def make_node_key(directory: pathlib.Path, name: str) -> tuple[pathlib.Path, pathlib.Path]:
+def make_node_key(directory: pathlib.Path, name: str,
+                  force: bool = True) -> tuple[pathlib.Path, pathlib.Path]:
   """An ECDSA P-384 key pair in OpenSSH format, what `flower-supernode
   --auth-supernode-private-key` and `flwr supernode register` read: (private, public)."""
+  private, public = directory / name, directory / f'{name}.pub'
+  _refuse_to_overwrite([private, public], force)
   directory.mkdir(parents=True, exist_ok=True)
   key = ec.generate_private_key(ec.SECP384R1())
-  private, public = directory / name, directory / f'{name}.pub'
   _write_private(private, key.private_bytes(serialization.Encoding.PEM,
                                             serialization.PrivateFormat.OpenSSH,
                                             serialization.NoEncryption()))
@@ -97,24 +111,36 @@ def _cli() -> None:
   # Flags are defined here, not on import: the launcher and tests import this module.
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from fedjax_pt import cli  # pylint: disable=g-import-not-at-top
   tls_dir = flags.DEFINE_string('tls_dir', '', 'Make ca.crt, server.pem, server.key here.')
   host = flags.DEFINE_string('host', '127.0.0.1', "The SuperLink's host name or IP address.")
   days = flags.DEFINE_integer('days', 365, 'Validity of the certificates.')
   node_key = flags.DEFINE_string('node_key', '', 'Make a SuperNode key pair: PATH and PATH.pub.')
+  force = flags.DEFINE_bool('force', False, 'Replace existing files (locks out their holders).')
+  program = 'fedjax_pt.deploy.certs'
 
   def main(argv) -> None:
-    del argv
+    if len(argv) > 1:
+      cli.fail(f'unexpected arguments: {" ".join(argv[1:])}', program=program)
     if bool(tls_dir.value) == bool(node_key.value):
-      raise app.UsageError('give --tls_dir (with --host) or --node_key')
-    if tls_dir.value:
-      files = make_tls(pathlib.Path(tls_dir.value), host.value, days.value)
-      print(f'CA {files.ca} (give it to every organisation), certificate {files.cert} and key '
-            f'{files.key} (keep them on the SuperLink host)')
-    else:
-      path = pathlib.Path(node_key.value)
-      private, public = make_node_key(path.parent, path.name)
-      print(f'private key {private} (keep it on the node), public key {public} (send it to the '
-            'operator)')
+      cli.fail('give --tls_dir (with --host) or --node_key', program=program)
+    where = pathlib.Path(tls_dir.value or node_key.value)
+    directory = where if tls_dir.value else where.parent
+    if directory.exists() and not directory.is_dir():
+      cli.fail(f'{directory} is a file, not a directory', program=program)
+    try:
+      if tls_dir.value:
+        files = make_tls(pathlib.Path(tls_dir.value), host.value, days.value, force.value)
+        print(f'CA {files.ca} (give it to every organisation), certificate {files.cert} and key '
+              f'{files.key} (keep them on the SuperLink host)')
+      else:
+        path = pathlib.Path(node_key.value)
+        private, public = make_node_key(path.parent, path.name, force.value)
+        print(f'private key {private} (keep it on the node), public key {public} (send it to '
+              'the operator)')
+    except OSError as e:  # exists, a file where a directory should be, not writable
+      cli.fail(e if e.filename is None else f'{e.filename}: {e.strerror}', program=program)
 
   app.run(main)
 

@@ -70,8 +70,11 @@ def run_key(workdir: str) -> str:
   return hashlib.sha256(f'{socket.gethostname()}:{workdir}'.encode()).hexdigest()[:16]
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict, transport: str = 'inline') -> None:
   """What a deployment refuses that the simulation accepts."""
+  if config.fl.secagg.enabled and transport != 'inline':
+    raise ValueError(f"fl.secagg sends the masked deltas in Flower's messages: run config "
+                     f"transport must be 'inline', got {transport!r}")
   if config.mode != 'federated':
     raise ValueError(f"a deployment trains mode='federated', got {config.mode!r}")
   if config.eval.per_client:
@@ -88,16 +91,13 @@ def serve(grid: Grid, run_config: dict) -> train.RunResult:
   workdir = str(run_config['workdir'])
   if not os.path.isabs(workdir):
     raise ValueError(f'run config workdir={workdir!r} must be an absolute path')
-  check_config(config)
+  check_config(config, str(run_config['transport']))
   # Nodes get the profiles inline: a profiles file is on the server's disk, not theirs.
   config.fl.profiles = profiles.canonical(config.fl.profiles, config.fl.num_clients)
   config.log.progress = False  # the run's log is a stream: one line per round, no bar
   shared_dir = str(run_config['shared-dir']) or os.path.join(workdir, 'shared')
   move = transport_lib.make(str(run_config['transport']), shared_dir)
   if config.fl.secagg.enabled:
-    if move.kind != 'inline':
-      raise ValueError(f"fl.secagg sends the masked deltas in Flower's messages: run config "
-                       f"transport must be 'inline', got {move.kind!r}")
     logging.info('fl.secagg: the server receives only the sum of the clients\' deltas (SecAgg+, '
                  'decoded mean within %.3g of the plain mean per value) and of their losses; '
                  'per-client losses, norms and step records describe one client\'s update and '

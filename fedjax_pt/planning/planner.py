@@ -23,6 +23,7 @@ from fedjax_pt.planning import wallclock
 from fedjax_pt.run_spec import RunSpec
 
 GIB = memory.GIB
+MAX_DEVICES = 1024  # per client: XLA:CPU makes this many devices for the analysis
 
 
 def payload_bytes(model_cfg: model_lib.ModelConfig, codec: str, block_size: int) -> int:
@@ -208,8 +209,9 @@ def check_flags(gpu: str, gpus_per_client: int, mfu: float, bandwidth_mbps: floa
   """Raises ValueError naming the first flag out of its range."""
   if gpu not in devices_lib.NAMES:
     raise ValueError(f'--gpu must be one of {", ".join(devices_lib.NAMES)}, got {gpu!r}')
-  if gpus_per_client <= 0:
-    raise ValueError(f'--gpus_per_client must be positive, got {gpus_per_client}')
+  if not 0 < gpus_per_client <= MAX_DEVICES:
+    raise ValueError(f'--gpus_per_client must be in [1, {MAX_DEVICES}] (XLA compiles the step on '
+                     f'as many CPU devices), got {gpus_per_client}')
   if not 0 < mfu <= 1:
     raise ValueError(f'--mfu must be in (0, 1], got {mfu:g}')
   if not bandwidth_mbps > 0:

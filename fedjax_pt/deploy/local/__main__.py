@@ -21,18 +21,21 @@ Exit code: 0 when the run completed, 1 when it failed or was stopped, 2 on a bad
 
 import os
 import pathlib
+import re
 import shlex
-import signal
 import sys
 
 from absl import app
 from absl import flags
+from flwr.common import config as flwr_config
 from ml_collections import config_flags
 
 from fedjax_pt import build
 from fedjax_pt import cli
+from fedjax_pt import data as data_lib
 from fedjax_pt import errors
 from fedjax_pt import workdir as workdir_lib
+from fedjax_pt.deploy import node as node_lib
 from fedjax_pt.deploy import server_app
 from fedjax_pt.deploy import transport as transport_lib
 from fedjax_pt.deploy.local import federation as launcher
@@ -74,12 +77,32 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _checked_spec(config, workdir: str) -> RunSpec:
-  """Everything the server would refuse, refused before any process starts."""
-  server_app.check_config(config)
+  """Everything the server or the nodes would refuse, refused before any process starts: the
+  config, the workdir, every --node_config, and the data (read and partitioned here once, as the
+  server and each node will)."""
+  server_app.check_config(config, _TRANSPORT.value)
   spec = RunSpec.from_config(config)
   resolved = build.resolved_config(config, build.model_config(config))
   workdir_lib.Workdir(workdir, spec, resolved).check()
+  extra = _NODE_CONFIG.value
+  if len(extra) > spec.fl.num_clients:
+    raise ValueError(f'{len(extra)} --node_config for {spec.fl.num_clients} nodes')
+  for i, text in enumerate(extra):
+    node_lib.NodeConfig.parse({'partition-id': i, **_node_config(text, i)})
+  data_lib.build_federated_data(spec.data, num_clients=spec.fl.num_clients, seed=spec.seed)
   return spec
+
+
+def _node_config(text: str, node: int) -> dict:
+  """--node_config as flower-supernode reads --node-config, except that what it would silently
+  drop (text that is not key=value) is an error."""
+  left = re.sub(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)", '', text).strip()
+  if left:
+    raise ValueError(f'--node_config for node {node}: {left!r} is not a key=value pair')
+  try:
+    return flwr_config.parse_config_args([text])
+  except Exception as e:  # pylint: disable=broad-except  (Flower raises click's exception)
+    raise ValueError(f'--node_config for node {node}: {e}') from None
 
 
 def _nodes_overrides(config) -> list[str]:
@@ -93,11 +116,6 @@ def _nodes_overrides(config) -> list[str]:
   for key, value in changed.items():
     config.fl[key] = value
   return [f'--config.fl.{key}={value}' for key, value in changed.items()]
-
-
-def _interrupt(signum, frame):
-  del signum, frame
-  raise KeyboardInterrupt
 
 
 def main(argv) -> int:
@@ -121,7 +139,7 @@ def main(argv) -> int:
       'wait-for-nodes-s': _WAIT_S.value,
   }
   deploy_dir = pathlib.Path(workdir) / 'deploy'
-  signal.signal(signal.SIGTERM, _interrupt)
+  cli.interrupt_once(_PROGRAM)
   federation = launcher.LocalFederation(deploy_dir, secure=not _INSECURE.value)
   code = 1
   try:

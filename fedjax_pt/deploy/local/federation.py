@@ -206,7 +206,9 @@ class LocalFederation:
       done.set()
     if run_id is None:
       raise RuntimeError('flwr run started no run; see ' + str(self.procs.logs / 'run.log'))
-    status = str(self.cli_json('list', '--run-id', run_id).get('runs', [{}])[0].get('status'))
+    runs = self.cli_json('list', '--run-id', run_id).get('runs') or [{}]
+    status = runs[0].get('status') or ('unknown: the SuperLink did not answer (see '
+                                       f'{self.procs.logs / "superlink.log"})')
     if timeout_s and time.monotonic() - started > timeout_s:
       status = f'stopped after the {timeout_s:g}s time limit ({status})'
     return status, error
