@@ -52,9 +52,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     runs = sweep_spec.expand(sweep_spec.load_spec(args.spec), sweep_spec.parse_set(args.set))
     if args.only:
-      runs = [r for r in runs if re.search(args.only, r.name)]
+      try:
+        runs = [r for r in runs if re.search(args.only, r.name)]
+      except re.error as e:
+        raise sweep_spec.SpecError(f'--only={args.only!r} is not a regular expression: '
+                                   f'{e}') from None
     if args.parallel < 1:
       raise sweep_spec.SpecError(f'--parallel must be >= 1, got {args.parallel}')
+    if os.path.exists(args.root) and not os.path.isdir(args.root):
+      raise sweep_spec.SpecError(f'--root={args.root} is a file, not a directory')
+    if not args.report_only and args.module == 'fedjax_pt.main':  # another trainer: its own keys
+      sweep_spec.check_configs(runs, args.cwd)
     runner = sweep_runner.Runner(args.root, python=args.python, module=args.module,
                                  cwd=args.cwd, nice=args.nice, resume=args.resume)
     if args.dry_run:
@@ -65,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 0
     outcome = {} if args.report_only else sweep_runner.run_all(runs, runner, args.parallel)
   except sweep_spec.SpecError as e:
-    print(f'sweep: error: {e}', file=sys.stderr)
+    print(f'sweep: error: {" ".join(str(e).split())}', file=sys.stderr)
     return 2
   rows = [sweep_report.summarize(run, runner.workdir(run),
                                  sweep_spec.requested_rounds(run, args.cwd)) for run in runs]

@@ -31,6 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATE_FILE = 'sweep_run.json'  # per workdir: the overrides, command, attempts and wall time
 LOG_FILE = 'sweep.log'  # per workdir: the trainer's stdout and stderr, appended per attempt
 STOP_GRACE_S = 30  # time a trainer gets to finish writing a checkpoint after SIGINT
+BUSY_POLL_S = 2.0  # how often a run that another sweep is running is looked at
 
 
 def read_rounds(workdir: str) -> list[records.RoundRecord]:
@@ -139,8 +140,15 @@ class Runner:
       return 'finished'
     if before == 'unfinished' and self.resume == 'restart':
       self.echo(f'[sweep] {run.name}: unfinished; moved aside to {move_aside(workdir)}')
-    refused = self._attempt(run, workdir)
-    if refused and self.resume == 'auto' and not self.stopping:
+    code = self._attempt(run, workdir)
+    if code == errors.EXIT_WORKDIR_BUSY and not self.stopping:
+      # Another sweep on the same root runs it: its result is this run's too.
+      self.echo(f'[sweep] {run.name}: another process is running it; waiting for it to end')
+      while workdir_lib.writer_of(workdir) and not self.stopping:
+        time.sleep(BUSY_POLL_S)
+      if self.status(run) != 'finished' and not self.stopping:
+        code = self._attempt(run, workdir)
+    if code == errors.EXIT_WORKDIR_REFUSED and self.resume == 'auto' and not self.stopping:
       self.echo(f'[sweep] {run.name}: the trainer cannot resume it; moved aside to '
                 f'{move_aside(workdir)}, starting again')
       self._attempt(run, workdir)
@@ -148,8 +156,8 @@ class Runner:
       return 'finished'
     return 'interrupted' if self.stopping else 'failed'
 
-  def _attempt(self, run: Run, workdir: str) -> bool:
-    """Runs the trainer once; True if it refused the workdir."""
+  def _attempt(self, run: Run, workdir: str) -> int | None:
+    """Runs the trainer once; its exit code (None: the sweep was stopping)."""
     os.makedirs(workdir, exist_ok=True)
     state = read_state(workdir) or {'name': run.name, 'config': run.config, 'attempts': [],
                                     'wall_s': 0.0}
@@ -170,7 +178,7 @@ class Runner:
       offset = log.tell()
       with self._lock:
         if self.stopping:
-          return False
+          return None
         proc = subprocess.Popen(command, cwd=self.cwd, env=self.env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_die_with_parent)
@@ -193,7 +201,7 @@ class Runner:
                 f'(log: {workdir}/{LOG_FILE})')
     elif code == 0:
       self.echo(f'[sweep] {run.name}: done in {elapsed:.0f}s')
-    return refused
+    return code
 
   def stop(self) -> None:
     """Interrupts every running trainer (SIGINT to its process group, SIGKILL after a grace)."""

@@ -281,6 +281,22 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
   return out
 
 
+def check_configs(runs: Sequence[Run], cwd: str) -> None:
+  """Every run's config file exists and every override names one of its keys with a value of
+  its type, before any trainer starts; SpecError names the run. (Values the trainer checks
+  against each other, or paths that earlier runs write, are left to it.)"""
+  from fedjax_pt import cli  # pylint: disable=g-import-not-at-top  (JAX only where it is needed)
+  for run in runs:
+    path = os.path.join(cwd, run.config.split(':')[0])
+    if not os.path.isfile(path):
+      raise SpecError(f'{run.name}: config {run.config} is not a file (relative to {cwd})')
+    try:
+      cli.load_config(os.path.join(cwd, run.config),
+                      [f'--config.{k}={format_value(v)}' for k, v in run.overrides.items()])
+    except ValueError as e:
+      raise SpecError(f'{run.name}: {e}') from None
+
+
 def requested_rounds(run: Run, cwd: str) -> int | None:
   """fl.rounds that `run` asks for: its override, else its config file's value (None if the file
   cannot be read from `cwd`)."""

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import shutil
 import signal
 import threading
 from typing import Any
@@ -65,8 +66,11 @@ class Checkpointer:
     self._cfg = cfg
     self._manager = ocp.CheckpointManager(
         self.directory,
+        # A save that was killed or failed left a temporary directory: the run is this
+        # workdir's only writer (its lock), so it is no one's save in progress.
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, create=True, enable_async_checkpointing=cfg.async_save),
+            max_to_keep=cfg.keep, create=True, enable_async_checkpointing=cfg.async_save,
+            cleanup_tmp_directories=True),
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()})
 
@@ -78,7 +82,15 @@ class Checkpointer:
       self._manager.wait_until_finished()
       self._manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
+      self._remove_unfinished()  # its space, on a full disk, is what the user needs back
       raise SaveFailed(self._failure_message(e)) from e
+
+  def _remove_unfinished(self) -> None:
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if '.orbax-checkpoint-tmp' in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def _failure_message(self, error: Exception) -> str:
     steps = self.steps()

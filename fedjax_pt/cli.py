@@ -51,8 +51,21 @@ def _overrides(argv: Sequence[str]) -> list[str]:
 
 
 def _unknown_key(error: Exception, program: str) -> NoReturn:
+  """Names the override whose key does not exist (ml_collections names only its last part)."""
+  overrides = _overrides(sys.argv[1:])
+  text = str(error).replace("\\'", "'")  # the KeyError's message, quoted once more
+  culprits = [o for o in overrides
+              if any(f"'{part}'" in text for part in o[len('--config.'):].split('.'))]
   hint = re.search(r'Did you mean "([^"]+)"', str(error))
-  fail(f'unknown config key among {", ".join(_overrides(sys.argv[1:]))}' +
+  if len(culprits) == 1:
+    parts = culprits[0].split('.')
+    suggestion = ''
+    if hint:
+      wrong = next(i for i, part in enumerate(parts) if f"'{part}'" in text)
+      parts[wrong] = hint.group(1)
+      suggestion = f' (did you mean {".".join(parts)}?)'
+    fail(f'unknown config key {culprits[0]}{suggestion}', program=program)
+  fail(f'unknown config key among {", ".join(overrides)}' +
        (f' (did you mean "{hint.group(1)}"?)' if hint else ''), program=program)
 
 

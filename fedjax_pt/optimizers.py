@@ -35,6 +35,16 @@ class OptConfig:
       raise ValueError(f'init.step must be >= 0, got {self.step_offset}')
     if not 0 <= self.final_lr_ratio <= 1:
       raise ValueError(f'opt.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}')
+    for name in ('b1', 'b2'):
+      if not 0 <= getattr(self, name) < 1:
+        raise ValueError(f'opt.{name} must be in [0, 1) (1 never forgets, dividing by zero in '
+                         f"Adam's bias correction), got {getattr(self, name)}")
+    if self.eps <= 0:
+      raise ValueError(f'opt.eps must be positive (it bounds Adam\'s step), got {self.eps}')
+    if self.weight_decay < 0:
+      raise ValueError(f'opt.weight_decay must be >= 0, got {self.weight_decay}')
+    if self.grad_clip < 0:
+      raise ValueError(f'opt.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}')
 
   @classmethod
   def from_config(cls, opt: ml_collections.ConfigDict) -> 'OptConfig':

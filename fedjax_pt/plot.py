@@ -256,9 +256,11 @@ def _cli() -> None:
       raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     if not workdirs.value:
       cli.fail('give at least one --workdir=RUN', program='fedjax_pt.plot')
+    if os.path.exists(out.value) and not os.path.isdir(out.value):
+      cli.fail(f'--out={out.value} is a file, not a directory', program='fedjax_pt.plot')
     try:
       paths = make_figures([load_run(w) for w in workdirs.value], out.value, x.value)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
       cli.fail(e, program='fedjax_pt.plot')
     for path in paths:
       print(path)

@@ -105,18 +105,29 @@ class _AboveTheBar(std_logging.Handler):
       self.handleError(record)
 
 
-def round_line(record: records.RoundRecord, rounds: int) -> str:
-  def value(key, fmt):
-    return 'n/a' if getattr(record, key) is None else format(getattr(record, key), fmt)
+def number(value: float | None, fmt: str) -> str:
+  """`value` in `fmt`, or in 3 significant digits when it is too large for it to be read (a
+  diverging perplexity of 1e304 would print 305 digits)."""
+  if value is None:
+    return 'n/a'
+  return format(value, '.3g' if abs(value) >= 1e6 else fmt)
 
-  line = (f'round {record.round}/{rounds} | val_loss {value("val_loss", ".4f")} | '
-          f'val_ppl {value("val_ppl", ".2f")} | train_loss {value("train_loss", ".4f")} | '
-          f'tokens {format_tokens(record.tokens)} | {record.round_time_s:.1f}s '
-          f'({format_tokens(record.tokens_per_s)} tok/s)')
+
+def round_line(record: records.RoundRecord, rounds: int) -> str:
+  """One line a round: the model's quality, the round's work and time; `simulated` is the
+  round's time on the clients' own hardware (`federated/sim_clock.py`), `pseudo-grad` the norm
+  of the server's pseudo-gradient."""
+  line = (f'round {record.round}/{rounds} | val_loss {number(record.val_loss, ".4f")} | '
+          f'val_ppl {number(record.val_ppl, ".2f")}')
+  if record.round == 0:
+    return line + ' | the initial model'
+  line += (f' | train_loss {number(record.train_loss, ".4f")} | '
+           f'tokens {format_tokens(record.tokens)} | {record.round_time_s:.1f}s '
+           f'({format_tokens(record.tokens_per_s)} tok/s)')
   if record.sim_round_time_s is not None and record.clients is not None:
-    line += f' | sim {record.sim_round_time_s:.1f}s'
+    line += f' | simulated {record.sim_round_time_s:.1f}s'
   if record.pseudo_grad_norm is not None:
-    line += f' | |Δ| {record.pseudo_grad_norm:.3g}'
+    line += f' | pseudo-grad {record.pseudo_grad_norm:.3g}'
   if record.dp_epsilon is not None:
     line += f' | ε {record.dp_epsilon:.3g}'
   if record.failed_clients:
@@ -133,14 +144,31 @@ def _human_bytes(n: float) -> str:
   return f'{int(n)} B'
 
 
+def _never_aggregated(rounds: list[records.RoundRecord]) -> dict[int, str]:
+  """Clients that failed in every round that sampled them (a node with a wrong data path), with
+  their last reason; a run that goes on without them must say so."""
+  sampled: dict[int, int] = {}
+  failed: dict[int, list[str]] = {}
+  for r in rounds:
+    for k in r.clients or ():
+      sampled[int(k)] = sampled.get(int(k), 0) + 1
+    per_round: dict[int, str] = {}
+    for key, reason in (r.failed_clients or {}).items():
+      per_round[int(str(key).split('@')[0].split('#')[0])] = reason  # k, k@attempt, k#fragment
+    for k, reason in per_round.items():
+      failed.setdefault(k, []).append(reason)
+  return {k: reasons[-1] for k, reasons in sorted(failed.items())
+          if sampled.get(k) and len(reasons) >= sampled[k]}
+
+
 def summary_table(rounds: list[records.RoundRecord], total_time_s: float) -> str:
   """The end-of-run summary: best and final val_ppl, tokens, time, bytes communicated."""
   s = summaries.summarize(rounds)
   rows = [
       ('rounds', str(s.rounds)),
-      ('final val_ppl', 'n/a' if s.final_val_ppl is None else f'{s.final_val_ppl:.3f}'),
+      ('final val_ppl', number(s.final_val_ppl, '.3f')),
       ('best val_ppl', 'n/a' if s.best_val_ppl is None else
-       f'{s.best_val_ppl:.3f} (round {s.best_round})'),
+       f'{number(s.best_val_ppl, ".3f")} (round {s.best_round})'),
       ('tokens', f'{s.tokens:,}'),
       ('wall time', f'{total_time_s:.1f} s'),
       ('bytes sent (server -> clients)', _human_bytes(s.bytes_sent or 0)),
@@ -152,9 +180,11 @@ def summary_table(rounds: list[records.RoundRecord], total_time_s: float) -> str
                     f'{sim:.1f} s (clients training at once, fedjax_pt/federated/sim_clock.py)'))
   ratio = communication.ddp_ratio(s.ddp_equivalent_bytes, s.bytes_communicated)
   if ratio is not None:
+    how = f'{ratio:,.1f}x less' if ratio >= 1 else f'{1 / ratio:,.1f}x more'
     rows.append(('vs data-parallel (ring all-reduce)',
-                 f'{ratio:,.1f}x less communication than DDP '
-                 f'({_human_bytes(s.ddp_equivalent_bytes)})'))
+                 f'{how} communication than DDP ({_human_bytes(s.ddp_equivalent_bytes)})'))
+  for client, reason in _never_aggregated(rounds).items():
+    rows.append((f'client {client}', f'failed in every round it was sampled: {reason}'))
   last = rounds[-1] if rounds else None
   if last is not None and last.dp_epsilon is not None:
     rows.append(('differential privacy', 'none: epsilon = inf (fl.dp without noise clips only)'

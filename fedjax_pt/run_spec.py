@@ -56,6 +56,9 @@ class RunSpec:
     init = config.get('init') or ml_collections.ConfigDict({'from_checkpoint': '', 'step': 0})
     if not isinstance(init.step, int) or isinstance(init.step, bool):
       raise ValueError(f'init.step must be an integer >= 0, got {init.step!r}')
+    if init.step + config.fl.rounds * config.fl.local_steps >= 2**31:
+      raise ValueError(f'init.step={init.step}: the run would end past step 2**31, which the '
+                       'int32 step counter cannot count')
     if not isinstance(init.from_checkpoint, str):
       raise ValueError(f'init.from_checkpoint must be a path, got {init.from_checkpoint!r}')
     spec = cls(mode=config.mode, seed=config.seed, fl=FLConfig.from_config(config.fl),

@@ -27,6 +27,7 @@ from fedjax_pt import records
 from fedjax_pt import reporting
 from fedjax_pt import run_state
 from fedjax_pt import workdir as workdir_lib
+from fedjax_pt.federated import compression
 from fedjax_pt.federated import faults
 from fedjax_pt.planning import memory
 from fedjax_pt.run_spec import RunSpec
@@ -60,6 +61,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_clients=None) -> R
                      'fedjax_pt.deploy.local, or a ServerApp): in the simulation the server holds '
                      'every client, there is no one to hide an update from')
   model_cfg = build.model_config(config)
+  compression.check_block_size(spec.fl.compression, model_lib.param_shapes(model_cfg))
   if spec.mesh.memory_check:
     memory.check_fits(memory.estimate(spec, model_cfg))
   run_dir = workdir_lib.Workdir(workdir, spec, build.resolved_config(config, model_cfg))
@@ -120,6 +122,7 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
       rounds.append(accounting.initial_record(state.params,
                                               parts.evaluator(state.params, 0, force=True)))
       session.writer.write(rounds[-1])
+      progress.write(reporting.round_line(rounds[-1], fl.rounds))
     progress.begin(done=(first_round - 1) * steps_per_round)
     for round_idx in range(first_round, fl.rounds + 1):
       if errors.STOP_REQUESTED.is_set():
@@ -150,7 +153,7 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
                                             session.writer.tell())
         save_start = time.perf_counter()
         session.checkpointer.save(round_idx, arrays, meta.to_json())
-        logging.info('checkpoint of round %d started (%.2fs blocking)', round_idx,
+        logging.debug('checkpoint of round %d started (%.2fs blocking)', round_idx,
                      time.perf_counter() - save_start)
   except KeyboardInterrupt:
     interrupted = True

@@ -97,6 +97,7 @@ class Workdir:
       yield
       return
     path = os.path.join(self.path, '.lock')
+    made = not os.path.exists(self.path)
     try:
       os.makedirs(self.path, exist_ok=True)
       fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -113,6 +114,12 @@ class Workdir:
       os.pwrite(fd, (f'pid {os.getpid()} on {socket.gethostname()}, since '
                      f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n').encode(), 0)
       yield
+    except BaseException:
+      if made and os.listdir(self.path) == ['.lock']:
+        # A check failed before anything was written: leave no directory behind for it.
+        os.remove(path)
+        os.rmdir(self.path)
+      raise
     finally:
       os.close(fd)  # releases the lock
 
@@ -123,11 +130,16 @@ class Workdir:
     self._held: bool | None = None  # holds_run() as `check` saw it
 
   def holds_run(self) -> bool:
-    """Whether an earlier session left a checkpoint or a record here."""
+    """Whether an earlier session left a checkpoint or the record of a trained round here (a
+    session that stopped in its first round has only the initial model's: nothing to keep)."""
     checkpoints = os.path.join(self.path, 'checkpoints')
     has_checkpoint = os.path.isdir(checkpoints) and any(
         name.isdigit() for name in os.listdir(checkpoints))
-    return has_checkpoint or (os.path.isfile(self._metrics) and os.path.getsize(self._metrics) > 0)
+    if has_checkpoint:
+      return True
+    if not os.path.isfile(self._metrics) or not os.path.getsize(self._metrics):
+      return False
+    return any(r.round > 0 for r in records.read_records(self._metrics).rounds)
 
   def check(self) -> None:
     """Refuses a workdir that holds another experiment (or any run, with ckpt.restore=False).
@@ -176,7 +188,9 @@ class Workdir:
       restored = checkpointer.restore_latest(abstract_state) if holds_run else None
       if not distributed.is_primary():
         return Session(records.NullWriter(), checkpointer, restored, [])
-      previous = self._continue_metrics(restored) if holds_run else None
+      # Metrics of a session that trained no round are set aside too.
+      leftovers = holds_run or os.path.exists(self._metrics)
+      previous = self._continue_metrics(restored) if leftovers else None
       with open(self._config, 'w', encoding='utf-8') as f:
         json.dump(self._resolved, f, indent=2, sort_keys=True)
       writer = records.RecordWriter(self.path, tensorboard=self._spec.tensorboard,

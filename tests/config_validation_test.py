@@ -47,6 +47,13 @@ def _set(config, dotted, value):
     ('mesh.process_id', 1, 'mesh.process_id=1 / mesh.coordinator=\'\' join a multi-process run'),
     ('mesh.coordinator', 'localhost', "mesh.coordinator must be 'host:port', got 'localhost'"),
     ('mesh.heartbeat_timeout_s', 0, 'mesh.heartbeat_timeout_s must be a positive integer'),
+    ('opt.b2', 1.0, 'opt.b2 must be in [0, 1)'),
+    ('opt.eps', -1e-8, 'opt.eps must be positive'),
+    ('opt.weight_decay', -0.1, 'opt.weight_decay must be >= 0'),
+    ('opt.grad_clip', -1.0, 'opt.grad_clip must be >= 0 (0: no clipping)'),
+    ('init.step', 2**32, 'init.step=4294967296: the run would end past step 2**31'),
+    ('fl.profiles', '[{"time_budget_s": 1e300, "tokens_per_s": 1e300}]',
+     'time_budget_s x tokens_per_s = 1e+300 x 1e+300 overflows'),
     # Keys that the rest of the config switches off are refused, not silently ignored.
     ('fl.dp.noise_multiplier', 0.5, 'fl.dp.noise_multiplier is set but fl.dp.enabled=False'),
     ('fl.secagg.clip_range', 2.0, 'fl.secagg.clip_range is set but fl.secagg.enabled=False'),
@@ -69,3 +76,14 @@ def test_per_client_evaluation_of_a_centralized_run_is_refused(tmp_path):
   config.mode, config.eval.per_client = 'centralized', True
   with pytest.raises(ValueError, match="eval.per_client=True evaluates the global model on each"):
     train.run(config, str(tmp_path / 'run'))
+
+
+def test_a_block_larger_than_every_array_is_refused(tmp_path):
+  """2**33 values a block: every array would be padded to 32 GiB of messages."""
+  config = tiny.get_config()
+  config.fl.compression.upload, config.fl.compression.block_size = 'int8', 2**33
+  with pytest.raises(ValueError, match=r'fl.compression.block_size=8589934592 exceeds the largest '
+                                       r'parameter array \(block_0.mlp.down_proj.kernel, 65536 '
+                                       r'values\)'):
+    train.run(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()

@@ -2,6 +2,7 @@
 memory analysis of the local step on CPU (float32), and the up-front refusal."""
 
 import dataclasses
+import re
 
 import jax
 import pytest
@@ -60,6 +61,27 @@ def test_a_run_that_cannot_fit_is_refused_naming_what_it_needs():
   est = memory.estimate(spec, build.model_config(config))
   with pytest.raises(ValueError, match=r'this run needs at least [\d.]+ GiB of memory .* but cpu '
                      r'has [\d.]+ GiB \(MemAvailable of this host\); lower data.batch_size'):
+    memory.check_fits(est)
+
+
+@pytest.mark.parametrize('change, culprit', [
+    (dict(batch_size=256, seq_len=8192), 'lower data.batch_size=256 or data.seq_len=8192'),
+    (dict(vocab_size=2**24), 'the logits over model.vocab_size=16777216 need it'),
+    (dict(num_clients=4096, d_model=1024, num_heads=8),
+     'the server and what its fl.num_clients=4096 simulated clients keep between rounds need it'),
+])
+def test_the_refusal_names_the_keys_that_drive_the_largest_term(change, culprit):
+  config = tiny.get_config()
+  config.fl.reset_optimizer = False
+  if 'seq_len' in change:
+    config.data.seq_len = config.model.max_seq_len = change['seq_len']
+  config.data.batch_size = change.get('batch_size', config.data.batch_size)
+  config.model.vocab_size = change.get('vocab_size', 0)
+  config.fl.num_clients = config.fl.clients_per_round = change.get('num_clients', 4)
+  config.model.d_model = change.get('d_model', config.model.d_model)
+  config.model.num_heads = change.get('num_heads', config.model.num_heads)
+  est = memory.estimate(RunSpec.from_config(config), build.model_config(config))
+  with pytest.raises(ValueError, match=re.escape(culprit)):
     memory.check_fits(est)
 
 

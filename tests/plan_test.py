@@ -4,6 +4,7 @@ allocating the model, and one-line errors for bad flags."""
 
 import dataclasses
 import importlib
+import math
 import os
 import resource
 import subprocess
@@ -140,6 +141,8 @@ def test_a_cudnn_config_is_planned_on_a_host_without_cudnn():
     (('h100', 8, 0.0, 1000, 10), '--mfu must be in (0, 1]'),
     (('h100', 8, 1.5, 1000, 10), '--mfu must be in (0, 1]'),
     (('h100', 8, 0.4, -5, 10), '--bandwidth_mbps must be positive'),
+    (('h100', 8, 0.4, math.inf, 10), '--bandwidth_mbps must be a finite number, got inf'),
+    (('h100', 8, 0.4, 1000, math.nan), '--latency_ms must be a finite number, got nan'),
 ])
 def test_bad_flags_name_the_flag(flags, message):
   with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(']', r'\]')):

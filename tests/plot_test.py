@@ -109,6 +109,16 @@ def test_plot_of_a_directory_without_a_run_is_a_one_line_error(tmp_path):
                                    f'is --workdir={tmp_path} a fedjax_pt run?')
 
 
+def test_an_output_path_that_is_a_file_is_a_one_line_error(tmp_path):
+  (tmp_path / 'plots').write_text('')
+  result = subprocess.run([sys.executable, '-m', 'fedjax_pt.plot', f'--workdir={tmp_path}',
+                           f'--out={tmp_path / "plots"}'], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip() == (f'fedjax_pt.plot: error: --out={tmp_path / "plots"} is a '
+                                   'file, not a directory')
+
+
 def test_labels_name_outer_warmups_and_warm_starts():
   fl = {'outer_optimizer': 'nesterov', 'outer_lr': 0.7, 'outer_momentum': 0.9,
         'clients_per_round': 8, 'num_clients': 8, 'local_steps': 50, 'outer_lr_warmup_rounds': 4,

@@ -256,5 +256,7 @@ def test_a_full_disk_stops_at_the_failed_save_and_keeps_the_last_good_checkpoint
       assert f'the last complete checkpoint is round {saved[-1]}' in line
     rounds = [r.round for r in records.read_records(str(disk / 'run')).rounds]
     assert rounds[-1] <= saved[-1] + 1  # it did not train on past the failed save
+    # The failed save's partial files are gone: their space is what the user needs back.
+    assert not [d for d in os.listdir(disk / 'run' / 'checkpoints') if 'tmp' in d]
   finally:
     subprocess.run(['umount', '-l', str(disk)], check=False)

@@ -1,6 +1,7 @@
 """What a person watching a run sees: the progress bar's count, round lines."""
 
 import math
+import re
 
 from fedjax_pt.configs import tiny
 from fedjax_pt import build
@@ -36,7 +37,23 @@ def test_round_line():
                                pseudo_grad_norm=0.25, failed_clients={1: 'late'}, skipped=False)
   line = reporting.round_line(record, 10)
   assert line == ('round 3/10 | val_loss 2.0000 | val_ppl 7.39 | train_loss 2.5000 | tokens '
-                  '12.35k | 1.5s (8.23k tok/s) | |Δ| 0.25 | 1 client faults')
+                  '12.35k | 1.5s (8.23k tok/s) | pseudo-grad 0.25 | 1 client faults')
+
+
+def test_the_initial_model_and_a_destroyed_one_read_well():
+  initial = records.RoundRecord(round=0, tokens=0, val_loss=5.888, val_ppl=360.73)
+  assert reporting.round_line(initial, 10) == ('round 0/10 | val_loss 5.8880 | val_ppl 360.73 | '
+                                                'the initial model')
+  destroyed = records.RoundRecord(round=1, tokens=10, val_loss=700.0, val_ppl=1.01e304,
+                                  round_time_s=1.0, tokens_per_s=10.0)
+  assert 'val_ppl 1.01e+304 |' in reporting.round_line(destroyed, 10)
+  assert 'final val_ppl                       1.01e+304' in reporting.summary_table([destroyed], 1)
+
+
+def test_more_bytes_than_data_parallel_training_is_said_so():
+  rounds = [records.RoundRecord(round=1, tokens=100, bytes_sent=1_000_000,
+                                bytes_received=1_000_000, ddp_equivalent_bytes=500_000)]
+  assert '4.0x more communication than DDP (500.00 kB)' in reporting.summary_table(rounds, 1.0)
 
 
 def test_privacy_in_the_round_line_and_the_summary():
@@ -46,3 +63,14 @@ def test_privacy_in_the_round_line_and_the_summary():
   assert '(7.94, 1e-05)-DP for each client (fl.dp)' in reporting.summary_table([record], 1.0)
   record.dp_epsilon = math.inf
   assert 'none: epsilon = inf' in reporting.summary_table([record], 1.0)
+
+
+def test_a_client_that_failed_in_every_round_is_named_in_the_summary():
+  rounds = [records.RoundRecord(round=r, tokens=10 * r, clients=[0, 1],
+                                failed_clients={1: 'raised ValueError: no file /data/x (node 7)'},
+                                round_time_s=1.0) for r in (1, 2)]
+  rounds[0].failed_clients[0] = 'late: no reply'  # client 0 failed once, then trained
+  table = reporting.summary_table(rounds, 2.0)
+  assert re.search(r'\nclient 1 +failed in every round it was sampled: raised ValueError: no file '
+                   r'/data/x \(node 7\)$', table)
+  assert 'client 0' not in table

@@ -182,6 +182,37 @@ def test_a_python_spec_that_does_not_load_is_one_line(tmp_path):
   assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize('spec, flags, message', [
+    ({'config': 'configs/tiny.py', 'grid': [{'fl.outer_lrr': [0.1, 0.7]}]}, [],
+     'outer_lrr=0.1: config=.*fl.outer_lrr'),
+    ({'config': 'configs/nope.py', 'grid': [{'seed': [0]}]}, [],
+     r'seed=0: config configs/nope.py is not a file'),
+    ({'config': 'configs/tiny.py', 'grid': [{'seed': [0]}]}, ['--only=(['],
+     r"--only='\(\[' is not a regular expression"),
+])
+def test_the_real_trainer_s_runs_are_checked_before_any_starts(tmp_path, spec, flags, message):
+  """Keys, values' types and config files of every run, and the flags: one line, exit 2, and no
+  run's workdir made."""
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'sweep.py'),
+                           _spec(tmp_path, spec), f'--root={tmp_path / "root"}', *flags],
+                          capture_output=True, text=True, timeout=120, check=False, cwd=REPO)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and re.search(message, lines[0]), lines
+  assert not (tmp_path / 'root').exists()
+
+
+def test_a_root_that_is_a_file_is_one_line(tmp_path):
+  (tmp_path / 'root').write_text('')
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'sweep.py'),
+                           _spec(tmp_path, {'config': 'configs/tiny.py', 'grid': []}),
+                           f'--root={tmp_path / "root"}'], capture_output=True, text=True,
+                          timeout=120, check=False, cwd=REPO)
+  assert result.returncode == 2
+  assert result.stderr.strip() == (f'sweep: error: --root={tmp_path / "root"} is a file, not a '
+                                   'directory')
+
+
 def test_python_spec(tmp_path):
   path = tmp_path / 'spec.py'
   path.write_text("SPEC = {'config': 'c.py', 'grid': [{'seed': [0, 1]}]}\n")

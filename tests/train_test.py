@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fedjax_pt.configs import tiny
+from fedjax_pt import records
 from fedjax_pt import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +79,12 @@ def test_one_client_fedavg_without_reset_equals_centralized(tmp_path):
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--config.fl.outer_lrr=0.7'], 'unknown config key among --config.fl.outer_lrr'),
+    (['--config.fl.outer_lrr=0.7'], 'unknown config key --config.fl.outer_lrr (did you mean '
+                                    '--config.fl.outer_lr?)'),
+    # Among several overrides the one that names no key is named, whether its group or its leaf
+    # is wrong.
+    (['--config.fl.num_clients=2', '--config.fll.rounds=1', '--config.fl.local_steps=2'],
+     'unknown config key --config.fll.rounds (did you mean --config.fl.rounds?)'),
     (['--config.fl.rounds=abc'], 'flag --config.fl.rounds=abc'),
     (['--config.fl.clients_per_round=9'], 'fl.clients_per_round=9 exceeds fl.num_clients=4'),
     (['--config.data.source=jsonl', '--config.data.path=/nonexistent/c4-*.jsonl'],
@@ -87,7 +93,7 @@ def test_one_client_fedavg_without_reset_equals_centralized(tmp_path):
     (['--config=configs/nope.py', '--config.fl.rounds=2'], 'configs/nope.py: no such config file'),
     # With an explicit --config= the override is applied at parse time: the same clean line.
     (['--config=configs/tiny.py', '--config.fl.outer_lrr=1'],
-     'unknown config key among --config.fl.outer_lrr (did you mean "outer_lr"?)'),
+     'unknown config key --config.fl.outer_lrr (did you mean --config.fl.outer_lr?)'),
     (['--config.opt.lr=nan'], 'opt.lr must be a finite number, got nan'),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, flags, message):
@@ -148,3 +154,21 @@ def test_a_workdir_whose_run_failed_before_round_one_accepts_another_config(tmp_
   train.run(_config(fl__rounds=1), str(tmp_path))
   with open(tmp_path / 'config.json', encoding='utf-8') as f:
     assert json.load(f)['fl']['outer_lr'] == 0.7
+
+
+def test_a_workdir_whose_run_stopped_in_round_one_accepts_the_corrected_command(tmp_path):
+  """A run that recorded its initial model (round 0) and then failed has trained nothing: the
+  corrected command starts there afresh, and the old records are set aside, not deleted."""
+  (tmp_path / 'config.json').write_text('{"mode": "federated", "fl": {"outer_lr": 123.0}}')
+  initial = records.RoundRecord(round=0, tokens=0, val_loss=6.0, val_ppl=403.4)
+  (tmp_path / 'metrics.jsonl').write_text(json.dumps(records.to_json(initial)) + '\n')
+  result = train.run(_config(fl__rounds=1), str(tmp_path))
+  assert [r.round for r in result.rounds] == [0, 1]
+  assert [r.round for r in records.read_records(str(tmp_path)).rounds] == [0, 1]
+  assert (tmp_path / 'metrics.jsonl.stale-1').is_file()
+
+
+def test_a_run_refused_before_it_wrote_anything_leaves_no_directory(tmp_path):
+  result = _main(tmp_path / 'new', TEST_CONFIG, '--config.data.only_client=0')
+  assert result.returncode == 2
+  assert not (tmp_path / 'new').exists()

@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.opt.b2 = 0.95
   c.opt.eps = 1e-8
   c.opt.weight_decay = 0.0
-  c.opt.grad_clip = 1.0
+  c.opt.grad_clip = 1.0  # global norm of the gradient; 0: no clipping
 
   c.fl = ml_collections.ConfigDict()
   c.fl.num_clients = 8

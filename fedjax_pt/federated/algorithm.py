@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from absl import logging
 import jax
 
+from fedjax_pt import errors
 from fedjax_pt import metrics
 from fedjax_pt import optimizers
 from fedjax_pt.federated import aggregation
@@ -195,7 +196,7 @@ class FederatedAlgorithm:
       if raised and all(raised):
         # Every client raised on its own: a bug or a broken setup, not a fault to tolerate (an
         # unreachable or late node is one).
-        raise RuntimeError(f'round {round_idx}: every client failed: {raised[0]}')
+        raise errors.TrainingFailed(f'round {round_idx}: every client failed: {raised[0]}')
       if sync.average.count >= policy.min_clients or policy.on_too_few_clients == 'skip' or (
           attempt == policy.max_round_retries):
         break

@@ -69,6 +69,19 @@ class CompressionConfig:
     return cls(**compression.to_dict())
 
 
+def check_block_size(cfg: CompressionConfig, like: Any) -> None:
+  """Raises ValueError when a block is larger than every array of `like` (the parameters): each
+  array would be padded to a whole block, inflating its messages without a word."""
+  if not {cfg.upload, cfg.download} & set(_QMAX):
+    return
+  named = jax.tree_util.tree_leaves_with_path(like)
+  path, largest = max(((p, math.prod(x.shape)) for p, x in named), key=lambda pair: pair[1])
+  if cfg.block_size > largest:
+    raise ValueError(f'fl.compression.block_size={cfg.block_size} exceeds the largest parameter '
+                     f'array ({jax.tree_util.keystr(path, simple=True, separator=".")}, '
+                     f'{largest} values): every array would be sent padded to a whole block')
+
+
 class EncodedArray(flax.struct.PyTreeNode):
   """One array as sent: `values` (float32 or bfloat16 in the array's shape; int8 [blocks, block];
   int4 as uint8 [blocks, block / 2]) and, for int8/int4, one float32 scale per block."""

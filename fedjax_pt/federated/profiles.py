@@ -159,6 +159,10 @@ def check(profiles: tuple[ClientProfile, ...], local_steps: int, batch_size: int
   """What a profile asks that the run cannot do; one line naming the profile."""
   for i, profile in enumerate(profiles):
     name = f'fl.profiles[{i}]'
+    if profile.time_budget_s is not None and not math.isfinite(
+        profile.time_budget_s * profile.tokens_per_s):
+      raise ValueError(f'{name}: time_budget_s x tokens_per_s = {profile.time_budget_s:g} x '
+                       f'{profile.tokens_per_s:g} overflows: no client trains that many tokens')
     p = plan(profile, local_steps, batch_size, seq_len)
     if p.local_steps < 1:
       raise ValueError(f'{name}.time_budget_s={profile.time_budget_s:g} fits no local step at '

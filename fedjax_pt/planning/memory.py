@@ -50,6 +50,8 @@ class Estimate:
   activations: int
   server: int
   devices: int  # devices the run uses (a CPU's fake devices share one host's memory)
+  # What to change when it does not fit: the keys that drive its largest term, with their values.
+  advice: str = 'lower data.batch_size, or set data.micro_batch_size or model.remat'
 
   @property
   def total(self) -> int:
@@ -145,12 +147,33 @@ def estimate(spec: RunSpec, cfg: model_lib.ModelConfig, platform: str | None = N
     outer_moments = {'nesterov': 1, 'sgd': 1, 'adam': 2}[fl.outer_optimizer] if (
         fl.outer_momentum or fl.outer_optimizer == 'adam') else 0
     server = param_bytes * (2 + outer_moments)  # global model, running sum, outer moments
-    if not fl.reset_optimizer:
-      server += 2 * param_bytes * fl.num_clients  # every client's kept Adam state
+    # What the simulated clients keep (`client_round.ClientMemory`), every one of them.
+    kept = (2 * (not fl.reset_optimizer) + 2 * fl.keeps_client_models +  # Adam; model, anchor
+            fl.compression.error_feedback)  # residual
+    server += kept * param_bytes * fl.num_clients
   # Micro-batches add each one's gradient to a running sum: two gradients are live.
   gradients = param_bytes * (2 if spec.data.micro_batch_size else 1)
+  model_state = param_bytes + gradients + 2 * param_bytes
+  logits = tokens * _LOGIT_COPIES * cfg.vocab_size * 4
+  if activations >= max(model_state, server) and logits > activations / 2:
+    advice = (f'the logits over model.vocab_size={cfg.vocab_size} need it: a smaller vocabulary, '
+              f'or fewer tokens a step (data.batch_size={batch}, data.seq_len='
+              f'{spec.data.seq_len}, data.micro_batch_size)')
+  elif activations >= max(model_state, server):
+    advice = (f'lower data.batch_size={batch} or data.seq_len={spec.data.seq_len}, or set '
+              'data.micro_batch_size or model.remat')
+  elif model_state >= server:
+    advice = (f'the model\'s {model_lib.param_count(cfg):,} parameters and their gradients and '
+              f'Adam moments need it (model.d_model={cfg.d_model}, model.num_layers='
+              f'{cfg.num_layers}, model.vocab_size={cfg.vocab_size}): shard them over more '
+              f'devices (mesh.fsdp={mesh.fsdp}) or choose a smaller model')
+  else:
+    advice = (f'the server and what its fl.num_clients={spec.fl.num_clients} simulated clients '
+              'keep between rounds need it: fewer clients, fl.reset_optimizer=True, or '
+              'more devices')
   return Estimate(params=param_bytes, gradients=gradients, optimizer=2 * param_bytes,
-                  activations=int(activations), server=server, devices=mesh.num_devices)
+                  activations=int(activations), server=server, devices=mesh.num_devices,
+                  advice=advice)
 
 
 # Only LLVM's optimisation of the generated code: it halves XLA:CPU's compile time and leaves the
@@ -242,8 +265,7 @@ def check_fits(est: Estimate, device: jax.Device | None = None) -> None:
     raise ValueError(
         f'this run needs at least {need / GIB:.1f} GiB of memory ({where}; estimate '
         f'{est.total / GIB:.1f} GiB: {est.breakdown()}) but {device.platform} has '
-        f'{have / GIB:.1f} GiB ({source}); lower data.batch_size, set data.micro_batch_size or '
-        'model.remat, use more devices, or set mesh.memory_check=False')
+        f'{have / GIB:.1f} GiB ({source}); {est.advice}, or set mesh.memory_check=False')
 
 
 def lower_bound(est: Estimate) -> int:

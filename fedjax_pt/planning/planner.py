@@ -10,6 +10,7 @@ command is `python -m fedjax_pt.plan`.
 from collections.abc import Sequence
 import dataclasses
 import functools
+import math
 
 import jax
 import ml_collections
@@ -212,6 +213,10 @@ def check_flags(gpu: str, gpus_per_client: int, mfu: float, bandwidth_mbps: floa
   if not 0 < gpus_per_client <= MAX_DEVICES:
     raise ValueError(f'--gpus_per_client must be in [1, {MAX_DEVICES}] (XLA compiles the step on '
                      f'as many CPU devices), got {gpus_per_client}')
+  for name, value in (('mfu', mfu), ('bandwidth_mbps', bandwidth_mbps),
+                      ('latency_ms', latency_ms)):
+    if not math.isfinite(value):
+      raise ValueError(f'--{name} must be a finite number, got {value:g}')
   if not 0 < mfu <= 1:
     raise ValueError(f'--mfu must be in (0, 1], got {mfu:g}')
   if not bandwidth_mbps > 0:
