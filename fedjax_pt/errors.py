@@ -63,7 +63,9 @@ def out_of_memory(error: BaseException) -> str | None:
   # Only an allocation: tensorstore also says RESOURCE_EXHAUSTED, of a full disk (a save's error).
   allocating = isinstance(error, MemoryError) or any(
       kind.__name__ == 'JaxRuntimeError' for kind in type(error).__mro__)
-  if not (allocating and (isinstance(error, MemoryError) or 'RESOURCE_EXHAUSTED' in text)):
+  # XLA:GPU says RESOURCE_EXHAUSTED; XLA:CPU, an INTERNAL error that says "Out of memory".
+  exhausted = 'RESOURCE_EXHAUSTED' in text or 'Out of memory' in text
+  if not (allocating and (isinstance(error, MemoryError) or exhausted)):
     return None
   first = (text.strip().splitlines() or [type(error).__name__])[0][:300]
   return (f'out of memory while training: {first}; lower data.batch_size, or set '

@@ -31,6 +31,9 @@ if __name__ == '__main__':
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={_COUNT}').strip()
   os.environ['JAX_PLATFORMS'] = 'cpu'  # the planner compiles for CPU devices whatever the host has
+  # XLA reports constants it folds slowly at ERROR level (about 30 lines of HLO for configs/1p3b.py)
+  # while it compiles for the analysis; a failed compilation still raises, in one line.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 # pylint: disable=wrong-import-position
 from absl import app

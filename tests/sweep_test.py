@@ -581,3 +581,33 @@ def test_real_sweep_from_clean_root_interrupted_and_resumed(tmp_path):
     assert sweep_runner.read_rounds(str(root / aside[0]))
   else:  # resumed in place: every round logged once
     assert [r.round for r in sweep_runner.read_rounds(str(root / 'long'))] == list(range(26))
+
+
+def test_two_sweeps_on_one_root_both_end_finished(tmp_path):
+  """The second sweep finds its run held by the first's trainer (exit 5): it waits for it instead
+  of counting the run as not finished."""
+  small = {'model.d_model': 32, 'model.num_heads': 2, 'data.seq_len': 32, 'data.batch_size': 4,
+           'eval.max_batches': 1, 'fl.local_steps': 2, 'fl.num_clients': 2,
+           'fl.clients_per_round': 2, 'opt.warmup_steps': 1, 'opt.schedule_steps': 400,
+           'log.progress': False, 'fl.rounds': 6}
+  spec = _spec(tmp_path, {'config': 'configs/tiny.py', 'base': small, 'grid': [{'seed': [0]}]})
+  command = [sys.executable, os.path.join(REPO, 'experiments', 'sweep.py'), spec,
+             f'--root={tmp_path / "root"}']
+  first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+  try:
+    lock = tmp_path / 'root' / 'seed=0' / '.lock'
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
+      time.sleep(0.2)
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            check=False)
+    first_out, first_err = first.communicate(timeout=600)
+  finally:
+    if first.poll() is None:
+      first.kill()
+  assert first.returncode == 0, first_err[-2000:]
+  assert second.returncode == 0, second.stderr[-2000:]
+  assert 'another process is running it; waiting for it to end' in second.stdout + second.stderr
+  assert _results(tmp_path / 'root')['seed=0']['status'] == 'finished'
+  del first_out
