@@ -31,7 +31,7 @@ STEP_KEYS = {'kind', 'round', 'client', 'step', 'local_step', 'loss', 'grad_norm
 def _config(mode):
   config = tiny.get_config('test')
   config.mode = mode
-  config.eval.per_client = True
+  config.eval.per_client = mode == 'federated'
   config.fl.num_clients = config.fl.clients_per_round = 2
   config.fl.local_steps = 4
   config.log.every_steps, config.log.per_layer_norms = 2, True
