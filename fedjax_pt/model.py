@@ -170,7 +170,9 @@ def _blocked_causal_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLx
   outs = []
   for start, end in _query_blocks(length):
     # Block rows are queries start..end-1, columns keys 0..end-1.
-    causal_TxS = np.arange(end)[None, :] <= np.arange(start, end)[:, None]
+    # jnp, not np: traced, so abstract evaluation (parameter shapes, memory checks) allocates no
+    # [L, L] mask however long the sequence.
+    causal_TxS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
     bias_1xNxTxS = 0.0 if bias_1xNxLxL is None else (
         bias_1xNxLxL[:, :, start:end, :end].astype(jnp.float32))
     mask_1xNxTxS = jnp.where(causal_TxS, bias_1xNxTxS, _MASKED)

@@ -2,6 +2,7 @@
 memory analysis of the local step on CPU (float32), and the up-front refusal."""
 
 import dataclasses
+import os
 import re
 
 import jax
@@ -13,6 +14,7 @@ from fedjax_pt.planning import memory
 from fedjax_pt import model as model_lib
 from fedjax_pt.planning import planner as plan
 from fedjax_pt.run_spec import RunSpec
+from fedjax_pt import train
 
 
 def _estimate_and_xla(config):
@@ -97,3 +99,15 @@ def test_the_refusal_allows_for_the_estimates_error_band():
   far_over = dataclasses.replace(over, activations=int(have / 8 * 1.3))
   with pytest.raises(ValueError, match='this run needs at least'):
     memory.check_fits(far_over, cpu)
+
+
+def test_an_absurd_sequence_length_is_refused_by_the_memory_check_naming_it(tmp_path):
+  """The block-size and memory checks trace the model abstractly: no [L, L] causal mask may be
+  allocated on the host for them (at seq_len 10**7 that is 1.4 TiB, and its failure named
+  data.batch_size)."""
+  config = tiny.get_config('test')
+  config.data.seq_len = config.model.max_seq_len = 10**7
+  culprit = 'lower data.batch_size=4 or data.seq_len=10000000'
+  with pytest.raises(ValueError, match=re.escape(culprit)):
+    train.run(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')

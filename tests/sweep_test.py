@@ -589,7 +589,9 @@ def test_two_sweeps_on_one_root_both_end_finished(tmp_path):
   small = {'model.d_model': 32, 'model.num_heads': 2, 'data.seq_len': 32, 'data.batch_size': 4,
            'eval.max_batches': 1, 'fl.local_steps': 2, 'fl.num_clients': 2,
            'fl.clients_per_round': 2, 'opt.warmup_steps': 1, 'opt.schedule_steps': 400,
-           'log.progress': False, 'fl.rounds': 6}
+           'log.progress': False, 'fl.rounds': 40}
+  # 40 rounds: the first trainer must still hold its run when the second sweep, which starts a
+  # Python and checks its spec first, gets there (6 rounds were over first on a loaded machine).
   spec = _spec(tmp_path, {'config': 'configs/tiny.py', 'base': small, 'grid': [{'seed': [0]}]})
   command = [sys.executable, os.path.join(REPO, 'experiments', 'sweep.py'), spec,
              f'--root={tmp_path / "root"}']
