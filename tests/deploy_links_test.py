@@ -200,6 +200,51 @@ def test_the_link_is_made_as_built_limits_both_ways_and_is_removed():
   assert not left
 
 
+@needs_namespaces
+def test_what_exists_already_is_refused_and_kept():
+  prefix = f'fjl{os.getpid()}e'
+  subprocess.run(['ip', 'netns', 'add', f'{prefix}-1'], check=True)
+  links = links_lib.Links((8_000_000, 8_000_000), prefix=prefix)
+  try:
+    with pytest.raises(links_lib.LinkError, match=f'ip netns add {prefix}-1 failed: .*exists'):
+      links.start()
+    assert links.stop() == [f'{prefix}-1 still exists']  # not this object's: kept
+    assert _leftovers(prefix) == [f'{prefix}-1']  # link 0, made before, is removed
+  finally:
+    _remove(prefix)
+
+
+@needs_namespaces
+def test_a_link_that_fails_is_one_line_and_removes_what_was_made(tmp_path):
+  """A `tc` that fails (as one without tbf would): link 0's namespace and veth are made first,
+  then the run is refused in one line, exit 2, before any process starts, and they are gone."""
+  fake = tmp_path / 'bin' / 'tc'
+  fake.parent.mkdir()
+  fake.write_text('#!/bin/sh\necho "Error: Specified qdisc kind is unknown." >&2\nexit 2\n')
+  fake.chmod(0o755)
+  env = dict(os.environ, PATH=f'{fake.parent}{os.pathsep}{os.environ["PATH"]}')
+  proc = subprocess.Popen([sys.executable, '-m', 'fedjax_pt.deploy.local', '--nodes=2',
+                           f'--workdir={tmp_path / "run"}', *local.TINY, '--link=8mbit'],
+                          cwd=local.REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+    left = _leftovers(f'fjl{proc.pid}')
+    _remove(f'fjl{proc.pid}')
+  assert proc.returncode == 2, out[-2000:] + err[-2000:]
+  last = err.strip().splitlines()[-1]
+  assert re.fullmatch(r'fedjax_pt.deploy.local: error: tc qdisc add dev fjl\d+ah0 root tbf rate '
+                      r'8000000bit burst 65536 latency 100ms failed: Error: Specified qdisc kind '
+                      r'is unknown.', last), last
+  assert not left
+  assert not (tmp_path / 'run' / 'deploy' / 'logs' / 'superlink.log').exists()
+  assert not local._ours(tmp_path)
+
+
 def _names_printed(out: str) -> list[str]:
   return re.findall(r'\] (fjl\d+[a-z]-\d+): ', out)
 

@@ -168,14 +168,22 @@ class Links:
       for link in self.links:
         self._make(link)
 
+  def _create(self, cmd: list[str], undo: list[str]) -> None:
+    # Recorded before it is made, so that a signal between the two leaves nothing behind; and
+    # forgotten if it was not made (it may exist already, and is not this object's to remove).
+    self._made.append(undo)
+    try:
+      _run(cmd)
+    except LinkError:
+      self._made.pop()
+      raise
+
   def _make(self, link: Link) -> None:
     ns = link.namespace
-    # Recorded before it is made: a signal between the two must not leave it behind.
-    self._made.append(['ip', 'netns', 'delete', ns])
-    _run(['ip', 'netns', 'add', ns])
-    self._made.append(['ip', 'link', 'delete', link.host_dev])  # deletes its peer too
-    _run(['ip', 'link', 'add', link.host_dev, 'type', 'veth', 'peer', 'name', link.node_dev,
-          'netns', ns])
+    self._create(['ip', 'netns', 'add', ns], ['ip', 'netns', 'delete', ns])
+    self._create(['ip', 'link', 'add', link.host_dev, 'type', 'veth', 'peer', 'name',
+                  link.node_dev, 'netns', ns],
+                 ['ip', 'link', 'delete', link.host_dev])  # deletes its peer too
     _run(['ip', 'addr', 'add', f'{link.host_ip}/30', 'dev', link.host_dev])
     _run(['ip', 'link', 'set', link.host_dev, 'up'])
     _run(['ip', '-n', ns, 'addr', 'add', f'{link.node_ip}/30', 'dev', link.node_dev])
