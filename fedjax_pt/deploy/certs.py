@@ -34,13 +34,16 @@ def _write_private(path: pathlib.Path, data: bytes) -> None:
   path.chmod(0o600)
 
 
-def _names(host: str) -> list[x509.GeneralName]:
+def _names(hosts: list[str]) -> list[x509.GeneralName]:
   names = [x509.DNSName('localhost'), x509.IPAddress(ipaddress.ip_address('127.0.0.1'))]
-  try:
-    address = x509.IPAddress(ipaddress.ip_address(host))
-    return names if address in names else names + [address]
-  except ValueError:
-    return names + [x509.DNSName(host)]
+  for host in hosts:
+    try:
+      name = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+      name = x509.DNSName(host)
+    if name not in names:
+      names.append(name)
+  return names
 
 
 def _refuse_to_overwrite(paths: list[pathlib.Path], force: bool) -> None:
@@ -53,9 +56,9 @@ def _refuse_to_overwrite(paths: list[pathlib.Path], force: bool) -> None:
 
 
 def make_tls(directory: pathlib.Path, host: str = '127.0.0.1', days: int = 30,
-             force: bool = True) -> TLSFiles:
-  """A CA (EC P-384) and a server certificate for `host`, localhost and 127.0.0.1. Existing
-  files are replaced only with `force`."""
+             force: bool = True, also: tuple[str, ...] = ()) -> TLSFiles:
+  """A CA (EC P-384) and a server certificate for `host`, localhost, 127.0.0.1 and the names or
+  addresses in `also`. Existing files are replaced only with `force`."""
   files = TLSFiles(directory / 'ca.crt', directory / 'server.pem', directory / 'server.key')
   _refuse_to_overwrite([files.ca, files.cert, files.key], force)
   directory.mkdir(parents=True, exist_ok=True)
@@ -79,7 +82,7 @@ def make_tls(directory: pathlib.Path, host: str = '127.0.0.1', days: int = 30,
           .issuer_name(ca_name).public_key(key.public_key())
           .serial_number(x509.random_serial_number())
           .not_valid_before(valid['not_valid_before']).not_valid_after(valid['not_valid_after'])
-          .add_extension(x509.SubjectAlternativeName(_names(host)), critical=False)
+          .add_extension(x509.SubjectAlternativeName(_names([host, *also])), critical=False)
           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
           .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
           .sign(ca_key, hashes.SHA256()))

@@ -1,7 +1,8 @@
 r"""A whole Flower federation on this machine, from one command.
 
   python -m fedjax_pt.deploy.local --nodes=2 --config=configs/tiny.py --workdir=runs/flower \
-      [--config.fl.rounds=3 ...] [--transport=shared] [--node_config="data.path='...'" ...]
+      [--config.fl.rounds=3 ...] [--transport=shared] [--node_config="data.path='...'" ...] \
+      [--link=50mbit,200mbit]
 
 starts a SuperLink and --nodes SuperNodes on 127.0.0.1 with TLS and node authentication (a CA,
 the SuperLink's certificate and one key pair per node are made in <workdir>/deploy/, and each
@@ -12,6 +13,12 @@ fl.num_clients); the i-th --node_config adds node config for node i (see `node.p
 is a node: --nodes=N (default fl.num_clients) runs the config with fl.num_clients=N (and
 fl.clients_per_round at most N), as the overrides it prints say.
 
+--link=RATE[,RATE...] (root only) puts node i in a network namespace of its own behind a link of
+the i-th rate (or the one rate) each way, shaped by tc's tbf (`links.py`; latency is not emulated:
+this kernel has no netem), and gives client i the same uplink_mbps/downlink_mbps in fl.profiles,
+so that the simulated clock (sim_round_time_s) predicts those links. fl.profiles that give other
+rates or a latency are refused.
+
 Results are those of `python -m fedjax_pt.main` on the same workdir contract (metrics.jsonl,
 TensorBoard, checkpoints; re-running resumes). <workdir>/deploy/ holds this launcher's own files:
 logs/ (superlink, node<i>, run), certificates, keys, the nodes' state and the JAX cache.
@@ -19,6 +26,7 @@ Exit code: 0 when the run completed, 1 when it failed or was stopped, 2 on a bad
 130 on Ctrl-C.
 """
 
+import json
 import os
 import pathlib
 import re
@@ -39,6 +47,8 @@ from fedjax_pt.deploy import node as node_lib
 from fedjax_pt.deploy import server_app
 from fedjax_pt.deploy import transport as transport_lib
 from fedjax_pt.deploy.local import federation as launcher
+from fedjax_pt.deploy.local import links as links_lib
+from fedjax_pt.federated import profiles as profiles_lib
 from fedjax_pt.run_spec import RunSpec
 
 _PROGRAM = 'fedjax_pt.deploy.local'
@@ -67,6 +77,10 @@ _NODE_CONFIG = flags.DEFINE_multi_string(
 _INSECURE = flags.DEFINE_bool('insecure', False, 'Plain HTTP and no node authentication.')
 _TIMEOUT_S = flags.DEFINE_float('timeout_s', 0, 'Stop the run after this long (0: never).')
 _WAIT_S = flags.DEFINE_float('wait_for_nodes_s', 120, 'How long round 1 waits for the nodes.')
+_LINK = flags.DEFINE_string(
+    'link', '', 'RATE[,RATE...], e.g. 50mbit,200mbit (one for all nodes or one per node; kbit, '
+    'mbit, gbit): each node in a network namespace behind a tbf-shaped link of its rate both '
+    'ways, and fl.profiles with those rates (root only; latency is not emulated: no netem).')
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -118,6 +132,28 @@ def _nodes_overrides(config) -> list[str]:
   return [f'--config.fl.{key}={value}' for key, value in changed.items()]
 
 
+def _link_overrides(config) -> tuple[tuple[int, ...], list[str]]:
+  """--link's rates, and fl.profiles with their rates (applied to `config` too) unless the
+  user's own profiles give the same rates and no latency (then nothing changes)."""
+  if not _LINK.value:
+    return (), []
+  nodes = config.fl.num_clients
+  rates = links_lib.parse_rates(_LINK.value, nodes)
+  wanted = links_lib.profiles(rates)
+  if config.fl.profiles:
+    for k, profile in enumerate(profiles_lib.parse(config.fl.profiles, nodes)):
+      given = {key: getattr(profile, key) for key in wanted[k]}
+      if given != wanted[k] or profile.latency_ms:
+        raise ValueError(
+            f'--link={_LINK.value} and fl.profiles disagree: client {k} has uplink_mbps='
+            f'{profile.uplink_mbps}, downlink_mbps={profile.downlink_mbps}, latency_ms='
+            f'{profile.latency_ms:g}, the link {wanted[k]["uplink_mbps"]:g} each way and no '
+            'latency (drop one, or make them agree)')
+    return rates, []
+  config.fl.profiles = json.dumps(wanted, separators=(',', ':'))
+  return rates, [f'--config.fl.profiles={config.fl.profiles}']
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -125,10 +161,14 @@ def main(argv) -> int:
   config = _CONFIG.value
   overrides = [a for a in sys.argv[1:] if a.startswith('--config.')] + _nodes_overrides(config)
   try:
+    rates, link_overrides = _link_overrides(config)
+    overrides += link_overrides
     spec = _checked_spec(config, workdir)
+    if rates:
+      links_lib.check_available()
   except errors.WorkdirRefused as e:
     _fail(str(e), errors.EXIT_WORKDIR_REFUSED)
-  except (ValueError, OSError) as e:
+  except (ValueError, OSError, links_lib.LinkError) as e:
     _fail(str(e))
   config_file = config_flags.get_config_filename(flags.FLAGS[_CONFIG.name])
   path, colon, variant = config_file.partition(':')
@@ -140,13 +180,17 @@ def main(argv) -> int:
   }
   deploy_dir = pathlib.Path(workdir) / 'deploy'
   cli.interrupt_once(_PROGRAM)
-  federation = launcher.LocalFederation(deploy_dir, secure=not _INSECURE.value)
-  code = 1
+  links = links_lib.Links(rates) if rates else None
+  federation = launcher.LocalFederation(deploy_dir, secure=not _INSECURE.value, links=links)
+  code, refused = 1, None
   try:
     federation.start_superlink()
-    _say(f'SuperLink on 127.0.0.1:{federation.port} ('
+    _say(f'SuperLink on {federation.host}:{federation.port} ('
          f'{"TLS, node authentication" if federation.secure else "insecure"}); logs in '
          f'{federation.procs.logs}')
+    for link in links.links if links else ():
+      _say(f'{link.namespace}: {link.node_ip} behind {link.rate / 1e6:g} Mbit/s each way (tbf; '
+           'latency not emulated)')
     extra = _NODE_CONFIG.value
     _say(f'{spec.fl.num_clients} nodes, overrides: {run_config["overrides"] or "none"}')
     for i in range(spec.fl.num_clients):
@@ -161,6 +205,8 @@ def main(argv) -> int:
                                    timeout_s=_TIMEOUT_S.value)
     _say(f'run {status}' + (f': {error}' if error else ''))
     code = 0 if status == 'finished:completed' else 1
+  except links_lib.LinkError as e:  # raised before any process starts
+    refused = e
   except KeyboardInterrupt:
     _say('interrupted; stopping every process')
     code = 130
@@ -169,7 +215,12 @@ def main(argv) -> int:
   finally:
     stragglers = federation.stop()
     _say('every process stopped' +
-         (f' ({len(stragglers)} needed SIGKILL)' if stragglers else ''))
+         (f' ({len(stragglers)} needed SIGKILL)' if stragglers else '') +
+         (', every link removed' if links and not federation.links_left else ''))
+    for left in federation.links_left:
+      _say(f'not removed: {left}')
+  if refused is not None:
+    _fail(refused)
   return code
 
 

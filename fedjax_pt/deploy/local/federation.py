@@ -1,12 +1,14 @@
 """A SuperLink and SuperNodes on 127.0.0.1, started and stopped as one object (`LocalFederation`):
-what `python -m fedjax_pt.deploy.local` runs, and what the deployment tests drive.
+what `python -m fedjax_pt.deploy.local` runs, and what the deployment tests drive. With `links`
+(`links.py`) node k runs in network namespace k behind its shaped link instead, and the SuperLink
+listens on the links' side of this host.
 
 With `secure` (the default) the SuperLink serves TLS with a throw-away CA and certificate and
 accepts only SuperNodes whose public key was registered (`flwr supernode register`, through the
 Control API, under the name client-<k>). Every Flower process gets a private FLWR_HOME, one
 shared JAX compilation cache (Flower starts a ClientApp process per message), and is stopped by
-`stop()` whatever happened (`processes.py`). Everything lives under one directory: logs/, certs/,
-keys/, home/<process>/, run-config.toml.
+`stop()` whatever happened (`processes.py`), which then removes the links. Everything lives under
+one directory: logs/, certs/, keys/, home/<process>/, run-config.toml.
 """
 
 import json
@@ -21,6 +23,7 @@ import time
 
 from fedjax_pt import distributed
 from fedjax_pt.deploy import certs
+from fedjax_pt.deploy.local import links as links_lib
 from fedjax_pt.deploy.local import processes
 
 APP_DIR = pathlib.Path(__file__).resolve().parents[1] / 'app'
@@ -28,16 +31,17 @@ CONNECTION = 'fedjax-local'
 _BIN = processes.BIN
 
 
-def _wait_port(port: int, proc: subprocess.Popen, log: pathlib.Path, timeout_s: float) -> None:
+def _wait_port(host: str, port: int, proc: subprocess.Popen, log: pathlib.Path,
+               timeout_s: float) -> None:
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
     if proc.poll() is not None:
       raise RuntimeError(f'the SuperLink exited with code {proc.returncode}; see {log}')
     with socket.socket() as s:
-      if s.connect_ex(('127.0.0.1', port)) == 0:
+      if s.connect_ex((host, port)) == 0:
         return
     time.sleep(0.1)
-  raise TimeoutError(f'the SuperLink is not listening on 127.0.0.1:{port} after {timeout_s:g}s')
+  raise TimeoutError(f'the SuperLink is not listening on {host}:{port} after {timeout_s:g}s')
 
 
 def toml_value(value) -> str:
@@ -46,11 +50,15 @@ def toml_value(value) -> str:
 
 
 class LocalFederation:
-  """A SuperLink on 127.0.0.1 and the SuperNodes added to it, all stopped by `stop()`."""
+  """A SuperLink on 127.0.0.1 and the SuperNodes added to it, all stopped by `stop()`; with
+  `links` (not started: `start_superlink` makes them), the k-th node added is behind link k."""
 
-  def __init__(self, directory: pathlib.Path, secure: bool = True):
+  def __init__(self, directory: pathlib.Path, secure: bool = True,
+               links: links_lib.Links | None = None):
     self.directory = directory.resolve()
     self.secure = secure
+    self.links = links
+    self.links_left: list[str] = []  # what `stop` could not remove
     env = {}
     if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
       # One on-disk compilation cache for the server and every node: a ClientApp process per
@@ -65,7 +73,8 @@ class LocalFederation:
     env['FLWR_SUPEREXEC_TASK_POLL_INTERVAL'] = os.environ.get(
         'FLWR_SUPEREXEC_TASK_POLL_INTERVAL', '0.1')
     self.procs = processes.Processes(self.directory / 'logs', env)
-    self.tls = certs.make_tls(self.directory / 'certs') if secure else None
+    self.tls = None
+    self.host = '127.0.0.1'
     self.port = None
     self._node_cmds: dict[str, list[str]] = {}
     self.node_ids: dict[str, int] = {}  # of the registered nodes
@@ -73,8 +82,15 @@ class LocalFederation:
   # --- the SuperLink and the CLI -----------------------------------------------------------------
 
   def start_superlink(self, timeout_s: float = 90) -> None:
+    """Makes the links (LinkError if it cannot), the credentials, and starts the SuperLink."""
+    also = ()
+    if self.links is not None:
+      self.links.start()
+      self.host, also = self.links.server_address, tuple(self.links.host_addresses)
+    if self.secure:
+      self.tls = certs.make_tls(self.directory / 'certs', also=also)
     self.port = distributed.free_port()
-    cmd = [str(_BIN / 'flower-superlink'), '--host', '127.0.0.1', '--port', str(self.port),
+    cmd = [str(_BIN / 'flower-superlink'), '--host', self.host, '--port', str(self.port),
            # fedjax_pt's own install provides the app's dependencies: nothing is fetched at run
            # time (Flower would otherwise `uv sync` them for every run).
            '--disable-runtime-dependency-installation']
@@ -84,14 +100,14 @@ class LocalFederation:
     else:
       cmd += ['--insecure']
     proc = self.procs.start('superlink', cmd, self.directory / 'home' / 'superlink')
-    _wait_port(self.port, proc, self.procs.logs / 'superlink.log', timeout_s)
+    _wait_port(self.host, self.port, proc, self.procs.logs / 'superlink.log', timeout_s)
     home = self.directory / 'home' / 'cli'
     home.mkdir(parents=True, exist_ok=True)
     trust = (f'root-certificates = {toml_value(str(self.tls.ca))}' if self.secure else
              'insecure = true')
     (home / 'config.toml').write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{self.port}"\n{trust}\n')
+        f'address = "{self.host}:{self.port}"\n{trust}\n')
     deadline = time.monotonic() + timeout_s
     while True:  # the port opens before the Control API answers
       try:
@@ -125,10 +141,17 @@ class LocalFederation:
     `name` (client-<k> tells the server which client it is) unless `register` is False.
 
     `tls=False`, `auth=False` or `register=False` on a secure SuperLink make a node that the
-    SuperLink must refuse; `max_wait_s` bounds its retries (a node retries forever otherwise)."""
+    SuperLink must refuse; `max_wait_s` bounds its retries (a node retries forever otherwise).
+    With links, it runs in the namespace of the link after the last node's."""
     tls = self.secure if tls is None else tls
     auth = self.secure if auth is None else auth
-    cmd = [str(_BIN / 'flower-supernode'), '--superlink', f'127.0.0.1:{self.port}',
+    where = []
+    if self.links is not None:
+      if len(self._node_cmds) >= len(self.links.links):
+        raise RuntimeError(f'{len(self.links.links)} links for {len(self._node_cmds) + 1} nodes')
+      # Its own port space: the port of its ClientApps' API is free there.
+      where = self.links.exec_prefix(len(self._node_cmds))
+    cmd = [*where, str(_BIN / 'flower-supernode'), '--superlink', f'{self.host}:{self.port}',
            '--host', '127.0.0.1', '--port', str(distributed.free_port()),
            '--node-config', node_config]
     cmd += ['--root-certificates', str(self.tls.ca)] if tls else ['--insecure']
@@ -214,4 +237,9 @@ class LocalFederation:
     return status, error
 
   def stop(self) -> list[int]:
-    return self.procs.stop_all()
+    """Stops every process (returns the PIDs that needed SIGKILL), then removes the links
+    (`links_left` says what could not be)."""
+    stragglers = self.procs.stop_all()
+    if self.links is not None:
+      self.links_left = self.links.stop()
+    return stragglers
