@@ -149,6 +149,22 @@ def test_a_killed_writer_leaves_no_entry(tmp_path, tokenised, monkeypatch):
   assert len(tokenised) == 2
 
 
+def test_a_cache_that_cannot_be_written_costs_only_the_cache(tmp_path, tokenised, monkeypatch,
+                                                            caplog):
+  path = _corpus(tmp_path / 'c.jsonl')
+  cache = tmp_path / 'cache'
+
+  def full(*args, **kw):
+    raise OSError(28, 'No space left on device')
+
+  with monkeypatch.context() as patch:
+    patch.setattr(token_cache.np, 'save', full)
+    data = build_federated_data(_cfg(path, cache), num_clients=2, seed=0)
+  _assert_same(data, build_federated_data(_cfg(path), num_clients=2, seed=0))
+  assert 'could not keep the tokenised corpus' in caplog.text and 'No space left' in caplog.text
+  assert not list(cache.glob('corpus-*')) and not list(cache.glob('.tmp-*'))
+
+
 def test_a_cache_dir_that_is_a_file_or_cannot_be_made_is_one_line(tmp_path):
   path = _corpus(tmp_path / 'c.jsonl')
   with pytest.raises(ValueError, match=r"^data.cache_dir='.*c.jsonl' is a file, not a directory"):

@@ -18,6 +18,8 @@ import time
 from importlib import metadata
 from typing import Any
 
+from absl import logging
+
 from fedjax_pt.data.config import DataConfig
 from fedjax_pt.data.sources import expand_patterns
 
@@ -57,19 +59,23 @@ class DigestMemo:
     return digest
 
   def save(self) -> None:
-    """Writes the memo atomically; processes racing on it lose entries, never corrupt them."""
+    """Writes the memo atomically; processes racing on it lose entries, never corrupt them, and a
+    memo that cannot be written (a full disk) only costs hashing again."""
     if not self._dirty:
       return
-    directory = os.path.dirname(self.path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.digests-', suffix='.json')
+    tmp = ''
     try:
+      fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix='.digests-')
       with os.fdopen(fd, 'w', encoding='utf-8') as f:
         json.dump(self._entries, f)
       os.replace(tmp, self.path)
-    except BaseException:
-      os.unlink(tmp)
-      raise
-    self._dirty = False
+      tmp = ''
+      self._dirty = False
+    except OSError as e:
+      logging.warning('data.cache_dir: could not remember file digests in %s (%s)', self.path, e)
+    finally:
+      if tmp:
+        os.unlink(tmp)
 
 
 def _sha256(path: str) -> str:

@@ -138,8 +138,9 @@ def _array(entry: str, name: str, dtype, shape: tuple[int, ...], mmap: bool = Fa
 
 def _write(root: str, entry: str, key: dict[str, Any], corpus: TokenisedCorpus) -> None:
   """Saves `corpus` as `entry`, atomically; a failure to save (disk full) costs only the cache."""
-  tmp = tempfile.mkdtemp(dir=root, prefix=_TMP_PREFIX)
+  tmp = ''
   try:
+    tmp = tempfile.mkdtemp(dir=root, prefix=_TMP_PREFIX)
     np.save(os.path.join(tmp, 'ids.npy'), np.asarray(corpus.ids, np.int32))
     np.save(os.path.join(tmp, 'offsets.npy'), np.asarray(corpus.offsets, np.int64))
     np.save(os.path.join(tmp, 'groups.npy'), np.asarray(corpus.groups, np.int32))
@@ -155,7 +156,8 @@ def _write(root: str, entry: str, key: dict[str, Any], corpus: TokenisedCorpus) 
     if not os.path.isdir(entry):
       logging.warning('data.cache_dir: could not keep the tokenised corpus in %s (%s)', entry, e)
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp:
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _remove_stale_tmp(root: str) -> None:
