@@ -29,9 +29,10 @@ from fedjax_pt.configs import base as base_config
 from fedjax_pt.run_spec import RunSpec
 
 # Keys that may change between the sessions of one run: training longer, checkpointing or logging
-# differently, or on other devices (the mesh places arrays, it does not change the results).
-# Anything else would silently mix two experiments in one metrics.jsonl.
-RESUMABLE_CHANGES = ('fl.rounds', 'ckpt.', 'log.', 'mesh.')
+# differently, or on other devices (the mesh places arrays, it does not change the results), or
+# with the tokenised corpus kept elsewhere (the cache never changes the data). Anything else would
+# silently mix two experiments in one metrics.jsonl.
+RESUMABLE_CHANGES = ('fl.rounds', 'ckpt.', 'log.', 'mesh.', 'data.cache_dir')
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:

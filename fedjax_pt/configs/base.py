@@ -123,6 +123,11 @@ def get_config() -> ml_collections.ConfigDict:
   # model. -1: `seed` does both (runs from before data.seed existed resume unchanged). Fix it to
   # score a sweep over `seed` on one validation set.
   c.data.seed = -1
+  # A directory where the tokenised corpus is kept (fedjax_pt/data/token_cache.py), keyed by the
+  # content of the corpus files, the tokenizer and the options that change the tokens: a later run
+  # or round maps it from disk instead of tokenising again. '': off (a Flower node uses one by
+  # default: its cache-dir). Not for data.source='tfds'.
+  c.data.cache_dir = ''
 
   # Local training on a mesh of clients x data x fsdp devices (fedjax_pt/sharding.py): this
   # process's devices, or those of every process of a multi-host client (fedjax_pt/distributed.py).

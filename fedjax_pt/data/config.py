@@ -39,6 +39,7 @@ class DataConfig:
   shuffle: bool = True
   only_client: int = -1  # >= 0: mode=centralized trains client k's shard alone (a solo baseline)
   seed: int = -1  # the partition and held-out split; -1: the run's `seed` (as before it existed)
+  cache_dir: str = ''  # the tokenised corpus kept here across runs (`token_cache`); '': off
 
   def split_seed(self, run_seed: int) -> int:
     """The seed of the partition and the held-out split: `data.seed`, or the run's seed."""
@@ -109,6 +110,13 @@ class DataConfig:
     _check(isinstance(self.shuffle, bool), f'data.shuffle must be a bool, got {self.shuffle!r}')
     _check(_is_int(self.only_client) and self.only_client >= -1,
            f'data.only_client must be a client id or -1 (off), got {self.only_client!r}')
+    _check(isinstance(self.cache_dir, str),
+           f'data.cache_dir must be a directory path or empty (off), got {self.cache_dir!r}')
+    # A TFDS dataset's content has no cheap sound fingerprint here (it is prepared and versioned
+    # by tfds), and its ArrayRecord files are already random-access on disk.
+    _check(not (self.cache_dir and self.source == 'tfds'),
+           f"data.cache_dir={self.cache_dir!r} caches local files and the builtin corpus; "
+           "data.source='tfds' is not cached: set data.cache_dir=''")
 
 
 def _is_int(value: Any) -> bool:

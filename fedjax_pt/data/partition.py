@@ -23,26 +23,38 @@ def rng_for(seed: int, stream: int, client: int = 0) -> np.random.Generator:
   return np.random.default_rng([seed, stream, client])
 
 
+def needs_keys(cfg: DataConfig) -> bool:
+  """Whether `cfg.partition` reads each document's `cfg.partition_key` (`key_of`)."""
+  return cfg.partition in ('dirichlet', 'mapping')
+
+
 def partition(docs: Sequence[Document], cfg: DataConfig, num_clients: int,
               seed: int) -> list[np.ndarray]:
   """Sorted document indices of each client under `cfg.partition`; every client gets some."""
+  keys = [key_of(d, cfg.partition_key) for d in docs] if needs_keys(cfg) else None
+  return assign(len(docs), np.array([d.group for d in docs]), keys, cfg, num_clients, seed)
+
+
+def assign(num_docs: int, groups: np.ndarray, keys: Sequence[str] | None, cfg: DataConfig,
+           num_clients: int, seed: int) -> list[np.ndarray]:
+  """`partition` from what it reads of the documents: their number, each one's data.path pattern
+  (`Document.group`) and, where `needs_keys`, each one's partition key. A tokenised cache keeps
+  these, so a cached corpus is partitioned without reading its text again."""
   if num_clients < 1:
     raise ValueError(f'num_clients must be >= 1, got {num_clients}')
   if cfg.partition == 'iid':
     # The paper's C4 split: equal contiguous shards of the document stream.
-    parts = np.array_split(np.arange(len(docs)), num_clients)
+    parts = np.array_split(np.arange(num_docs), num_clients)
   elif cfg.partition == 'by_source':
-    parts = _by_source(docs, len(cfg.patterns), num_clients)
+    parts = _by_source(groups, len(cfg.patterns), num_clients)
   elif cfg.partition == 'dirichlet':
-    keys = [key_of(d, cfg.partition_key) for d in docs]
     parts = dirichlet(keys, num_clients, cfg.dirichlet_alpha, rng_for(seed, PARTITION_STREAM))
   else:
-    keys = [key_of(d, cfg.partition_key) for d in docs]
     parts = _by_mapping(keys, load_mapping(cfg.mapping_file, num_clients), num_clients,
                         cfg.mapping_file)
   for k, part in enumerate(parts):
     if not len(part):
-      raise ValueError(f'client {k} gets no documents of {len(docs)} under '
+      raise ValueError(f'client {k} gets no documents of {num_docs} under '
                        f'data.partition={cfg.partition!r}; lower fl.num_clients'
                        + (' or raise data.dirichlet_alpha' if cfg.partition == 'dirichlet' else ''))
   return [np.asarray(p, dtype=np.int64) for p in parts]
@@ -66,11 +78,10 @@ def key_of(doc: Document, key: str) -> str:
   return value
 
 
-def _by_source(docs: Sequence[Document], num_patterns: int, num_clients: int) -> list[np.ndarray]:
+def _by_source(groups: np.ndarray, num_patterns: int, num_clients: int) -> list[np.ndarray]:
   if num_patterns != num_clients:
     raise ValueError(f"data.partition='by_source' makes one client per data.path pattern: "
                      f'{num_patterns} pattern(s) but fl.num_clients={num_clients}')
-  groups = np.array([d.group for d in docs])
   return [np.flatnonzero(groups == k) for k in range(num_clients)]
 
 

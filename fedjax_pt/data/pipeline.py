@@ -2,7 +2,8 @@
 
 `build_federated_data` does all the work once, up front (read, tokenize, partition, split, pack);
 corpora here are at most a few hundred MB, so every client's windows live in memory as views of
-its token stream and iterators are cheap, exactly checkpointable grain pipelines.
+its token stream and iterators are cheap, exactly checkpointable grain pipelines. With
+`data.cache_dir` the read and tokenize steps run once per corpus and tokenizer (`token_cache`).
 """
 
 import grain
@@ -11,9 +12,9 @@ from absl import logging
 
 from fedjax_pt.data import packing
 from fedjax_pt.data import partition as partition_lib
+from fedjax_pt.data import token_cache
 from fedjax_pt.data.config import DataConfig
-from fedjax_pt.data.sources import load_documents
-from fedjax_pt.data.tokenizers import Tokenizer, load_tokenizer, tokenize_corpus
+from fedjax_pt.data.tokenizers import Tokenizer, load_tokenizer
 
 # The windows are already in memory: reader threads would only contend for the GIL (grain's own
 # advice), and a prefetch buffer of large batches per client would multiply host memory.
@@ -127,11 +128,10 @@ def build_federated_data(cfg: DataConfig, num_clients: int, seed: int,
     raise ValueError(f'seed must be >= 0, got {seed}')
   split_seed = cfg.split_seed(seed)
   tokenizer = load_tokenizer(cfg.tokenizer)
-  docs = load_documents(cfg)
-  ids, offsets = tokenize_corpus(tokenizer, [d.text for d in docs])
+  corpus = token_cache.load(cfg, tokenizer)
+  ids, offsets = corpus.ids, corpus.offsets
   packed_lengths = np.diff(offsets) + 1  # + end-of-text
-  parts = partition_lib.partition(docs, cfg, num_clients, split_seed)
-  del docs  # the text is no longer needed, only its ids
+  parts = corpus.partition(cfg, num_clients, split_seed)
   train, val = [], []
   for k, part in enumerate(parts):
     train_docs, val_docs = partition_lib.split_train_val(

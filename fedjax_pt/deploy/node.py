@@ -3,8 +3,9 @@
 wraps this in a Flower ClientApp.
 
 Flower starts a fresh ClientApp process for every message, so each round rebuilds what it needs
-from the request and the node config: the config, the data pipeline, the compiled train step
-(from JAX's persistent compilation cache after the first round) and the node's state snapshot.
+from the request and the node config: the config, the data pipeline (from the node's tokenised
+corpus cache after the first round), the compiled train step (from JAX's persistent compilation
+cache after the first round) and the node's state snapshot.
 
 Node config (`flower-supernode --node-config "..."`, TOML values):
   partition-id    the client id this node trains as (required)
@@ -15,6 +16,9 @@ Node config (`flower-supernode --node-config "..."`, TOML values):
                   equivalence tests)
   state-dir       node-local directory for its state snapshots (default ~/.cache/fedjax_pt/node)
   jax-cache       JAX persistent compilation cache (default <state-dir>/jax-cache)
+  cache-dir       the node's tokenised corpus (`data.token_cache`; default <state-dir>/data-cache,
+                  none for data.source='tfds'; '' turns it off): the node reads and tokenises
+                  its corpus once, not every round
   shared-dir      where this node reaches the `shared` transport's root, if not at the
                   server's path
   data.*, mesh.*  config overrides that are the node's business: where its data lives
@@ -37,6 +41,7 @@ from fedjax_pt import data as data_lib
 from fedjax_pt import local_training
 from fedjax_pt import model as model_lib
 from fedjax_pt import sharding
+from fedjax_pt.data import token_cache
 from fedjax_pt.deploy import node_state
 from fedjax_pt.deploy import protocol
 from fedjax_pt.deploy import secure
@@ -46,7 +51,7 @@ from fedjax_pt.federated import compression
 from fedjax_pt.federated.messages import ClientReport
 from fedjax_pt.run_spec import RunSpec
 
-_KEYS = ('partition-id', 'num-partitions', 'state-dir', 'jax-cache', 'shared-dir')
+_KEYS = ('partition-id', 'num-partitions', 'state-dir', 'jax-cache', 'cache-dir', 'shared-dir')
 # The recipe (model, optimizer, steps, batch shape) is the server's; these are the node's.
 _OVERRIDABLE = ('data.', 'mesh.')
 _RECIPE_DATA_KEYS = ('data.seq_len', 'data.batch_size')
@@ -58,6 +63,7 @@ class NodeConfig:
   num_partitions: int = 1
   state_dir: str = os.path.join('~', '.cache', 'fedjax_pt', 'node')
   jax_cache: str = ''
+  cache_dir: str | None = None  # None: the default, <state-dir>/data-cache
   shared_dir: str = ''
   overrides: tuple[tuple[str, Any], ...] = ()
 
@@ -71,12 +77,17 @@ class NodeConfig:
     recipe = [k for k in node_config if k in _RECIPE_DATA_KEYS]
     if recipe:
       raise ValueError(f'node config key {recipe[0]!r} is part of the recipe: the server sets it')
+    if 'data.cache_dir' in node_config:
+      raise ValueError("node config key 'data.cache_dir': a node's tokenised corpus cache is its "
+                       'cache-dir')
     if 'partition-id' not in node_config:
       raise ValueError('node config needs partition-id (the client id this node trains as)')
     cfg = cls(partition_id=int(node_config['partition-id']),
               num_partitions=int(node_config.get('num-partitions', 1)),
               state_dir=os.path.expanduser(str(node_config.get('state-dir', cls.state_dir))),
               jax_cache=str(node_config.get('jax-cache', '')),
+              cache_dir=(os.path.expanduser(str(node_config['cache-dir']))
+                         if 'cache-dir' in node_config else None),
               shared_dir=str(node_config.get('shared-dir', '')),
               overrides=tuple(sorted((k, v) for k, v in node_config.items()
                                      if k.startswith(_OVERRIDABLE))))
@@ -87,6 +98,15 @@ class NodeConfig:
       raise ValueError(f'partition-id={cfg.partition_id} names no shard of num-partitions='
                        f'{cfg.num_partitions}')
     return cfg
+
+  def data_cache_dir(self, source: str) -> str:
+    """The node's data.cache_dir for a corpus of data.source `source` ('': none)."""
+    if self.cache_dir is None:  # the default: every source the cache keeps
+      return '' if source == 'tfds' else os.path.join(self.state_dir, 'data-cache')
+    if self.cache_dir and source == 'tfds':
+      raise ValueError(f"node config cache-dir={self.cache_dir!r}: data.source='tfds' has no "
+                       "tokenised cache; set cache-dir=''")
+    return self.cache_dir
 
   @property
   def shard(self) -> int:
@@ -114,6 +134,8 @@ def node_run_config(request: protocol.TrainRequest,
       raise ValueError(f'node config key {key!r} names no config key')
     config[group][name] = value
   config.mesh.clients = 1  # the node's devices all train its one client
+  # The server's cache directory is a path on the server; the node keeps its own.
+  config.data.cache_dir = node.data_cache_dir(config.data.source)
   if dict(node.overrides).get('mesh.num_processes', 1) != 1:
     # Flower starts a ClientApp process per message: it cannot hold a jax.distributed group.
     raise ValueError('a Flower node trains in one process on its own devices; mesh.num_processes '
@@ -160,6 +182,8 @@ def _setup(request: protocol.TrainRequest, node: NodeConfig) -> _Setup:
   if model_cfg.vocab_size != request.vocab_size:
     raise ValueError(f'data.tokenizer={spec.data.tokenizer!r} gives a model vocabulary of '
                      f'{model_cfg.vocab_size}, the server model has {request.vocab_size}')
+  if spec.data.cache_dir:
+    token_cache.check_dir(spec.data.cache_dir, 'node config cache-dir')
   data = data_lib.build_federated_data(spec.data, num_clients=node.num_partitions, seed=spec.seed)
   trainer = _trainer(model_cfg, spec.opt, spec.mesh, spec.data.micro_batch_size)
   rule = _rule(spec, trainer)

@@ -1,0 +1,97 @@
+"""A node's data preparation per round, with and without the tokenised cache, vs corpus size.
+
+    python -m benchmarks.data_preparation [--scales=1,5,20] [--repeats=3]
+
+The corpus is the C4 sample of ../shared (1,000 documents, 2.4 MB) replicated 1x, 5x and 20x into
+one JSONL file each, tokenised with GPT-NeoX-20B's tokenizer.json; where either is absent it says
+so and measures nothing. For each size it times `build_federated_data` for one client (a node's
+own corpus, num-partitions=1):
+  uncached  what every round cost before data.cache_dir (read, tokenise, partition, pack)
+  cold      the first round with a cache: the same, plus writing the cache
+  warm      every later round: fingerprint (digests remembered by stat), map the cached arrays,
+            partition, split and pack; `load` is the cache's part of it (`token_cache.load`)
+  sha256    what the fingerprint costs when a file's digest is not remembered (a changed file)
+"""
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from fedjax_pt.data import DataConfig, build_federated_data, load_tokenizer
+from fedjax_pt.data import fingerprint
+from fedjax_pt.data import token_cache
+
+SHARED = Path(__file__).resolve().parents[2] / 'shared' / 'data'
+C4 = SHARED / 'c4' / 'c4_sample.jsonl'
+NEOX = SHARED / 'tokenizers' / 'gpt-neox-20b' / 'tokenizer.json'
+
+
+def _seconds(fn, repeats: int = 1) -> float:
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def _replicate(scale: int, directory: str) -> str:
+  path = os.path.join(directory, f'c4x{scale}.jsonl')
+  lines = C4.read_bytes()
+  with open(path, 'wb') as f:
+    for _ in range(scale):
+      f.write(lines)
+  return path
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--scales', default='1,5,20')
+  parser.add_argument('--repeats', type=int, default=3, help='warm builds; the best is shown')
+  args = parser.parse_args()
+  missing = [str(p) for p in (C4, NEOX) if not p.exists()]
+  if missing:
+    print(f'skipped: {", ".join(missing)} absent (the C4 sample and GPT-NeoX tokenizer of '
+          '../shared); nothing measured')
+    return
+  scales = [int(s) for s in args.scales.split(',')]
+  print(f'corpus: {C4} x {scales}; tokenizer: {NEOX}; {os.cpu_count()} CPUs')
+  work = tempfile.mkdtemp(prefix='data-preparation-')
+  try:
+    paths = {s: _replicate(s, work) for s in scales}
+    # A node's corpus is older than its first round: let the files' stat settle, so their digests
+    # are remembered as they would be (fingerprint._SETTLED_NS).
+    time.sleep(fingerprint._SETTLED_NS / 1e9 + 0.5)  # pylint: disable=protected-access
+    tokenizer_s = _seconds(lambda: load_tokenizer(str(NEOX)))
+    print(f'load_tokenizer (NeoX tokenizer.json, in every build): {tokenizer_s:.2f} s')
+    print('| corpus | MB | tokens | uncached s | cold s | warm s | warm: load s | sha256 s | '
+          'uncached / warm |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    for scale, path in paths.items():
+      cache = os.path.join(work, f'cache{scale}')
+      cfg = {'source': 'jsonl', 'path': path, 'tokenizer': str(NEOX), 'seq_len': 128,
+             'batch_size': 8}
+      plain = DataConfig.from_config(cfg)
+      cached = DataConfig.from_config({**cfg, 'cache_dir': cache})
+      uncached = _seconds(lambda: build_federated_data(plain, 1, 0))
+      cold = _seconds(lambda: build_federated_data(cached, 1, 0))
+      warm = _seconds(lambda: build_federated_data(cached, 1, 0), args.repeats)
+      tok = load_tokenizer(str(NEOX))
+      load = _seconds(lambda: token_cache.load(cached, tok), args.repeats)
+      sha = _seconds(lambda: fingerprint._sha256(path))  # pylint: disable=protected-access
+      entry, = [e for e in os.listdir(cache) if e.startswith('corpus-')]
+      with open(os.path.join(cache, entry, 'manifest.json'), encoding='utf-8') as f:
+        tokens = json.load(f)['num_tokens']
+      mb = os.path.getsize(path) / 1e6
+      print(f'| {scale}x | {mb:.1f} | {tokens:,} | {uncached:.2f} | {cold:.2f} | {warm:.3f} | '
+            f'{load:.3f} | {sha:.3f} | {uncached / warm:.0f}x |', flush=True)
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == '__main__':
+  main()
