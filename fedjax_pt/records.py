@@ -68,6 +68,10 @@ class RoundRecord:
   retries: int | None = None
   failed_clients: dict[Any, str] | None = None
   absent_clients: list[int] | None = None  # did not show up (profile availability)
+  # A deployment: clients no node was online for (client -> why), and nodes refused a seat
+  # (node id -> why: a key other than the seat's, or a name that is no seat).
+  unavailable_clients: dict[int, str] | None = None
+  refused_nodes: dict[int, str] | None = None
   server_time_s: float | None = None  # measured: decoding, averaging, the outer step
   client_sim_time_s: dict[int, float] | None = None  # simulated, of the clients that replied
   client_local_steps: dict[int, int] | None = None

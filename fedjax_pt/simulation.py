@@ -123,6 +123,9 @@ class SimulatedClients:
   def unavailable(self) -> frozenset[int]:
     return frozenset()  # every simulated client is always there
 
+  def refused(self) -> dict[int, str]:
+    return {}  # no node claims a simulated client's seat
+
   # --- what the clients keep, in the run's checkpoints --------------------------------------------
 
   def state(self) -> tuple[dict[str, Any], dict[str, Any]]:

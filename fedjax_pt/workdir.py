@@ -82,6 +82,11 @@ def writer_of(path: str) -> str | None:
     os.close(fd)
 
 
+def has_checkpoint(workdir: str) -> bool:
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))
+
+
 class Workdir:
   """The directory of one run, described by `resolved` (the run's config.json)."""
 
@@ -133,10 +138,7 @@ class Workdir:
   def holds_run(self) -> bool:
     """Whether an earlier session left a checkpoint or the record of a trained round here (a
     session that stopped in its first round has only the initial model's: nothing to keep)."""
-    checkpoints = os.path.join(self.path, 'checkpoints')
-    has_checkpoint = os.path.isdir(checkpoints) and any(
-        name.isdigit() for name in os.listdir(checkpoints))
-    if has_checkpoint:
+    if has_checkpoint(self.path):
       return True
     if not os.path.isfile(self._metrics) or not os.path.getsize(self._metrics):
       return False

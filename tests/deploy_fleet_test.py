@@ -75,7 +75,7 @@ def test_nodes_are_named_by_registration_or_asked_once():
                    12: FakeNode({}, handler=_scripted(0, 2.0))})
   clients = _clients(grid, num_clients=2)
   clients.wait_for_nodes(timeout_s=5)
-  assert clients.unavailable() == set()
+  assert clients.unavailable() == {}
   assert grid.log == [(12, protocol.QUERY, '')]  # only the unnamed node was asked, once
 
 

@@ -6,9 +6,11 @@ started, by PID, even when it fails (`LocalFederation.stop`, or the launcher's o
 a sweep of the processes whose FLWR_HOME lies in the test's directory).
 """
 
+import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,3 +219,61 @@ def test_bad_data_or_node_config_is_refused_before_any_process_starts(tmp_path, 
   lines = result.stderr.strip().splitlines()
   assert lines[-1].startswith('fedjax_pt.deploy.local: error: ') and message in lines[-1], lines
   assert not (tmp_path / 'deploy').exists()  # no certificate, key or process was made
+
+
+def test_a_hijacked_seat_a_moved_workdir_and_other_code_across_processes(tmp_path, jax_cache,
+                                                                         simulated, monkeypatch):
+  """Three sessions of one run on real processes. 1: round 1 with the two partners' nodes,
+  which binds their seats to their keys. 2: the workdir is moved to another path, and a rogue
+  key is registered under client-1's name (what any partner could do through the Control API);
+  round 2 resumes: the rogue node gets nothing and the round records it, and the nodes continue
+  from their snapshots, so the losses are the simulation's (a run key that depended on the path
+  started them afresh). 3: the nodes come back on other fedjax_pt code: one line, no training."""
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', jax_cache)
+  federation = launcher.LocalFederation(tmp_path / 'deploy')
+  overrides = ' '.join(TINY[1:]) + ' --config.fl.rounds='
+
+  def run(workdir, rounds):
+    return federation.run({'config': str(REPO / 'configs' / 'tiny.py') + ':test',
+                           'workdir': str(workdir), 'overrides': overrides + str(rounds)},
+                          timeout_s=300)
+
+  try:
+    federation.start_superlink()
+    for k in range(2):
+      federation.add_node(f'client-{k}', f"partition-id={k} num-partitions=2 "
+                          f"state-dir='{tmp_path}/nodes/{k}'")
+    federation.wait_online(2)
+    assert run(tmp_path / 'run', 1) == ('finished:completed', None)
+    shutil.move(tmp_path / 'run', tmp_path / 'moved')
+    federation.add_node('rogue', f"partition-id=1 num-partitions=2 state-dir='{tmp_path}/rogue'",
+                        register_as='client-1')
+    federation.wait_online(3)
+    assert run(tmp_path / 'moved', 2) == ('finished:completed', None)
+    patched = tmp_path / 'patched'
+    shutil.copytree(REPO / 'fedjax_pt', patched / 'fedjax_pt',
+                    ignore=shutil.ignore_patterns('__pycache__'))
+    with open(patched / 'fedjax_pt' / 'train.py', 'a', encoding='utf-8') as f:
+      f.write('# a partner patched this\n')
+    federation.procs.extra_env['PYTHONPATH'] = str(patched)
+    for name in ('client-0', 'client-1', 'rogue'):
+      federation.procs.kill(name, signal.SIGTERM)  # a stopped SuperNode signs off at once
+    federation.wait_online(0, at_most=True)
+    for name in ('client-0', 'client-1'):
+      federation.restart_node(name)
+    federation.wait_online(2)
+    status, error = run(tmp_path / 'moved', 3)
+  finally:
+    federation.stop()
+  assert not _ours(tmp_path)
+  deployed = records.read_records(str(tmp_path / 'moved')).rounds
+  assert _column(deployed[:3], 'val_loss') == _column(simulated[:3], 'val_loss')
+  rogue = federation.node_ids['rogue']
+  assert list(deployed[2].refused_nodes) == [str(rogue)]
+  keys = json.loads((tmp_path / 'moved' / 'federation.json').read_text())['seats']
+  assert keys['client-1'] in deployed[2].refused_nodes[str(rogue)]
+  log = (tmp_path / 'deploy' / 'logs' / 'run.log').read_text()
+  assert f'node {rogue} refused: claims client-1 by its registered name client-1 with key' in log
+  assert status == 'finished:failed' and error.startswith('round 3: every client failed: raised '
+                                                          'ValueError: the server runs fedjax_pt ')
+  assert 'install the same fedjax_pt on both' in error

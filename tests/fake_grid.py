@@ -22,6 +22,7 @@ from fedjax_pt.deploy import client_app
 class FakeNode:
   node_config: dict
   name: str = ''  # the name it was registered under ('' without node authentication)
+  public_key: bytes = b''  # its key, with node authentication
   online: bool = True
   silent: bool = False  # takes messages but never replies (hung, or far too slow)
   gone: bool = False  # answers every message with Flower's NODE_UNAVAILABLE (killed)
@@ -40,7 +41,7 @@ class FakeGrid:
     self._contexts = {}  # node id -> its Context, whose state persists across messages
 
   def get_nodes(self):
-    return [types.SimpleNamespace(node_id=node_id, name=node.name)
+    return [types.SimpleNamespace(node_id=node_id, name=node.name, public_key=node.public_key)
             for node_id, node in self.nodes.items() if node.online]
 
   def push_messages(self, messages):

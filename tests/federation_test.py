@@ -31,6 +31,9 @@ class ScriptedClients:
   def unavailable(self):
     return self.absent
 
+  def refused(self):
+    return {}
+
   def train(self, broadcast, round_idx, client_ids, attempt, segment):
     del segment
     params = scripted.params_of(broadcast)

@@ -81,6 +81,9 @@ class FragmentClients:
   def unavailable(self):
     return frozenset()
 
+  def refused(self):
+    return {}
+
   def train(self, broadcast, round_idx, client_ids, attempt, segment):
     del round_idx, attempt
     self.segments.append(segment)

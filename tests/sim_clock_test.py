@@ -37,6 +37,9 @@ class TimedClients:
   def unavailable(self):
     return ()
 
+  def refused(self):
+    return {}
+
   def train(self, broadcast, round_idx, client_ids, attempt, segment):
     del segment
     params = scripted.params_of(broadcast)

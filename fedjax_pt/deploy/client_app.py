@@ -24,6 +24,11 @@ app = ClientApp()
 logging.getLogger('flwr').propagate = False
 
 
+def _now() -> str:
+  """A timestamp for the SuperNode's log, which has none of its own."""
+  return time.strftime('%Y-%m-%d %H:%M:%S')
+
+
 def one_line(error: BaseException, limit: int = 600) -> str:
   text = f'raised {type(error).__name__}: {" ".join(str(error).split())}'
   return text if len(text) <= limit else text[:limit - 3] + '...'
@@ -38,7 +43,7 @@ def train(msg: Message, context: Context) -> Message:
   started = time.perf_counter()
   request = msg.content['config']
   where = f'client {request["client"]} round {request["round"]} attempt {request["attempt"]}'
-  print(f'fedjax_pt node: {where}: started', flush=True)
+  print(f'{_now()} fedjax_pt node: {where}: started', flush=True)
   try:
     node = node_lib.NodeConfig.parse(context.node_config)
     node_lib.use_compilation_cache(node)
@@ -49,7 +54,8 @@ def train(msg: Message, context: Context) -> Message:
     content = protocol.reply_content(ClientReport(client=int(request['client']), update=None,
                                                   failure=one_line(e)))
   status = content['status']['failure'] or 'done'
-  print(f'fedjax_pt node: {where}: {status} in {time.perf_counter() - started:.1f}s', flush=True)
+  print(f'{_now()} fedjax_pt node: {where}: {status} in {time.perf_counter() - started:.1f}s',
+        flush=True)
   return Message(content, reply_to=msg)
 
 

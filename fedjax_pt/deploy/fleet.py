@@ -1,10 +1,14 @@
 """The round object's clients as the SuperNodes of a Flower federation (`algorithm.Clients`).
 
-Which node is client k: a node registered on the SuperLink under the name `client-k` (node
-authentication: the server's operator decides which key holds which seat), or else the
-`partition-id` of its node config, which a `query` message asks for once per node id. A client
-whose node is not online and identified is `unavailable()`: the round object does not sample it,
+Which node is client k: a node registered on the SuperLink under the name `client-k`, or else
+the `partition-id` of its node config, which a `query` message asks for once per node id; the
+seat is bound to the first key that claims it, and other keys are refused (`seats.py`). A client
+whose node is not online and admitted is `unavailable()`: the round object does not sample it,
 and samples it again once its node is back.
+
+Every train request names the snapshot the node must continue from (the state after the last
+synchronisation whose reply this server received from that client, kept in the run's checkpoints
+with the model), so a node whose state is not that one refuses instead of training from it.
 
 A synchronisation pushes one `train` message per sampled client with its part of the round object's
 broadcast (the whole model, or to a node that holds a model of its own the fragment synchronised
@@ -21,7 +25,6 @@ the clients in the simulation's order and the result is bit-identical to it.
 
 from collections.abc import Iterator, Sequence
 import dataclasses
-import re
 import time
 from typing import Any
 
@@ -33,6 +36,7 @@ import numpy as np
 
 from fedjax_pt import errors
 from fedjax_pt.deploy import protocol
+from fedjax_pt.deploy import seats as seats_lib
 from fedjax_pt.deploy import secure
 from fedjax_pt.deploy import transport as transport_lib
 from fedjax_pt.federated import compression
@@ -40,7 +44,6 @@ from fedjax_pt.federated import fragments
 from fedjax_pt.federated import privacy
 from fedjax_pt.federated.messages import Broadcast, ClientReport, SecureSum
 
-_NAMED = re.compile(r'client-(\d+)')
 # Errors that mean nothing came back from the node: faults of the federation, not of the code.
 _LOST = {ErrorCode.NODE_UNAVAILABLE: 'unavailable', ErrorCode.CLIENT_APP_CRASHED: 'crashed',
          ErrorCode.MESSAGE_UNAVAILABLE: 'unavailable', ErrorCode.REPLY_MESSAGE_UNAVAILABLE: 'late'}
@@ -59,14 +62,17 @@ class RunInfo:
   compression: compression.CompressionConfig
   secagg: privacy.SecAggConfig = privacy.SecAggConfig()
   fragments: int = 1  # fl.fragments
+  code_version: str = ''  # the server's `protocol.code_version()`
 
 
 class FlowerClients:
   """Clients 0..num_clients-1, each the SuperNode that is it, reached through a Flower `Grid`."""
 
   def __init__(self, grid, run: RunInfo, move: transport_lib.Inline | transport_lib.Shared,
-               like: Any, poll_s: float = 0.1):
+               like: Any, poll_s: float = 0.1, seats: seats_lib.Seats | None = None):
     self._grid, self._run, self._move, self._poll_s = grid, run, move, poll_s
+    self._seats = seats or seats_lib.Seats(None, seats_lib.FederationState(run.run_key),
+                                           run.num_clients)
     comp = run.compression
     # What a reply's delta is read into: the payload of the parameters' shapes (of a fragment).
     whole = jax.eval_shape(lambda p: compression.encode(p, comp.upload, comp.block_size), like)
@@ -74,15 +80,31 @@ class FlowerClients:
     self._update_like = [whole if run.fragments == 1 else
                          fragments.select(whole, assignment, f) for f in range(run.fragments)]
     self._host = None  # (the broadcast's payload, {fragment: its part on the host})
-    self._client_of: dict[int, int] = {}  # node id -> client, in the order nodes were identified
+    # node id -> (the client it claims to be, how), in the order nodes were identified
+    self._client_of: dict[int, tuple[int | None, str]] = {}
     self._asked: dict[str, int] = {}  # query message id -> node id, awaiting its answer
     self._node_of: dict[int, int] = {}  # client -> its online node
+    self._refused: dict[int, str] = {}  # node id -> why it holds no seat
+    self._unbound_said = False
+    # client -> the snapshot its node keeps after its last synchronisation the server received
+    self._snapshots: dict[int, str] = {}
+    self._unknown_snapshots: set[int] = set()  # resumed from a checkpoint that did not say
 
   # --- which node is which client ----------------------------------------------------------------
 
-  def unavailable(self) -> set[int]:
+  def unavailable(self) -> dict[int, str]:
     self.refresh()
-    return set(range(self._run.num_clients)) - set(self._node_of)
+    return {k: self._why_unavailable(k) for k in range(self._run.num_clients)
+            if k not in self._node_of}
+
+  def refused(self) -> dict[int, str]:
+    return dict(self._refused)
+
+  def _why_unavailable(self, k: int) -> str:
+    claimants = [n for n in self._refused if self._client_of.get(n, (None,))[0] == k]
+    if claimants:
+      return f'only refused nodes {claimants} claim it'
+    return 'no node is online for it'
 
   def refresh(self) -> None:
     """Maps the online nodes to clients: by registered name, else by asking them (once)."""
@@ -93,27 +115,33 @@ class FlowerClients:
     for node_id, info in online.items():
       if node_id in self._client_of or node_id in asking:
         continue
-      named = _NAMED.fullmatch(getattr(info, 'name', '') or '')
+      name = getattr(info, 'name', '') or ''
+      named = seats_lib.SEAT.fullmatch(name)
       if named:
-        self._identify(node_id, int(named[1]), 'registered name')
+        self._client_of[node_id] = (int(named[1]), f'registered name {name}')
+      elif name:
+        self._client_of[node_id] = (None, f'registered name {name!r}')
       else:
         unnamed.append(node_id)
     if unnamed:
       queries = [Message(content=RecordDict({'ask': ConfigRecord({'what': 'identity'})}),
                          dst_node_id=node_id, message_type=protocol.QUERY) for node_id in unnamed]
       self._asked.update(zip(self._grid.push_messages(queries), unnamed))
-    node_of, claims = {}, {}
-    for node_id, client in self._client_of.items():
-      if node_id in online and 0 <= client < self._run.num_clients:
-        # The most recently identified node wins: without node authentication a restarted node
-        # comes back under a new id while the old one is still listed for a minute.
-        node_of[client] = node_id
-        claims.setdefault(client, []).append(node_id)
+    claims = [seats_lib.Claim(node_id, client, how, bytes(getattr(online[node_id], 'public_key',
+                                                                   b'') or b''))
+              for node_id, (client, how) in self._client_of.items()
+              if node_id in online and how != 'unknown']
+    if claims and not any(c.public_key for c in claims) and not self._unbound_said:
+      logging.warning('the nodes have no keys (no node authentication): seats are not bound to '
+                      'keys, any node may claim any seat')
+      self._unbound_said = True
+    node_of, refused = self._seats.settle(claims)
+    for node_id in sorted(set(refused) - set(self._refused)):
+      logging.warning('node %d refused: %s', node_id, refused[node_id])
+    self._refused = refused
     for client in sorted(node_of):
       if node_of[client] != self._node_of.get(client):
-        others = claims[client][:-1]
-        logging.info('client %d is node %d%s', client, node_of[client],
-                     f' (nodes {others} claim it too)' if others else '')
+        logging.info('client %d is node %d', client, node_of[client])
     for client in sorted(set(self._node_of) - set(node_of)):
       logging.warning('client %d (node %d) is no longer online', client, self._node_of[client])
     self._node_of = node_of
@@ -126,15 +154,9 @@ class FlowerClients:
       if reply.has_error():
         logging.warning('node %d did not say which client it is: %s', node_id,
                         ' '.join(reply.error.reason.split()))
-        self._client_of[node_id] = -1  # not asked again; a restarted node has a new id
+        self._client_of[node_id] = (None, 'unknown')  # not asked again; a restart is a new id
       else:
-        self._identify(node_id, protocol.identity(reply.content), 'partition-id')
-
-  def _identify(self, node_id: int, client: int, how: str) -> None:
-    if not 0 <= client < self._run.num_clients:
-      logging.warning('node %d is client %d by its %s, but fl.num_clients=%d: not used', node_id,
-                      client, how, self._run.num_clients)
-    self._client_of[node_id] = client
+        self._client_of[node_id] = (protocol.identity(reply.content), 'partition-id')
 
   def wait_for_nodes(self, timeout_s: float) -> None:
     """Waits until every client's node is online (or `timeout_s`); the run starts either way."""
@@ -193,6 +215,9 @@ class FlowerClients:
     for k in pending.values():
       reports[k] = self._lost(k, self._node_of[k], f'late: no reply within '
                               f'fl.round_timeout_s={run.round_timeout_s:g}')
+    for k, report in reports.items():
+      if report.training is not None:
+        self._trained(k, round_idx, attempt, segment)
     for fragment in payloads:
       what = 'global' if fragment is None else f'global-fragment-{fragment}'
       self._move.discard(protocol.storage_name(run.run_key, round_idx, attempt, what,
@@ -230,6 +255,8 @@ class FlowerClients:
         [np.asarray(x) for x in jax.tree.leaves(broadcast)])
     metrics = {node_to_client[n]: m for n, m in result.metrics.items()}
     summed = sorted(metrics)
+    for k in summed:
+      self._trained(k, round_idx, attempt, segment)
     finite = [k for k in summed if metrics[k]['finite']]
     for k in summed:
       if not metrics[k]['finite']:  # the round object's verdict, told by the client itself
@@ -275,7 +302,15 @@ class FlowerClients:
         config_json=run.config_json, vocab_size=run.vocab_size, transport=self._move.kind,
         shared_dir=run.shared_dir, keep_snapshots=run.keep_snapshots,
         received=-1 if received is None else received, sync_fragment=segment.fragment,
-        sync_start=segment.start, sync_steps=segment.steps).to_record()
+        sync_start=segment.start, sync_steps=segment.steps,
+        expected_snapshot=self._snapshots.get(
+            client, protocol.UNKNOWN if client in self._unknown_snapshots else ''),
+        code_version=run.code_version).to_record()
+
+  def _trained(self, k: int, round_idx: int, attempt: int, segment: fragments.Segment) -> None:
+    """Client k's node saved its state after this synchronisation: it continues from there."""
+    self._snapshots[k] = protocol.snapshot_name(round_idx, segment.start, attempt)
+    self._unknown_snapshots.discard(k)
 
   def _report(self, reply: Message, k: int, round_idx: int, attempt: int,
               segment: fragments.Segment, elapsed_s: float) -> ClientReport:
@@ -320,7 +355,8 @@ class FlowerClients:
   # --- the run's checkpoints: what the clients keep lives on the nodes ----------------------------
 
   def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-    return {}, {}
+    """The nodes keep their own state; the run keeps which snapshot each continues from."""
+    return {}, {'snapshots': {str(k): name for k, name in sorted(self._snapshots.items())}}
 
   def abstract(self, meta: dict[str, Any]) -> dict[str, Any]:
     if meta.get('memory'):
@@ -331,4 +367,9 @@ class FlowerClients:
     return {}
 
   def restore(self, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
-    del arrays, meta  # the nodes continue from their own snapshots
+    del arrays
+    if 'snapshots' in meta:
+      self._snapshots = {int(k): name for k, name in meta['snapshots'].items()}
+      self._unknown_snapshots = set()
+    else:  # a checkpoint of fedjax_pt before snapshots were named: each node's latest
+      self._snapshots, self._unknown_snapshots = {}, set(range(self._run.num_clients))

@@ -21,6 +21,8 @@ Node config (`flower-supernode --node-config "..."`, TOML values):
                   its corpus once, not every round
   shared-dir      where this node reaches the `shared` transport's root, if not at the
                   server's path
+  reset-state     true: when the snapshot the server expects this client to continue from is
+                  missing (a lost state-dir), start the client afresh instead of refusing
   data.*, mesh.*  config overrides that are the node's business: where its data lives
                   (data.source, data.path, data.tokenizer, ...) and how its devices are used
 """
@@ -51,7 +53,8 @@ from fedjax_pt.federated import compression
 from fedjax_pt.federated.messages import ClientReport
 from fedjax_pt.run_spec import RunSpec
 
-_KEYS = ('partition-id', 'num-partitions', 'state-dir', 'jax-cache', 'cache-dir', 'shared-dir')
+_KEYS = ('partition-id', 'num-partitions', 'state-dir', 'jax-cache', 'cache-dir', 'shared-dir',
+         'reset-state')
 # The recipe (model, optimizer, steps, batch shape) is the server's; these are the node's.
 _OVERRIDABLE = ('data.', 'mesh.')
 _RECIPE_DATA_KEYS = ('data.seq_len', 'data.batch_size')
@@ -65,6 +68,7 @@ class NodeConfig:
   jax_cache: str = ''
   cache_dir: str | None = None  # None: the default, <state-dir>/data-cache
   shared_dir: str = ''
+  reset_state: bool = False
   overrides: tuple[tuple[str, Any], ...] = ()
 
   @classmethod
@@ -89,6 +93,7 @@ class NodeConfig:
               cache_dir=(os.path.expanduser(str(node_config['cache-dir']))
                          if 'cache-dir' in node_config else None),
               shared_dir=str(node_config.get('shared-dir', '')),
+              reset_state=_bool('reset-state', node_config.get('reset-state', False)),
               overrides=tuple(sorted((k, v) for k, v in node_config.items()
                                      if k.startswith(_OVERRIDABLE))))
     if cfg.num_partitions < 1 or cfg.partition_id < 0:
@@ -112,6 +117,14 @@ class NodeConfig:
   def shard(self) -> int:
     """The shard of the node's own corpus that it trains on."""
     return self.partition_id if self.num_partitions > 1 else 0
+
+
+def _bool(key: str, value: Any) -> bool:
+  if isinstance(value, bool):
+    return value
+  if str(value).lower() in ('true', 'false'):
+    return str(value).lower() == 'true'
+  raise ValueError(f'node config {key}={value!r} must be true or false')
 
 
 def use_compilation_cache(node: NodeConfig) -> None:
@@ -173,6 +186,10 @@ class _Setup:
 
 
 def _setup(request: protocol.TrainRequest, node: NodeConfig) -> _Setup:
+  if request.code_version and request.code_version != protocol.code_version():
+    raise ValueError(f'the server runs fedjax_pt {request.code_version}, this node '
+                     f'{protocol.code_version()} (version+source digest): install the same '
+                     'fedjax_pt on both')
   if request.client != node.partition_id:
     raise ValueError(f'the server asked for client {request.client}, this node is partition-id='
                      f'{node.partition_id}')
@@ -250,7 +267,8 @@ def local_round(setup: _Setup, received, node: NodeConfig) -> tuple[ClientReport
   key = (r, segment.start, attempt)
   snapshot = state.start(key, {'opt_state': setup.trainer.opt_state_shapes(),
                                **{name: setup.trainer.param_shapes()
-                                  for name in ('residual', 'model', 'anchor')}})
+                                  for name in ('residual', 'model', 'anchor')}},
+                         request.expected_snapshot, node.reset_state)
   try:
     start, memory = rule.receive(snapshot.memory, received, request.received_fragment, r, segment)
   except client_round.NoModel as e:

@@ -3,12 +3,15 @@
 fl.compression.error_feedback, its own model with streaming fragments or mixing). One snapshot
 per synchronisation (round, segment, attempt) it trained.
 
-Every message names its synchronisation, and the node starts from its latest snapshot *before* it.
-A server that restarts from an older checkpoint and replays rounds therefore finds each node as
-it was at that checkpoint; snapshots at or after the replayed synchronisation belong to the lost
-future and are deleted. A
-snapshot is written to a temporary directory and renamed, so a node killed mid-write leaves the
-previous one intact.
+Every message names its synchronisation and the snapshot the server expects the node to continue
+from: the state after the last synchronisation whose reply the server received from this client
+(kept in the server's checkpoints). A server that restarts from an older checkpoint and replays
+rounds therefore finds each node as it was at that checkpoint; snapshots after the expected one
+belong to a lost future (or to work whose reply never arrived) and are deleted. A node that does
+not have the expected snapshot (its state directory was lost, or is another machine's) refuses
+in one line rather than train from another state, unless its operator chose to start the client
+afresh (node config reset-state). A snapshot is written to a temporary directory and renamed, so
+a node killed mid-write leaves the previous one intact.
 """
 
 import dataclasses
@@ -20,6 +23,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from fedjax_pt.deploy import protocol
 from fedjax_pt.federated import client_round
 
 # r<round>-s<segment start>-a<attempt>; snapshots of fedjax_pt before streaming fragments in the
@@ -37,6 +41,17 @@ class Snapshot:
 Key = tuple[int, int, int]  # (round, segment start, attempt): the order messages come in
 
 
+def _key(name: str) -> Key:
+  match = _NAME.match(name)
+  if not match:
+    raise ValueError(f'{name!r} names no snapshot (r<round>-s<step>-a<attempt>)')
+  return int(match[1]), int(match[2] or 0), int(match[3])
+
+
+class SnapshotMissing(ValueError):
+  """The node lacks the snapshot the server expects it to continue from."""
+
+
 class NodeState:
   """The snapshots of one client of one run, under `directory`."""
 
@@ -48,24 +63,36 @@ class NodeState:
       return {}
     keys = {}
     for name in os.listdir(self.directory):
-      match = _NAME.match(name)
-      if match:
-        keys[(int(match[1]), int(match[2] or 0), int(match[3]))] = name
+      if _NAME.match(name):
+        keys[_key(name)] = name
     return dict(sorted(keys.items()))
 
   def _path(self, name: str) -> str:
     return os.path.join(self.directory, name)
 
-  def start(self, key: Key, like: dict[str, Any]) -> Snapshot:
-    """The state to train synchronisation `key` from; drops snapshots from a lost future.
+  def start(self, key: Key, like: dict[str, Any], expected: str = protocol.UNKNOWN,
+            reset: bool = False) -> Snapshot:
+    """The state to train synchronisation `key` from: snapshot `expected` ('' none;
+    `protocol.UNKNOWN`: the latest before `key`); drops later ones. Raises SnapshotMissing when
+    `expected` is not here, unless `reset` (then the client starts afresh).
 
     `like` gives the shapes, dtypes and shardings of each part a memory may hold
     ({'opt_state': ..., 'residual': ..., ...}), to restore into."""
     keys = self._keys()
+    known = expected != protocol.UNKNOWN
+    wanted = _key(expected) if known and expected else None
+    missing = wanted is not None and wanted not in keys
+    if missing and not reset:
+      have = ', '.join(keys.values()) or 'none'
+      raise SnapshotMissing(
+          f'this node has no snapshot {expected} of client state in {self.directory} (the state '
+          f'after its last synchronisation the server received; it has: {have}): the state '
+          'directory was lost or is not the one that trained this client; restore it, or set '
+          'node config reset-state=true to start the client afresh (its data from the start)')
     for later, name in keys.items():
-      if later >= key:
+      if later >= key or (known and (wanted is None or missing or later > wanted)):
         shutil.rmtree(self._path(name))
-    earlier = [name for k, name in keys.items() if k < key]
+    earlier = [name for k, name in self._keys().items() if k < key]
     if not earlier:
       return Snapshot()
     path = self._path(earlier[-1])
@@ -86,7 +113,7 @@ class NodeState:
   def save(self, key: Key, snapshot: Snapshot, keep: int) -> None:
     """Records the state after synchronisation `key` and keeps the newest `keep` snapshots."""
     round_idx, start, attempt = key
-    final = self._path(f'r{round_idx:06d}-s{start}-a{attempt}')
+    final = self._path(protocol.snapshot_name(round_idx, start, attempt))
     tmp = f'{final}.tmp'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -4,7 +4,9 @@ A `train` message carries the server's broadcast (the whole model, or for a node
 model of its own the fragment synchronised last; encoded with fl.compression.download, moved by
 the run's transport) and a `TrainRequest`: the run's config as JSON (the recipe is the server's;
 the node adds only where its data lives and how its devices are used), the round, segment and
-attempt, which client the node is to be, and the run key under which the node keeps its state.
+attempt, which client the node is to be, the run key under which the node keeps its state, the
+snapshot of that state it must continue from, and the server's code version, which the node's
+must equal.
 The reply carries the client's delta (encoded with fl.compression.upload, same transport) and its
 `ClientReport` as `client_round` made it (without the delta), plus the node's own timings. A node
 that cannot train replies with its error as text instead of raising, so the server gets a
@@ -13,16 +15,21 @@ client it is (nodes whose SuperLink registration did not name them).
 """
 
 import dataclasses
+import functools
+import hashlib
+import pathlib
 from typing import Any
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+import fedjax_pt
 from fedjax_pt import records
 from fedjax_pt.federated import fragments
 from fedjax_pt.federated.messages import ClientReport
 from fedjax_pt.local_training import TrainingSummary
 
 TRAIN, QUERY = 'train', 'query'
+UNKNOWN = '?'
 _STEP_COLUMNS = tuple(f.name for f in dataclasses.fields(records.StepRecord))
 _SUMMARY = tuple(f.name for f in dataclasses.fields(TrainingSummary))
 
@@ -42,6 +49,10 @@ class TrainRequest:
   sync_fragment: int  # the segment of the round: the fragment synchronised after it, ...
   sync_start: int  # ... its first local step in the round ...
   sync_steps: int  # ... and its length
+  # The snapshot the node continues from (`snapshot_name`): '' none (the client starts afresh),
+  # UNKNOWN for a run resumed from a checkpoint older than this field (the node's latest).
+  expected_snapshot: str = ''
+  code_version: str = ''  # the server's `code_version()`
 
   @property
   def segment(self) -> fragments.Segment:
@@ -56,7 +67,8 @@ class TrainRequest:
 
   @classmethod
   def from_record(cls, record: ConfigRecord) -> 'TrainRequest':
-    return cls(**{f.name: f.type(record[f.name]) for f in dataclasses.fields(cls)})
+    return cls(**{f.name: f.type(record[f.name]) for f in dataclasses.fields(cls)
+                  if f.name in record})
 
 
 def reply_content(report: ClientReport, timings: dict[str, float] | None = None,
@@ -96,6 +108,21 @@ def report_of(content: RecordDict, update: Any = None) -> tuple[ClientReport, di
   timings = {k[len('time/'):]: float(v) for k, v in numbers.items() if k.startswith('time/')}
   report.compute_s = timings.get('train')
   return report, timings
+
+
+def snapshot_name(round_idx: int, sync_start: int, attempt: int) -> str:
+  """A node's state after a synchronisation (round, segment start, attempt)."""
+  return f'r{round_idx:06d}-s{sync_start}-a{attempt}'
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+  """fedjax_pt's version and a digest of its source: nodes on other code refuse to train."""
+  package = pathlib.Path(fedjax_pt.__file__).parent
+  digest = hashlib.sha256()
+  for path in sorted(package.rglob('*.py')):
+    digest.update(str(path.relative_to(package)).encode() + b'\0' + path.read_bytes())
+  return f'{fedjax_pt.__version__}+{digest.hexdigest()[:12]}'
 
 
 def storage_name(run_key: str, round_idx: int, attempt: int | None = None,

@@ -19,11 +19,9 @@ A bad config or a round that cannot go on ends the run with one line, `fedjax_pt
 and Flower's status `finished:failed`.
 """
 
-import hashlib
 import logging as std_logging
 import os
 import shlex
-import socket
 
 from absl import flags
 from absl import logging
@@ -33,8 +31,11 @@ import ml_collections
 
 from fedjax_pt import cli
 from fedjax_pt import train
+from fedjax_pt import workdir as workdir_lib
 from fedjax_pt.deploy import arrays
 from fedjax_pt.deploy import fleet
+from fedjax_pt.deploy import protocol
+from fedjax_pt.deploy import seats as seats_lib
 from fedjax_pt.deploy import transport as transport_lib
 from fedjax_pt.federated import profiles
 
@@ -63,11 +64,6 @@ def load_config(path: str, overrides: str) -> ml_collections.ConfigDict:
     return cli.load_config(path, shlex.split(overrides))
   except ValueError as e:
     raise ValueError(f'run config: {e}') from None
-
-
-def run_key(workdir: str) -> str:
-  """Names the run's state on the nodes: the same for every session on this workdir."""
-  return hashlib.sha256(f'{socket.gethostname()}:{workdir}'.encode()).hexdigest()[:16]
 
 
 def check_config(config: ml_collections.ConfigDict, transport: str = 'inline') -> None:
@@ -103,25 +99,33 @@ def serve(grid: Grid, run_config: dict) -> train.RunResult:
                  'per-client losses, norms and step records describe one client\'s update and '
                  'are not reported',
                  config.fl.secagg.clip_range * 2 / 2 ** config.fl.secagg.quantization_bits)
-  key = run_key(workdir)
+  made = []
 
   def make_clients(parts):
+    # Inside the run's lock and after its checks: a refused run writes no federation.json.
+    federation = seats_lib.FederationState.open(workdir, workdir_lib.has_checkpoint(workdir))
+    made.append(federation.run_id)
     spec = parts.spec
     ckpt = spec.ckpt
     # A node keeps the snapshots of every synchronisation back to the oldest checkpoint the
     # server may restart from.
     keep = (ckpt.keep * max(ckpt.every_rounds, 1) + 1) * spec.fl.fragments
     run = fleet.RunInfo(
-        run_key=key, config_json=config.to_json(), vocab_size=parts.model.cfg.vocab_size,
-        shared_dir=shared_dir, keep_snapshots=keep, num_clients=spec.fl.num_clients,
+        run_key=federation.run_id, config_json=config.to_json(),
+        vocab_size=parts.model.cfg.vocab_size, shared_dir=shared_dir, keep_snapshots=keep,
+        num_clients=spec.fl.num_clients,
         round_timeout_s=spec.faults.round_timeout_s,
-        compression=spec.fl.compression, secagg=spec.fl.secagg, fragments=spec.fl.fragments)
-    clients = fleet.FlowerClients(grid, run, move, arrays.abstract(parts.model.params))
+        compression=spec.fl.compression, secagg=spec.fl.secagg, fragments=spec.fl.fragments,
+        code_version=protocol.code_version())
+    clients = fleet.FlowerClients(
+        grid, run, move, arrays.abstract(parts.model.params),
+        seats=seats_lib.Seats(workdir, federation, spec.fl.num_clients))
     clients.wait_for_nodes(float(run_config['wait-for-nodes-s']))
     return clients
 
   result = train.run(config, workdir, make_clients)
-  move.discard(key)
+  for run_id in made:
+    move.discard(run_id)
   return result
 
 

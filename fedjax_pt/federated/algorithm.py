@@ -17,7 +17,7 @@ summed, as one `SecureSum`) and the outer optimizer step (`server`). Clients may
 (`sim_clock`). What the server counts along the way is `tally`.
 """
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 import dataclasses
 import time
 from typing import Any, Protocol
@@ -52,8 +52,12 @@ class Clients(Protocol):
     reports its delta of `segment.fragment`; reports may arrive in any order. With secure
     aggregation, the clients whose deltas were summed come as one `SecureSum`."""
 
-  def unavailable(self) -> Collection[int]:
-    """Clients known to be unreachable now (no node connected): not sampled."""
+  def unavailable(self) -> Collection[int] | Mapping[int, str]:
+    """Clients known to be unreachable now (no node connected): not sampled. A mapping says
+    why, for the round's record."""
+
+  def refused(self) -> Mapping[int, str]:
+    """Nodes refused a seat (node id -> why), for the round's record."""
 
   def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
     """What they keep between rounds, at a round boundary: (arrays, JSON)."""
@@ -171,9 +175,13 @@ class FederatedAlgorithm:
     for attempt in range(policy.max_round_retries + 1):
       # A client that said it lost its model is sent the whole model when it is drawn again.
       broadcast = dataclasses.replace(broadcast, holders=frozenset(holders))
+      gone = clients.unavailable()
+      tally.unavailable.update(gone if isinstance(gone, Mapping) else
+                               dict.fromkeys(gone, 'unavailable'))
+      tally.refused.update(clients.refused())
       ids = sampling.sample_clients(
           fl.num_clients, fl.clients_per_round - sync.average.count, self.seed, round_idx,
-          attempt, exclude=sync.aggregated | set(clients.unavailable()) | tally.absent)
+          attempt, exclude=sync.aggregated | set(gone) | tally.absent)
       tally.sampled.update(ids)
       sync.sampled.update(ids)
       raised = []  # the failures of clients that crashed on their own, sending nothing

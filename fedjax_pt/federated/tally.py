@@ -36,6 +36,8 @@ class FederatedStats:
   client_delta_norm: dict[int, float]
   outer_momentum_norm: float | None = None
   absent_clients: list[int] | None = None
+  unavailable_clients: dict[int, str] | None = None
+  refused_nodes: dict[int, str] | None = None
   dp_clipped_clients: int | None = None
   secagg_clipped_values: int | None = None
   mean_client_norm: float | None = None
@@ -79,6 +81,8 @@ _SQUARED = ('mean_client_norm', 'pseudo_grad_norm', 'outer_update_norm')
 class Tally:
   """What the server has seen of a round so far (over its synchronisations)."""
   absent: frozenset[int] = frozenset()  # clients that did not show up (profile availability)
+  unavailable: dict[int, str] = dataclasses.field(default_factory=dict)  # client -> why
+  refused: dict[int, str] = dataclasses.field(default_factory=dict)  # node id -> why
   sampled: set[int] = dataclasses.field(default_factory=set)
   failed: dict[Any, str] = dataclasses.field(default_factory=dict)
   tokens: int = 0
@@ -163,6 +167,8 @@ class Tally:
         client_local_steps=dict(sorted(self.local_steps.items())),
         outer_momentum_norm=outer_momentum_norm,
         absent_clients=sorted(self.absent) if self.absent else None,
+        unavailable_clients=dict(sorted(self.unavailable.items())) or None,
+        refused_nodes=dict(sorted(self.refused.items())) or None,
         dp_clipped_clients=self.dp_clipped if dp_clipping else None,
         secagg_clipped_values=self.secagg_clipped if secagg else None,
         pseudo_grad_norm_per_module=({k: math.sqrt(v) for k, v in self.module_squares.items()}

@@ -135,10 +135,11 @@ class LocalFederation:
 
   def add_node(self, name: str, node_config: str, *, register: bool = True,
                tls: bool | None = None, auth: bool | None = None,
-               max_wait_s: float | None = None) -> subprocess.Popen:
+               max_wait_s: float | None = None, register_as: str = '') -> subprocess.Popen:
     """Starts SuperNode `name` with `node_config` (see `node.py`). With node authentication
     (`auth`, default: the SuperLink's) it gets a key pair, whose public key is registered under
-    `name` (client-<k> tells the server which client it is) unless `register` is False.
+    `register_as` or `name` (client-<k> tells the server which client it is) unless `register`
+    is False.
 
     `tls=False`, `auth=False` or `register=False` on a secure SuperLink make a node that the
     SuperLink must refuse; `max_wait_s` bounds its retries (a node retries forever otherwise).
@@ -158,7 +159,8 @@ class LocalFederation:
     if auth:
       private, public = certs.make_node_key(self.directory / 'keys', name)
       if register:
-        answer = self.cli_json('supernode', 'register', str(public), CONNECTION, '--name', name)
+        answer = self.cli_json('supernode', 'register', str(public), CONNECTION, '--name',
+                               register_as or name)
         if not answer.get('success'):
           raise RuntimeError(f'registering {name} failed: {answer}')
         self.node_ids[name] = int(answer['node-id'])
@@ -179,13 +181,14 @@ class LocalFederation:
     nodes = self.cli_json('supernode', 'list', CONNECTION).get('nodes', [])
     return [n for n in nodes if n.get('status') == 'online']
 
-  def wait_online(self, count: int, timeout_s: float = 120) -> None:
+  def wait_online(self, count: int, timeout_s: float = 120, at_most: bool = False) -> None:
+    """Until `count` SuperNodes (or with `at_most`, no more than `count`) are online."""
     deadline = time.monotonic() + timeout_s
-    while len(self.online_nodes()) < count:
+    while (len(self.online_nodes()) > count) if at_most else (len(self.online_nodes()) < count):
       self.procs.reap()
       if time.monotonic() > deadline:
-        raise TimeoutError(f'fewer than {count} SuperNodes online after {timeout_s:g}s; see '
-                           f'{self.procs.logs}')
+        raise TimeoutError(f'{"more" if at_most else "fewer"} than {count} SuperNodes online '
+                           f'after {timeout_s:g}s; see {self.procs.logs}')
       time.sleep(0.5)
 
   # --- a run -------------------------------------------------------------------------------------
