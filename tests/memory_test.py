@@ -97,3 +97,12 @@ def test_the_refusal_allows_for_the_estimates_error_band():
   far_over = dataclasses.replace(over, activations=int(have / 8 * 1.3))
   with pytest.raises(ValueError, match='this run needs at least'):
     memory.check_fits(far_over, cpu)
+
+
+def test_a_robust_aggregation_counts_every_delta_it_keeps():
+  """trimmed_mean / median / norm_clipped hold fl.clients_per_round deltas, not one sum."""
+  config = tiny.get_config()
+  mean = memory.estimate(RunSpec.from_config(config), build.model_config(config))
+  config.fl.aggregation, config.fl.weighting = 'median', 'uniform'
+  median = memory.estimate(RunSpec.from_config(config), build.model_config(config))
+  assert median.server - mean.server == config.fl.clients_per_round * mean.params

@@ -34,6 +34,7 @@ from fedjax_pt.federated import faults as faults_lib
 from fedjax_pt.federated import fragments as fragments_lib
 from fedjax_pt.federated import privacy
 from fedjax_pt.federated import profiles as profiles_lib
+from fedjax_pt.federated import robust
 from fedjax_pt.federated import sampling
 from fedjax_pt.federated import server as server_lib
 from fedjax_pt.federated import sim_clock
@@ -143,7 +144,7 @@ class FederatedAlgorithm:
     for segment in self.schedule:
       state = self._synchronise(state, round_idx, segment, clients, tally)
     stats = tally.stats(metrics.outer_momentum_norm(state.opt_state), self._clip_at_server,
-                        self.fl.secagg.enabled)
+                        self.fl.secagg.enabled, self.fl.aggregation)
     return state, RoundResult(
         tokens=tally.tokens, stats=stats, bytes_sent=sum(tally.download.values()),
         bytes_received=sum(tally.upload.values()), train_loss=tally.train_loss(),
@@ -166,6 +167,8 @@ class FederatedAlgorithm:
     server averages and steps on."""
     fl, policy = self.fl, self.faults
     sync = Sync()
+    if fl.aggregation != 'mean':
+      sync.average = robust.make(fl.aggregation, fl.aggregation_trim, fl.aggregation_clip)
     broadcast = self._broadcast(state, segment)
     holders = set(state.holders)
     for attempt in range(policy.max_round_retries + 1):
@@ -213,6 +216,7 @@ class FederatedAlgorithm:
       return state
     update_start = time.perf_counter()
     mean_delta = sync.average.result()
+    tally.robust(sync.average)
     noise_std = privacy.server_noise_std(fl.dp, fl.clients_per_round, sync.average.count)
     if noise_std:  # on the sum of the clipped deltas: std / n on their mean
       mean_delta = privacy.add_noise(
@@ -268,7 +272,7 @@ class FederatedAlgorithm:
       return
     training = report.training
     sync.average.add(delta, aggregation.client_weight(
-        self.fl.weighting, report.num_tokens, report.num_examples))
+        self.fl.weighting, report.num_tokens, report.num_examples), client=k)
     sync.aggregated.add(k)
     model = jax.tree.map(lambda p, d: p + d, self._fragment(state.params, fragment), delta)
     tally.client_values(
