@@ -9,6 +9,8 @@ import pytest
 
 import scripted
 from fedjax_pt import local_training
+from fedjax_pt import train
+from fedjax_pt.configs import tiny
 from fedjax_pt.federated import algorithm as federation
 from fedjax_pt.federated import client_round
 from fedjax_pt.federated import faults
@@ -157,3 +159,16 @@ def test_rules_that_cannot_work_are_refused_in_one_line(kw, message):
   with pytest.raises(ValueError, match=None) as info:
     FLConfig(num_clients=4, clients_per_round=4, rounds=1, local_steps=1, **kw)
   assert message in str(info.value) and '\n' not in str(info.value)
+
+
+def test_a_run_names_the_poisoned_client_it_clipped(tmp_path):
+  """A real (tiny) run with sharded parameters: node 0 sends 100 x its delta every round and is
+  the one client norm_clipped scales down, to about 2 / 100 (its honest norm is near the median)."""
+  config = tiny.get_config('test')
+  config.fl.aggregation, config.fl.aggregation_clip = 'norm_clipped', 2.0
+  config.fl.fault.poison, config.fl.fault.poison_clients = 'scale', (0,)
+  config.fl.fault.poison_scale = 100.0
+  rounds = train.run(config, str(tmp_path / 'run')).rounds[1:]
+  assert [set(r.robust_clipped_clients) for r in rounds] == [{0}, {0}]
+  assert all(0.01 < r.robust_clipped_clients[0] < 0.04 for r in rounds)
+  assert all(r.robust_trimmed_values is None for r in rounds)

@@ -72,18 +72,18 @@ def make(aggregation: str, trim: float, clip: float):
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _trimmed(stacked_KxN: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:
-  """Per coordinate (N) of K clients' values: the mean without the t smallest and t largest,
-  and how many of each client's values were dropped. Ties are broken by client order."""
-  k = stacked_KxN.shape[0]
-  order_KxN = jnp.argsort(stacked_KxN, axis=0, stable=True)
-  kept = jnp.take_along_axis(stacked_KxN, order_KxN, axis=0)
+def _trimmed(stacked_KxS: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:
+  """Per coordinate (of shape S) of K clients' values: the mean without the t smallest and t
+  largest, and how many of each client's values were dropped. Ties are broken by client order."""
+  k = stacked_KxS.shape[0]
+  order_KxS = jnp.argsort(stacked_KxS, axis=0, stable=True)
+  ordered_KxS = jnp.take_along_axis(stacked_KxS, order_KxS, axis=0)
   keep_K = (jnp.arange(k) >= t) & (jnp.arange(k) < k - t)
-  mean_N = jnp.sum(jnp.where(keep_K[:, None], kept, 0.0), axis=0) / jnp.sum(keep_K)
-  rank_KxN = jnp.argsort(order_KxN, axis=0)
-  dropped_K = jnp.sum(~keep_K[rank_KxN], axis=1)
-  return mean_N, dropped_K
-
+  keep_KxS = keep_K.reshape((k,) + (1,) * (stacked_KxS.ndim - 1))
+  mean_S = jnp.sum(jnp.where(keep_KxS, ordered_KxS, 0.0), axis=0) / jnp.sum(keep_K)
+  rank_KxS = jnp.argsort(order_KxS, axis=0)
+  dropped_K = jnp.sum(~keep_K[rank_KxS], axis=tuple(range(1, stacked_KxS.ndim)))
+  return mean_S, dropped_K
 
 
 class _Kept:
@@ -133,11 +133,11 @@ class CoordinateWise(_Kept):
     values = 0
     out = []
     for parts in zip(*leaves):
-      stacked = jnp.stack([p.astype(jnp.float32).reshape(-1) for p in parts])
-      mean, dropped_k = _trimmed(stacked, t)
-      out.append(mean.reshape(parts[0].shape))
+      mean, dropped_k = _trimmed(jnp.stack([p.astype(jnp.float32) for p in parts]), t)
+      # Where the deltas are (the parameters' layout), as the mean's result is.
+      out.append(jax.device_put(mean, parts[0].sharding))
       dropped += np.asarray(dropped_k)
-      values += stacked.shape[1]
+      values += parts[0].size
     self.trimmed = {c: (int(d), values) for c, d in zip(self.clients, dropped)}
     return jax.tree.unflatten(treedef, out)
 
