@@ -5,6 +5,8 @@ The weight rule (`fl.weighting`) lives here and nowhere else:
   'examples' w_k ∝ the size of client k's training set, in tokens (FedAvg's n_k, fedjax's
              `num_examples`: a client with twice the data counts twice, however long it trained);
   'uniform'  w_k = 1/K.
+
+This is `fl.aggregation='mean'`; the robust rules are in `robust`.
 """
 
 

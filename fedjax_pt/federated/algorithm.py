@@ -11,7 +11,8 @@ the client's side of a synchronisation with `client_round`. Everything between "
 which clients train (`sampling`), which parts of the model are synchronised when (`fragments`),
 what the server sends (`messages.Broadcast`, encoded once with `compression`) and how it decodes
 the deltas, which updates are left out (`faults`), how the rest are weighted and averaged
-(`aggregation`; with `fl.dp` clipped and noised, `privacy`; with `fl.secagg` they arrive already
+(`aggregation`, or with a robust `fl.aggregation` trimmed, medianed or norm-clipped, `robust`;
+with `fl.dp` clipped and noised, `privacy`; with `fl.secagg` they arrive already
 summed, as one `SecureSum`) and the outer optimizer step (`server`). Clients may differ
 (`profiles`); every round is also timed as if they trained at the same time on their own hardware
 (`sim_clock`). What the server counts along the way is `tally`.
@@ -216,7 +217,8 @@ class FederatedAlgorithm:
       return state
     update_start = time.perf_counter()
     mean_delta = sync.average.result()
-    tally.robust(sync.average)
+    if fl.aggregation != 'mean':
+      tally.robust(sync.average.trimmed, sync.average.clipped)
     noise_std = privacy.server_noise_std(fl.dp, fl.clients_per_round, sync.average.count)
     if noise_std:  # on the sum of the clipped deltas: std / n on their mean
       mean_delta = privacy.add_noise(

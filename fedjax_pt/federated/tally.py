@@ -142,10 +142,11 @@ class Tally:
     self.num_aggregated = min(self.num_aggregated, sync.average.count)
     self.peak_sync_bytes = max(self.peak_sync_bytes, sync.bytes)
 
-  def robust(self, average: Any) -> None:
-    """What a synchronisation's robust rule (`robust`) did to each client, after its result."""
-    robust_lib.combine(self.trimmed, getattr(average, 'trimmed', {}))
-    for k, scale in getattr(average, 'clipped', {}).items():
+  def robust(self, trimmed: dict[int, tuple[int, int]], clipped: dict[int, float]) -> None:
+    """What a synchronisation's robust rule (`robust`) did to each client: (values dropped,
+    values) and the scale of each clipped delta."""
+    robust_lib.combine(self.trimmed, trimmed)
+    for k, scale in clipped.items():
       self.clipped[k] = min(scale, self.clipped.get(k, 1.0))
 
   def add_squares(self, **norms: float) -> None:
