@@ -1,5 +1,6 @@
 """Robust aggregation (`fl.aggregation`) and poisoned clients (`fl.fault.poison`), by hand."""
 
+import math
 import types
 
 import jax
@@ -172,3 +173,16 @@ def test_a_run_names_the_poisoned_client_it_clipped(tmp_path):
   assert [set(r.robust_clipped_clients) for r in rounds] == [{0}, {0}]
   assert all(0.01 < r.robust_clipped_clients[0] < 0.04 for r in rounds)
   assert all(r.robust_trimmed_values is None for r in rounds)
+
+
+def test_streaming_fragments_with_the_median(tmp_path):
+  """With fl.fragments=3 a round is three medians, one per fragment; the trimmed fractions
+  combine them over the whole model (each coordinate keeps 2 of 4 values: half is dropped)."""
+  config = tiny.get_config('test')
+  config.fl.aggregation, config.fl.weighting, config.fl.fragments = 'median', 'uniform', 3
+  config.fl.fault.poison, config.fl.fault.poison_clients = 'sign_flip', (1,)
+  rounds = train.run(config, str(tmp_path / 'run')).rounds[1:]
+  for r in rounds:
+    assert set(r.robust_trimmed_values) == {0, 1, 2, 3}
+    assert sum(r.robust_trimmed_values.values()) == pytest.approx(2.0)
+    assert math.isfinite(r.val_loss)
