@@ -99,6 +99,11 @@ class RoundRecord:
   dp_delta: float | None = None
   dp_clipped_clients: int | None = None
   secagg_clipped_values: int | None = None  # fl.secagg: delta values clipped to the range
+  # fl.aggregation (fedjax_pt/federated/robust.py): trimmed_mean / median: {client: fraction of
+  # its delta's values the rule dropped} (clients with none dropped left out); norm_clipped:
+  # {client: the scale its delta was multiplied by}, clipped clients only ({}: none clipped).
+  robust_trimmed_values: dict[int, float] | None = None
+  robust_clipped_clients: dict[int, float] | None = None
   # Centralized rounds: means over the round's steps.
   grad_norm: float | None = None
   update_norm: float | None = None

@@ -131,6 +131,17 @@ def _check_nothing_ignored(config: ml_collections.ConfigDict) -> None:
     if switched_off and changed:
       raise ValueError(f'{changed[0]} is set but {group}.enabled=False, which ignores it: set '
                        f'{group}.enabled=True, or leave {group}.* at their defaults')
+  changed = _changed(config, 'fl')
+  for key, rule in (('aggregation_trim', 'trimmed_mean'), ('aggregation_clip', 'norm_clipped')):
+    if f'fl.{key}' in changed and fl.aggregation != rule:
+      raise ValueError(f'fl.{key}={fl[key]} is set but fl.aggregation={fl.aggregation!r} ignores '
+                       f"it: it applies to fl.aggregation={rule!r}")
+  poison = fl.fault.get('poison', 'none')
+  for key in ('poison_clients', 'poison_scale'):
+    ignored = poison == 'none' or (key == 'poison_scale' and poison != 'scale')
+    if f'fl.fault.{key}' in _changed(config, 'fl.fault') and ignored and fl.fault[key]:
+      raise ValueError(f'fl.fault.{key}={fl.fault[key]} is set but fl.fault.poison={poison!r} '
+                       'ignores it')
   comp = fl.compression
   quantised = {comp.upload, comp.download} & {'int8', 'int4'}
   if not quantised and 'fl.compression.block_size' in _changed(config, 'fl.compression'):

@@ -59,6 +59,13 @@ def _set(config, dotted, value):
     ('fl.secagg.clip_range', 2.0, 'fl.secagg.clip_range is set but fl.secagg.enabled=False'),
     ('fl.compression.block_size', 128, 'fl.compression.block_size=128 is set, but only the int8'),
     ('fl.compression.error_feedback', True, "with fl.compression.upload='none'"),
+    ('fl.aggregation_trim', 2.0, "fl.aggregation_trim=2.0 is set but fl.aggregation='mean'"),
+    ('fl.aggregation_clip', 3.0, "fl.aggregation_clip=3.0 is set but fl.aggregation='mean'"),
+    ('fl.fault.poison_clients', (0,), "fl.fault.poison_clients=(0,) is set but fl.fault.poison="),
+    # Robust aggregation and poisoned clients (fedjax_pt/federated/robust.py).
+    ('fl.aggregation', 'median', "fl.aggregation='median' counts each client once"),
+    ('fl.fault.poison', 'scale', "fl.fault.poison='scale' names no client"),
+    ('fl.fault.poison', 'flip', "fl.fault.poison must be one of ('none', 'scale'"),
 ])
 def test_config_error_is_one_line_and_immediate(tmp_path, key, value, message):
   config = tiny.get_config()
@@ -86,4 +93,26 @@ def test_a_block_larger_than_every_array_is_refused(tmp_path):
                                        r'parameter array \(block_0.mlp.down_proj.kernel, 65536 '
                                        r'values\)'):
     train.run(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'fl.aggregation': 'median', 'fl.weighting': 'uniform', 'fl.secagg.enabled': True},
+     "fl.aggregation='median' cannot be used with fl.secagg: it shows the server only the"),
+    ({'fl.aggregation': 'norm_clipped', 'fl.dp.enabled': True},
+     "fl.aggregation='norm_clipped' cannot be used with fl.dp: it calibrates its noise"),
+    ({'fl.aggregation': 'trimmed_mean', 'fl.weighting': 'uniform', 'fl.aggregation_trim': 2.0},
+     'fl.aggregation_trim=2.0 trims 2 of fl.clients_per_round=4 clients from each end'),
+    ({'fl.fault.poison': 'sign_flip', 'fl.fault.poison_clients': (4,)},
+     'fl.fault.poison_clients=(4,) must name distinct clients in 0..3'),
+    ({'fl.fault.poison': 'noise', 'fl.fault.poison_clients': (0,), 'fl.fault.poison_scale': 2.0},
+     "fl.fault.poison_scale=2.0 is set but fl.fault.poison='noise' ignores it"),
+])
+def test_robust_combinations_that_cannot_work_are_one_line(tmp_path, overrides, message):
+  config = tiny.get_config()
+  for key, value in overrides.items():
+    _set(config, key, value)
+  with pytest.raises(ValueError) as info:
+    train.run(config, str(tmp_path / 'run'))
+  assert message in str(info.value) and '\n' not in str(info.value)
   assert not (tmp_path / 'run').exists()

@@ -283,6 +283,27 @@ def test_client_profiles_and_the_simulated_deadline_match_the_simulation(tmp_pat
     assert dep.client_sim_time_s == pytest.approx(sim.client_sim_time_s)
 
 
+
+def test_median_with_a_poisoned_node_matches_the_simulation(tmp_path):
+  """fl.aggregation='median' over 3 nodes, node 2 sending seeded noise (fl.fault.poison, applied
+  by `client_round` on the node): the same models and the same trimmed values, bit for bit."""
+  keys = {'num_clients': 3, 'clients_per_round': 3, 'aggregation': 'median',
+          'weighting': 'uniform'}
+  config = _config(**keys)
+  config.fl.fault.poison, config.fl.fault.poison_clients = 'noise', (2,)
+  simulated = train.run(config, str(tmp_path / 'sim'))
+  nodes = {100 + k: FakeNode({'partition-id': k, 'num-partitions': 3,
+                              'state-dir': str(tmp_path / f'node{k}')}) for k in range(3)}
+  run_config = _run_config(tmp_path / 'dep', ' '.join(
+      [f'--config.fl.{k}={v}' for k, v in keys.items()] +
+      ["--config.fl.fault.poison=noise", "'--config.fl.fault.poison_clients=(2,)'"]))
+  deployed = server_app.serve(FakeGrid(nodes), run_config)
+  assert _val_losses(deployed) == _val_losses(simulated)
+  trimmed = [r.robust_trimmed_values for r in deployed.rounds[1:]]
+  assert trimmed == [r.robust_trimmed_values for r in simulated.rounds[1:]]
+  assert all(set(t) == {0, 1, 2} for t in trimmed)  # each client is dropped somewhere
+
+
 # --- secure aggregation (fl.secagg) ---------------------------------------------------------------
 
 _FEDAVG = ('--config.fl.outer_optimizer=sgd --config.fl.outer_lr=1.0 '

@@ -111,3 +111,12 @@ def test_an_absurd_sequence_length_is_refused_by_the_memory_check_naming_it(tmp_
   with pytest.raises(ValueError, match=re.escape(culprit)):
     train.run(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')
+
+
+def test_a_robust_aggregation_counts_every_delta_it_keeps():
+  """trimmed_mean / median / norm_clipped hold fl.clients_per_round deltas, not one sum."""
+  config = tiny.get_config()
+  mean = memory.estimate(RunSpec.from_config(config), build.model_config(config))
+  config.fl.aggregation, config.fl.weighting = 'median', 'uniform'
+  median = memory.estimate(RunSpec.from_config(config), build.model_config(config))
+  assert median.server - mean.server == config.fl.clients_per_round * mean.params

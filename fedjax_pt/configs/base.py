@@ -52,6 +52,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.fl.outer_momentum_warmup_rounds = 0
   c.fl.reset_optimizer = True
   c.fl.weighting = 'tokens'  # 'tokens' (w_k ∝ n_k) | 'uniform'
+  # Robust aggregation of the decoded deltas (fedjax_pt/federated/robust.py): 'mean' |
+  # 'trimmed_mean' | 'median' (per coordinate, unweighted: need fl.weighting='uniform') |
+  # 'norm_clipped' (each delta bounded to aggregation_clip x the median delta norm, then the
+  # weighted mean). The robust rules keep all fl.clients_per_round deltas until the last report;
+  # not with fl.dp or fl.secagg.
+  c.fl.aggregation = 'mean'
+  c.fl.aggregation_trim = 1.0  # trimmed_mean: clients dropped per end (a count; < 1: a fraction)
+  c.fl.aggregation_clip = 2.0  # norm_clipped: the bound, in multiples of the median delta norm
   # Client faults: a client that raises, returns NaN/Inf or reports after the deadline is left out.
   c.fl.min_clients = 1  # fewest usable clients for the round to update the global model
   c.fl.round_timeout_s = 0.0  # a client's deadline in seconds (0: none)
@@ -61,6 +69,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.fl.fault = ml_collections.ConfigDict()  # seeded fault injection, for testing robustness
   c.fl.fault.failure_prob = 0.0  # a sampled client crashes
   c.fl.fault.nan_prob = 0.0  # a sampled client returns NaN parameters
+  # Finite but wrong deltas, every round from the clients in poison_clients: 'none' | 'scale'
+  # (x poison_scale) | 'sign_flip' | 'noise' (Gaussian, of the delta's norm) | 'stale' (zero delta)
+  c.fl.fault.poison = 'none'
+  c.fl.fault.poison_clients = ()  # e.g. (0,)
+  c.fl.fault.poison_scale = 10.0  # poison='scale' only
   # Communication (fedjax_pt/federated/compression.py): clients send their delta theta_k - theta,
   # the server broadcasts theta; each direction is encoded with a codec, with exact wire sizes in
   # the records.

@@ -5,6 +5,8 @@ The weight rule (`fl.weighting`) lives here and nowhere else:
   'examples' w_k ∝ the size of client k's training set, in tokens (FedAvg's n_k, fedjax's
              `num_examples`: a client with twice the data counts twice, however long it trained);
   'uniform'  w_k = 1/K.
+
+This is `fl.aggregation='mean'`; the robust rules are in `robust`.
 """
 
 
@@ -49,9 +51,11 @@ class RunningAverage:
     self._total_weight = 0.0
     self.count = 0
 
-  def add(self, params, weight: float, count: int = 1) -> None:
+  def add(self, params, weight: float, count: int = 1, client: int | None = None) -> None:
     """Adds a client's tree with its weight; a tree that is already the mean of `count` clients
-    (a secure aggregate) comes with their total weight."""
+    (a secure aggregate) comes with their total weight. `client` names the tree for the robust
+    rules' records (`robust`); the mean singles no client out."""
+    del client
     if weight <= 0:
       raise ValueError(f'a client weight must be positive, got {weight}')
     if self._unit is None:

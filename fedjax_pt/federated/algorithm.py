@@ -11,7 +11,8 @@ the client's side of a synchronisation with `client_round`. Everything between "
 which clients train (`sampling`), which parts of the model are synchronised when (`fragments`),
 what the server sends (`messages.Broadcast`, encoded once with `compression`) and how it decodes
 the deltas, which updates are left out (`faults`), how the rest are weighted and averaged
-(`aggregation`; with `fl.dp` clipped and noised, `privacy`; with `fl.secagg` they arrive already
+(`aggregation`, or with a robust `fl.aggregation` trimmed, medianed or norm-clipped, `robust`;
+with `fl.dp` clipped and noised, `privacy`; with `fl.secagg` they arrive already
 summed, as one `SecureSum`) and the outer optimizer step (`server`). Clients may differ
 (`profiles`); every round is also timed as if they trained at the same time on their own hardware
 (`sim_clock`). What the server counts along the way is `tally`.
@@ -34,6 +35,7 @@ from fedjax_pt.federated import faults as faults_lib
 from fedjax_pt.federated import fragments as fragments_lib
 from fedjax_pt.federated import privacy
 from fedjax_pt.federated import profiles as profiles_lib
+from fedjax_pt.federated import robust
 from fedjax_pt.federated import sampling
 from fedjax_pt.federated import server as server_lib
 from fedjax_pt.federated import sim_clock
@@ -147,7 +149,7 @@ class FederatedAlgorithm:
     for segment in self.schedule:
       state = self._synchronise(state, round_idx, segment, clients, tally)
     stats = tally.stats(metrics.outer_momentum_norm(state.opt_state), self._clip_at_server,
-                        self.fl.secagg.enabled)
+                        self.fl.secagg.enabled, self.fl.aggregation)
     return state, RoundResult(
         tokens=tally.tokens, stats=stats, bytes_sent=sum(tally.download.values()),
         bytes_received=sum(tally.upload.values()), train_loss=tally.train_loss(),
@@ -170,6 +172,8 @@ class FederatedAlgorithm:
     server averages and steps on."""
     fl, policy = self.fl, self.faults
     sync = Sync()
+    if fl.aggregation != 'mean':
+      sync.average = robust.make(fl.aggregation, fl.aggregation_trim, fl.aggregation_clip)
     broadcast = self._broadcast(state, segment)
     holders = set(state.holders)
     for attempt in range(policy.max_round_retries + 1):
@@ -221,6 +225,8 @@ class FederatedAlgorithm:
       return state
     update_start = time.perf_counter()
     mean_delta = sync.average.result()
+    if fl.aggregation != 'mean':
+      tally.robust(sync.average.trimmed, sync.average.clipped)
     noise_std = privacy.server_noise_std(fl.dp, fl.clients_per_round, sync.average.count)
     if noise_std:  # on the sum of the clipped deltas: std / n on their mean
       mean_delta = privacy.add_noise(
@@ -276,7 +282,7 @@ class FederatedAlgorithm:
       return
     training = report.training
     sync.average.add(delta, aggregation.client_weight(
-        self.fl.weighting, report.num_tokens, report.num_examples))
+        self.fl.weighting, report.num_tokens, report.num_examples), client=k)
     sync.aggregated.add(k)
     model = jax.tree.map(lambda p, d: p + d, self._fragment(state.params, fragment), delta)
     tally.client_values(

@@ -8,11 +8,11 @@ both call it, so what one does the other does, bit for bit.
 
 In order: a seeded fault may crash the client before it trains (`crashed`); it takes the model it
 receives (or, with a model of its own, merges the fragment it receives into it: streaming
-fragments and mixing, `fedjax_pt.federated.fragments`); it trains; a seeded fault may poison the
-result; it clips and noises its delta (fl.dp.noise_at='clients'), encodes it with error feedback
-(fl.compression) and keeps what the next synchronisation needs. A client whose model is not
-finite keeps nothing of this round but its Adam state of the previous one, and starts again from
-the global model.
+fragments and mixing, `fedjax_pt.federated.fragments`); it trains; a poisoned client
+(fl.fault.poison) alters its delta and a seeded fault may make its result NaN; it clips and
+noises its delta (fl.dp.noise_at='clients'), encodes it with error feedback (fl.compression) and
+keeps what the next synchronisation needs. A client whose model is not finite keeps nothing of
+this round but its Adam state of the previous one, and starts again from the global model.
 """
 
 from typing import Any
@@ -156,6 +156,12 @@ class ClientRule:
     its report, after its local training `result`."""
     fl = self.fl
     params = result.state.params
+    poison = faults.poison_of(self.faults, client)
+    if poison:
+      key = faults.poison_key(self.seed, round_idx, client, attempt, segment.fragment)
+      delta = faults.poisoned_delta(poison, jax.tree.map(jnp.subtract, params, start.reference),
+                                    self.faults.poison_scale, key)
+      params = jax.tree.map(jnp.add, start.reference, delta)
     if fault == 'nan':
       params = faults.poisoned(params)
     finite = bool(faults.all_finite(params))

@@ -9,6 +9,7 @@ from fedjax_pt.federated import aggregation
 from fedjax_pt.federated import compression as compression_lib
 from fedjax_pt.federated import privacy
 from fedjax_pt.federated import profiles as profiles_lib
+from fedjax_pt.federated import robust
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,9 @@ class FLConfig:
   outer_momentum_warmup_rounds: int = 0  # the same ramp for the outer momentum
   reset_optimizer: bool = True
   weighting: str = 'tokens'
+  aggregation: str = 'mean'  # 'mean' | 'trimmed_mean' | 'median' | 'norm_clipped' (`robust`)
+  aggregation_trim: float = 1.0  # trimmed_mean: clients dropped per end (a count, or a fraction)
+  aggregation_clip: float = 2.0  # norm_clipped: the bound, in median delta norms
   fragments: int = 1
   fragment_mixing: float = 0.0
   compression: compression_lib.CompressionConfig = compression_lib.CompressionConfig()
@@ -75,6 +79,8 @@ class FLConfig:
                        f'need fl.clients_per_round = fl.num_clients, got {self.clients_per_round} '
                        f'of {self.num_clients}')
     self._check_privacy()
+    robust.check(self.aggregation, self.aggregation_trim, self.aggregation_clip, self.weighting,
+                 self.clients_per_round)
 
   def _check_privacy(self) -> None:
     dp, secagg = self.dp, self.secagg
@@ -87,6 +93,13 @@ class FLConfig:
         raise ValueError(f"{what} averages the clients uniformly (a weight that depends on a "
                          f"client's data would unbound its influence): fl.weighting must be "
                          f"'uniform' or 'tokens' with identical clients, got 'examples'")
+    if self.aggregation != 'mean' and (dp.enabled or secagg.enabled):
+      why = ("shows the server only the clients' sum, and the rule needs each delta" if
+             secagg.enabled else "calibrates its noise to the mean of clipped deltas, which one "
+             "client moves by at most clip_norm; the rule's output has no such bound")
+      raise ValueError(f"fl.aggregation={self.aggregation!r} cannot be used with "
+                       f"{'fl.secagg' if secagg.enabled else 'fl.dp'}: it {why}; set "
+                       "fl.aggregation='mean'")
     if secagg.enabled:
       secagg.check(self.clients_per_round)
       if self.compression.upload != 'none':

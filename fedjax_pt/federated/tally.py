@@ -11,6 +11,7 @@ from typing import Any
 
 from fedjax_pt import records
 from fedjax_pt.federated import aggregation
+from fedjax_pt.federated import robust as robust_lib
 
 
 @dataclasses.dataclass
@@ -44,6 +45,8 @@ class FederatedStats:
   pseudo_grad_norm: float | None = None
   outer_update_norm: float | None = None
   pseudo_grad_norm_per_module: dict[str, float] | None = None
+  robust_trimmed_values: dict[int, float] | None = None
+  robust_clipped_clients: dict[int, float] | None = None
 
 
 @dataclasses.dataclass
@@ -97,6 +100,10 @@ class Tally:
   peak_sync_bytes: int = 0
   dp_clipped: int = 0  # deltas the server clipped (fl.dp.noise_at='server')
   secagg_clipped: int = 0  # delta values the clients clipped to ±fl.secagg.clip_range
+  # fl.aggregation: per client, (values the coordinate-wise rule dropped, values it saw), and the
+  # smallest scale norm_clipped multiplied its delta by, over the round's synchronisations.
+  trimmed: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+  clipped: dict[int, float] = dataclasses.field(default_factory=dict)
   secure_losses: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # (mean, n)
   sim_s: float = 0.0  # simulated time the server waited for clients (`sim_clock`)
   server_s: float = 0.0  # measured time of the server's own work
@@ -139,6 +146,13 @@ class Tally:
     self.num_aggregated = min(self.num_aggregated, sync.average.count)
     self.peak_sync_bytes = max(self.peak_sync_bytes, sync.bytes)
 
+  def robust(self, trimmed: dict[int, tuple[int, int]], clipped: dict[int, float]) -> None:
+    """What a synchronisation's robust rule (`robust`) did to each client: (values dropped,
+    values) and the scale of each clipped delta."""
+    robust_lib.combine(self.trimmed, trimmed)
+    for k, scale in clipped.items():
+      self.clipped[k] = min(scale, self.clipped.get(k, 1.0))
+
   def add_squares(self, **norms: float) -> None:
     for key, value in norms.items():
       self.squares[key] += float(value) ** 2  # float(): waits for the step, which is timed
@@ -150,7 +164,7 @@ class Tally:
     return sum(losses) / len(losses) if losses else None
 
   def stats(self, outer_momentum_norm: float, dp_clipping: bool = False,
-            secagg: bool = False) -> FederatedStats:
+            secagg: bool = False, aggregation: str = 'mean') -> FederatedStats:
     sent = sum(self.download.values()) + sum(self.upload.values())
     per_client = {key: {k: (_norm if key in _MODEL_NORMS else _mean)(v)
                         for k, v in sorted(by_client.items())}
@@ -173,6 +187,11 @@ class Tally:
         secagg_clipped_values=self.secagg_clipped if secagg else None,
         pseudo_grad_norm_per_module=({k: math.sqrt(v) for k, v in self.module_squares.items()}
                                      if self.module_squares else None),
+        robust_trimmed_values=({k: dropped / values for k, (dropped, values) in
+                                sorted(self.trimmed.items()) if dropped}
+                               if aggregation in robust_lib.COORDINATE_WISE else None),
+        robust_clipped_clients=(dict(sorted(self.clipped.items()))
+                                if aggregation == 'norm_clipped' else None),
         **per_client, **synced)
 
 

@@ -2,7 +2,8 @@
 
 Exact parts: float32 master parameters, their gradients and Adam's two moments (sharded as the
 `mesh.rules` say), and the server's arrays (global model, outer optimizer state, the running sum of
-client models, kept client Adam states). Counted part: what the backward pass keeps per token, by
+client models, with a robust `fl.aggregation` all fl.clients_per_round deltas of a
+synchronisation, kept client Adam states). Counted part: what the backward pass keeps per token, by
 tensor width, with coefficients read off XLA's compiled local step (XLA:CPU, float32, d_model
 64-256, mlp_ratio 2-8, seq 64-512): per block 12 residual-width and 4 MLP-width tensors in the
 compute dtype and the attention scores (`model.scores_per_query` per query and head: on CPU the
@@ -147,6 +148,8 @@ def estimate(spec: RunSpec, cfg: model_lib.ModelConfig, platform: str | None = N
     outer_moments = {'nesterov': 1, 'sgd': 1, 'adam': 2}[fl.outer_optimizer] if (
         fl.outer_momentum or fl.outer_optimizer == 'adam') else 0
     server = param_bytes * (2 + outer_moments)  # global model, running sum, outer moments
+    if fl.aggregation != 'mean':  # a robust rule keeps every delta of a sync (`robust`)
+      server += param_bytes * fl.clients_per_round
     # What the simulated clients keep (`client_round.ClientMemory`), every one of them.
     kept = (2 * (not fl.reset_optimizer) + 2 * fl.keeps_client_models +  # Adam; model, anchor
             fl.compression.error_feedback)  # residual
@@ -170,7 +173,9 @@ def estimate(spec: RunSpec, cfg: model_lib.ModelConfig, platform: str | None = N
   else:
     advice = (f'the server and what its fl.num_clients={spec.fl.num_clients} simulated clients '
               'keep between rounds need it: fewer clients, fl.reset_optimizer=True, or '
-              'more devices')
+              'more devices' + (f" (fl.aggregation={spec.fl.aggregation!r} keeps "
+                                f"fl.clients_per_round={spec.fl.clients_per_round} deltas; "
+                                "'mean' keeps one sum)" if spec.fl.aggregation != 'mean' else ''))
   return Estimate(params=param_bytes, gradients=gradients, optimizer=2 * param_bytes,
                   activations=int(activations), server=server, devices=mesh.num_devices,
                   advice=advice)
