@@ -59,6 +59,8 @@ def _set(config, dotted, value):
     ('fl.secagg.clip_range', 2.0, 'fl.secagg.clip_range is set but fl.secagg.enabled=False'),
     ('fl.compression.block_size', 128, 'fl.compression.block_size=128 is set, but only the int8'),
     ('fl.compression.error_feedback', True, "with fl.compression.upload='none'"),
+    ('opt.muon_lr', 0.01, "opt.muon_lr=0.01 is set but opt.optimizer='adamw', which ignores it"),
+    ('opt.optimizer', 'lion', "opt.optimizer must be one of ('adamw', 'muon'), got 'lion'"),
 ])
 def test_config_error_is_one_line_and_immediate(tmp_path, key, value, message):
   config = tiny.get_config()
