@@ -140,7 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (logical axis, mesh axes) pairs; default: batch over data x fsdp, matrices split along d_model.
   c.mesh.rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('vocab', None), ('pos', None),
                   ('heads', None), ('mlp', None), ('norm', None))
-  c.mesh.offload_optimizer = False  # keep Adam's moments in pinned host memory between steps
+  c.mesh.offload_optimizer = False  # keep the optimizer state in pinned host memory between steps
   c.mesh.memory_check = True  # refuse, before any work, a run that cannot fit the devices' memory
   # One client on several processes/hosts (jax.distributed; `python -m fedjax_pt.launch_local`).
   c.mesh.num_processes = 1  # 1: this process alone; 0: detect from the cluster (SLURM, Open MPI)
