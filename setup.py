@@ -19,7 +19,7 @@ setuptools.setup(
     install_requires=[
         'jax>=0.6,<0.11',
         'flax>=0.10.6,<0.13',
-        'optax>=0.2.4,<0.3',
+        'optax>=0.2.8,<0.3',
         'orbax-checkpoint>=0.11,<0.13',
         'grain>=0.2.18,<0.3',
         'ml-collections>=1.0,<2',

@@ -1,4 +1,4 @@
-"""Local training: the AdamW train step and a client's round of tau local steps.
+"""Local training: the AdamW (or Muon) train step and a client's round of tau local steps.
 
 The train step is pure and built once per run (`make_train_step`), so every client of every round
 reuses one compiled executable. `client_update` drives it over a client's batches. `Trainer` does
@@ -245,8 +245,8 @@ class Trainer:
         out_shardings=[one] * parallel)
 
   def opt_state_shapes(self) -> Any:
-    """One client's Adam state as shapes, dtypes and shardings, allocating nothing: what a kept
-    state is restored into."""
+    """One client's optimizer state (Adam's or Muon's) as shapes, dtypes and shardings,
+    allocating nothing: what a kept state is restored into."""
     return self._opt_shapes
 
   def param_shapes(self) -> Any:

@@ -266,8 +266,12 @@ def optimizer_shardings(tx: optax.GradientTransformation, param_shapes: Any, par
   """Shardings of `tx`'s state: its parameter-shaped trees (Adam moments, momentum) split like the
   parameters, the rest (step counts) replicated; on host memory when `host`."""
   place = (lambda s: s.with_memory_kind(_HOST_MEMORY)) if host else (lambda s: s)
-  return optax.tree_map_params(tx, lambda _, s: place(s), jax.eval_shape(tx.init, param_shapes),
-                               param_shardings, transform_non_params=lambda _: place(replicated))
+  # A partitioned optimizer (Muon's matrices, AdamW's rest) keeps masked parameter trees: their
+  # MaskedNodes stand where the other optimizer's parameters are and stay as they are.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  return optax.tree_map_params(
+      tx, lambda x, s: x if masked(x) else place(s), jax.eval_shape(tx.init, param_shapes),
+      param_shardings, transform_non_params=lambda _: place(replicated), is_leaf=masked)
 
 
 def init_params(model_cfg: model_lib.ModelConfig, rng: jax.Array, layout: Layout) -> Any:

@@ -190,6 +190,21 @@ def test_a_checkpoint_of_the_previous_layout_resumes_exactly(tmp_path, mode):
   assert _comparable_records(tmp_path / 'run') == _comparable_records(tmp_path / 'reference')
 
 
+def test_muon_trains_and_its_kept_states_resume_exactly(tmp_path):
+  """opt.optimizer='muon' with fl.reset_optimizer=False: the clients' Muon momenta and AdamW
+  moments (a partitioned state, unlike Adam's) come back from the checkpoint of round 2."""
+  config = _config(reset_optimizer=False, rounds=2)
+  config.opt.optimizer = 'muon'
+  train.run(config, str(tmp_path / 'run'))
+  config.fl.rounds = 3
+  resumed = train.run(config, str(tmp_path / 'run'))
+  reference = train.run(config, str(tmp_path / 'reference'))
+  _assert_bit_identical(resumed.params, reference.params)
+  assert _comparable_records(tmp_path / 'run') == _comparable_records(tmp_path / 'reference')
+  val = [r['val_loss'] for r in _json_records(tmp_path / 'reference') if r['kind'] == 'round']
+  assert len(val) == 4 and val[3] < val[1] < val[0], val
+
+
 FIXTURES = os.path.join(REPO, 'tests', 'fixtures', 'checkpoint_v1')
 
 

@@ -66,6 +66,8 @@ def _set(config, dotted, value):
     ('fl.aggregation', 'median', "fl.aggregation='median' counts each client once"),
     ('fl.fault.poison', 'scale', "fl.fault.poison='scale' names no client"),
     ('fl.fault.poison', 'flip', "fl.fault.poison must be one of ('none', 'scale'"),
+    ('opt.muon_lr', 0.01, "opt.muon_lr=0.01 is set but opt.optimizer='adamw', which ignores it"),
+    ('opt.optimizer', 'lion', "opt.optimizer must be one of ('adamw', 'muon'), got 'lion'"),
 ])
 def test_config_error_is_one_line_and_immediate(tmp_path, key, value, message):
   config = tiny.get_config()

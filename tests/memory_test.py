@@ -41,6 +41,21 @@ def test_estimate_tracks_the_compiled_step(remat):
     assert est.local < xla.total, (est.local, xla.total)
 
 
+def test_muon_keeps_one_momentum_per_matrix_as_the_compiled_step_does():
+  config = tiny.get_config()
+  config.mesh.fsdp, config.opt.optimizer, config.fl.reset_optimizer = 1, 'muon', False
+  est, xla, model_cfg = _estimate_and_xla(config)
+  n = model_lib.param_count(model_cfg)
+  matrices = 2 * 12 * 128 ** 2  # 2 blocks: wqkv 3d^2, out_proj d^2, up and down 4d^2 each
+  assert est.optimizer == 4 * (n + (n - matrices))  # Muon 1 copy, AdamW 2 on the rest
+  # The step's arguments: parameters, the optimizer state and the batch (and Muon's 3 constants).
+  assert 0 <= xla.argument - est.params - est.optimizer < 1e5
+  # Each of the 4 clients keeps its state between rounds (fl.reset_optimizer=False).
+  config.opt.optimizer, config.opt.muon_lr = 'adamw', 0.02
+  adamw = memory.estimate(RunSpec.from_config(config), model_cfg, 'cpu')
+  assert adamw.server - est.server == 4 * 4 * matrices
+
+
 def test_fsdp_splits_the_parameters_and_activations_and_gathers_one_block():
   config = tiny.get_config()
   config.mesh.fsdp = 8  # conftest: 8 fake devices

@@ -30,6 +30,9 @@ class Clients:
   def unavailable(self):
     return ()
 
+  def refused(self):
+    return {}
+
   def train(self, broadcast, round_idx, client_ids, attempt, segment):
     del broadcast, round_idx, attempt, segment
     for k in client_ids:

@@ -43,6 +43,15 @@ RTOL, ATOL, ATOL_MOMENTS = 1e-5, 1e-6, 1e-7
 MODEL = model_lib.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, mlp_ratio=4,
                               max_seq_len=16)
 OPT = optimizers.OptConfig(lr=1e-2, warmup_steps=1, schedule_steps=40, weight_decay=0.1, eps=1e-3)
+MUON = dataclasses.replace(OPT, optimizer='muon', muon_lr=2e-2)
+# Muon's momentum is linear in g: it differs by ATOL_MOMENTS at most (measured 3.3e-9). Newton-
+# Schulz divides it by its Frobenius norm (>= 3.4e-3 here), so its input differs by ~1e-6 per
+# entry; its five quintic steps amplify that by a factor kappa (at most 3.4445 a step, and only
+# for the smallest singular values). A round's parameters then move by at most about 1e-6 x kappa
+# x muon_lr 0.02 x width scale 2 x 3 steps x (1 + mu) x outer lr 0.7 = 1.6e-7 kappa, besides
+# AdamW's 9e-7 on the other parameters: MUON_ATOL 2e-6 allows kappa up to 7 (measured: 1.3e-7
+# in all). Orthogonalising each shard alone gives another matrix: an O(muon_lr) = 2e-2 change.
+MUON_ATOL = 2e-6
 OUTER = optimizers.outer_optimizer('nesterov', lr=0.7, momentum=0.9)
 CLIENTS, STEPS, BATCH = 4, 3, 16
 
@@ -67,16 +76,17 @@ class _Round:
 
 @functools.cache
 def _trainer(layout_kwargs: tuple, model: model_lib.ModelConfig = MODEL,
-             micro_batch_size: int = 0) -> tuple[sharding.Layout, local_training.Trainer]:
+             micro_batch_size: int = 0, opt: optimizers.OptConfig = OPT
+             ) -> tuple[sharding.Layout, local_training.Trainer]:
   layout = _layout(**dict(layout_kwargs))
-  return layout, local_training.Trainer(model, OPT, layout, micro_batch_size)
+  return layout, local_training.Trainer(model, opt, layout, micro_batch_size)
 
 
 @functools.cache
 def _round(layout_kwargs: tuple, model: model_lib.ModelConfig = MODEL, micro_batch_size: int = 0,
-           kept: bool = False) -> _Round:
+           kept: bool = False, opt: optimizers.OptConfig = OPT) -> _Round:
   """One round as train.py runs it; `kept`: clients start from the Adam states of a first round."""
-  layout, trainer = _trainer(layout_kwargs, model, micro_batch_size)
+  layout, trainer = _trainer(layout_kwargs, model, micro_batch_size, opt)
   # The same initial values everywhere (test_shardings_follow_the_rules checks sharded creation).
   params = jax.device_put(model_lib.init_params(model, jax.random.key(0)), layout.params(model))
   state = server_lib.init_server_state(params, OUTER, layout.params(model))
@@ -137,6 +147,19 @@ def test_parallel_clients_with_kept_optimizer_states_match_sequential():
   np.testing.assert_allclose(parallel.losses, reference.losses, rtol=RTOL)
   _assert_close(parallel.params, reference.params)
   _assert_close(parallel.opt_states, reference.opt_states, atol=ATOL_MOMENTS)
+
+
+@pytest.mark.parametrize('mesh', [
+    (('fsdp', 8),),
+    (('clients', 2), ('fsdp', 4), ('offload', True)),
+], ids=['fsdp8', 'clients2xfsdp4-offload'])
+def test_muon_on_sharded_matrices_matches_one_device(mesh):
+  """Newton-Schulz on FSDP-split matrices (XLA's sharded X X^T), kept Muon states stacked per
+  client group and offloaded: the same round as on one device, within MUON_ATOL."""
+  reference, sharded = _round(ONE_DEVICE, kept=True, opt=MUON), _round(mesh, kept=True, opt=MUON)
+  np.testing.assert_allclose(sharded.losses, reference.losses, rtol=RTOL)
+  _assert_close(sharded.params, reference.params, atol=MUON_ATOL)
+  _assert_close(sharded.opt_states, reference.opt_states, atol=ATOL_MOMENTS)
 
 
 def test_accumulation_and_remat_match_under_fsdp():

@@ -36,6 +36,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.opt.eps = 1e-8
   c.opt.weight_decay = 0.0
   c.opt.grad_clip = 1.0  # global norm of the gradient; 0: no clipping
+  # 'adamw' | 'muon': Muon (momentum orthogonalised by Newton-Schulz) on the blocks' 2-D kernels,
+  # AdamW (the keys above) on embeddings and norms, as MuLoCo does. The muon_* keys are Muon's
+  # only (refused with 'adamw'); its lr follows the same warmup + cosine schedule.
+  c.opt.optimizer = 'adamw'
+  c.opt.muon_lr = 0.02
+  c.opt.muon_beta = 0.95  # Nesterov momentum of Muon
+  c.opt.muon_ns_steps = 5  # Newton-Schulz iterations
 
   c.fl = ml_collections.ConfigDict()
   c.fl.num_clients = 8
@@ -151,7 +158,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (logical axis, mesh axes) pairs; default: batch over data x fsdp, matrices split along d_model.
   c.mesh.rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('vocab', None), ('pos', None),
                   ('heads', None), ('mlp', None), ('norm', None))
-  c.mesh.offload_optimizer = False  # keep Adam's moments in pinned host memory between steps
+  c.mesh.offload_optimizer = False  # keep the optimizer state in pinned host memory between steps
   c.mesh.memory_check = True  # refuse, before any work, a run that cannot fit the devices' memory
   # One client on several processes/hosts (jax.distributed; `python -m fedjax_pt.launch_local`).
   c.mesh.num_processes = 1  # 1: this process alone; 0: detect from the cluster (SLURM, Open MPI)

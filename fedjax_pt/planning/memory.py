@@ -1,9 +1,10 @@
 """How much memory a run needs per device, estimated in a second before anything is allocated.
 
-Exact parts: float32 master parameters, their gradients and Adam's two moments (sharded as the
-`mesh.rules` say), and the server's arrays (global model, outer optimizer state, the running sum of
-client models, with a robust `fl.aggregation` all fl.clients_per_round deltas of a
-synchronisation, kept client Adam states). Counted part: what the backward pass keeps per token, by
+Exact parts: float32 master parameters, their gradients and Adam's two moments (Muon's one
+momentum for the matrices it orthogonalises), sharded as the `mesh.rules` say, and the server's
+arrays (global model, outer optimizer state, the running sum of client models, with a robust
+`fl.aggregation` all fl.clients_per_round deltas of a synchronisation, kept client optimizer
+states). Counted part: what the backward pass keeps per token, by
 tensor width, with coefficients read off XLA's compiled local step (XLA:CPU, float32, d_model
 64-256, mlp_ratio 2-8, seq 64-512): per block 12 residual-width and 4 MLP-width tensors in the
 compute dtype and the attention scores (`model.scores_per_query` per query and head: on CPU the
@@ -36,6 +37,7 @@ import numpy as np
 
 from fedjax_pt import local_training
 from fedjax_pt import model as model_lib
+from fedjax_pt import optimizers
 from fedjax_pt import sharding
 from fedjax_pt.run_spec import RunSpec
 
@@ -65,7 +67,7 @@ class Estimate:
 
   def breakdown(self, server: bool = True) -> str:
     gib = format_bytes
-    return (f'parameters {gib(self.params)} + gradients {gib(self.gradients)} + Adam '
+    return (f'parameters {gib(self.params)} + gradients {gib(self.gradients)} + optimizer '
             f'{gib(self.optimizer)} + activations {gib(self.activations)}' +
             (f' + server {gib(self.server)}' if server else ''))
 
@@ -131,6 +133,9 @@ def estimate(spec: RunSpec, cfg: model_lib.ModelConfig, platform: str | None = N
       lambda shape, spec_: math.prod(shape.shape) / _ways(spec_, mesh.rules, sizes), shapes, axes,
       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   param_bytes = int(4 * sum(jax.tree.leaves(per_device)))
+  # Adam keeps two moments per parameter, Muon one momentum per matrix it orthogonalises.
+  opt_bytes = int(4 * sum(jax.tree.leaves(jax.tree.map(
+      lambda n, copies: n * copies, per_device, optimizers.state_copies(spec.opt, shapes)))))
   # The largest batch any client trains (fl.profiles may give a client its own).
   batch = max([spec.data.batch_size] + [p.batch_size for p in spec.fl.profiles if p.batch_size])
   batch_per_device = (spec.data.micro_batch_size or batch) / (mesh.data * mesh.fsdp)
@@ -151,12 +156,12 @@ def estimate(spec: RunSpec, cfg: model_lib.ModelConfig, platform: str | None = N
     if fl.aggregation != 'mean':  # a robust rule keeps every delta of a sync (`robust`)
       server += param_bytes * fl.clients_per_round
     # What the simulated clients keep (`client_round.ClientMemory`), every one of them.
-    kept = (2 * (not fl.reset_optimizer) + 2 * fl.keeps_client_models +  # Adam; model, anchor
-            fl.compression.error_feedback)  # residual
-    server += kept * param_bytes * fl.num_clients
+    kept = (2 * fl.keeps_client_models + fl.compression.error_feedback)  # model, anchor; residual
+    kept_opt = opt_bytes * (not fl.reset_optimizer)
+    server += (kept * param_bytes + kept_opt) * fl.num_clients
   # Micro-batches add each one's gradient to a running sum: two gradients are live.
   gradients = param_bytes * (2 if spec.data.micro_batch_size else 1)
-  model_state = param_bytes + gradients + 2 * param_bytes
+  model_state = param_bytes + gradients + opt_bytes
   logits = tokens * _LOGIT_COPIES * cfg.vocab_size * 4
   if activations >= max(model_state, server) and logits > activations / 2:
     advice = (f'the logits over model.vocab_size={cfg.vocab_size} need it: a smaller vocabulary, '
@@ -167,7 +172,7 @@ def estimate(spec: RunSpec, cfg: model_lib.ModelConfig, platform: str | None = N
               'data.micro_batch_size or model.remat')
   elif model_state >= server:
     advice = (f'the model\'s {model_lib.param_count(cfg):,} parameters and their gradients and '
-              f'Adam moments need it (model.d_model={cfg.d_model}, model.num_layers='
+              f'optimizer state need it (model.d_model={cfg.d_model}, model.num_layers='
               f'{cfg.num_layers}, model.vocab_size={cfg.vocab_size}): shard them over more '
               f'devices (mesh.fsdp={mesh.fsdp}) or choose a smaller model')
   else:
@@ -176,7 +181,7 @@ def estimate(spec: RunSpec, cfg: model_lib.ModelConfig, platform: str | None = N
               'more devices' + (f" (fl.aggregation={spec.fl.aggregation!r} keeps "
                                 f"fl.clients_per_round={spec.fl.clients_per_round} deltas; "
                                 "'mean' keeps one sum)" if spec.fl.aggregation != 'mean' else ''))
-  return Estimate(params=param_bytes, gradients=gradients, optimizer=2 * param_bytes,
+  return Estimate(params=param_bytes, gradients=gradients, optimizer=opt_bytes,
                   activations=int(activations), server=server, devices=mesh.num_devices,
                   advice=advice)
 
