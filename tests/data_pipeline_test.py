@@ -11,6 +11,7 @@ import pytest
 
 from fedjax_pt.data import DataConfig, build_federated_data
 from fedjax_pt.data import packing
+from fedjax_pt.data.tokenizers import tokenize_corpus
 
 SHARED = Path(__file__).resolve().parents[2] / 'shared'
 C4 = SHARED / 'data' / 'c4' / 'c4_sample.jsonl'
@@ -130,6 +131,21 @@ def test_no_token_lost_with_seq_len_one(tmp_path):
       texts += tok.decode(stream).split('<|endoftext|>')[:-1]
   expected = [json.loads(line)['text'] for line in path.read_text().splitlines()]
   assert sorted(texts) == sorted(expected)
+
+
+def test_without_hold_out_every_document_trains_and_nothing_is_held_out(tmp_path):
+  """A Flower node whose corpus is all its own (num-partitions=1) trains on all of it."""
+  path = _corpus(tmp_path)
+  cfg = _cfg(source='jsonl', path=str(path), seq_len=8, batch_size=4)
+  split = build_federated_data(cfg, num_clients=1, seed=0)
+  whole = build_federated_data(cfg, num_clients=1, seed=0, hold_out=False)
+  texts = [json.loads(line)['text'] for line in path.read_text().splitlines()]
+  ids, offsets = tokenize_corpus(whole.tokenizer, texts)
+  every_document = packing.pack(packing.select(ids, offsets, np.arange(len(texts))),
+                                whole.tokenizer.eot_id)
+  assert whole.client_num_tokens(0) == len(packing.windows(every_document, 8)) * 8
+  assert split.client_num_tokens(0) < whole.client_num_tokens(0)
+  assert not whole.val_batches(4) and split.val_batches(4)
 
 
 def test_iterator_is_infinite_covers_each_epoch_and_reshuffles(tmp_path):

@@ -113,13 +113,18 @@ class FederatedData:
 def _interleave(parts: list[np.ndarray]) -> np.ndarray:
   """Rows of `parts` in round-robin order: part 0 row 0, part 1 row 0, ..., part 0 row 1, ..."""
   longest = max(len(p) for p in parts)
+  if not longest:  # nothing held out (build_federated_data without hold_out)
+    return np.concatenate(parts)
   return np.stack([p[i] for i in range(longest) for p in parts if i < len(p)])
 
 
 def build_federated_data(cfg: DataConfig, num_clients: int, seed: int,
-                         process_rows: tuple[int, int] = (0, 1)) -> FederatedData:
+                         process_rows: tuple[int, int] = (0, 1),
+                         hold_out: bool = True) -> FederatedData:
   """Reads, tokenizes, partitions, splits and packs the corpus of `cfg` for `num_clients`; the
-  training batches are this process's block of rows (`FederatedData.process_rows`).
+  training batches are this process's block of rows (`FederatedData.process_rows`). Without
+  `hold_out` every document trains and there is no validation set (a Flower node whose corpus
+  is all its own: nobody would evaluate what it held out).
 
   `seed` orders the batches; `cfg.split_seed(seed)` partitions the documents and holds out the
   validation set, so runs of several seeds with one `data.seed` are scored on the same documents.
@@ -136,13 +141,14 @@ def build_federated_data(cfg: DataConfig, num_clients: int, seed: int,
   for k, part in enumerate(parts):
     train_docs, val_docs = partition_lib.split_train_val(
         part, packed_lengths[part], cfg.val_fraction, cfg.seq_len + 1,
-        partition_lib.rng_for(split_seed, partition_lib.VAL_STREAM, k))
+        partition_lib.rng_for(split_seed, partition_lib.VAL_STREAM, k)) if hold_out else (
+            part, part[:0])
     train_stream = packing.pack(packing.select(ids, offsets, train_docs), tokenizer.eot_id)
     val_stream = packing.pack(packing.select(ids, offsets, val_docs), tokenizer.eot_id)
     train.append(packing.windows(train_stream, cfg.seq_len))
     val.append(packing.windows(val_stream, cfg.seq_len))
     _check_sizes(k, cfg, len(part), len(train_stream), len(train[-1]), len(val_stream),
-                 len(val[-1]))
+                 len(val[-1]) if hold_out else None)
     logging.info('Client %d: %d train documents, %d tokens, %d windows; %d val documents, '
                  '%d tokens, %d windows', k, len(train_docs), len(train_stream), len(train[-1]),
                  len(val_docs), len(val_stream), len(val[-1]))
@@ -151,7 +157,7 @@ def build_federated_data(cfg: DataConfig, num_clients: int, seed: int,
 
 
 def _check_sizes(k: int, cfg: DataConfig, num_docs: int, train_tokens: int, train_windows: int,
-                 val_tokens: int, val_windows: int) -> None:
+                 val_tokens: int, val_windows: int | None) -> None:
   hint = 'lower data.seq_len, data.batch_size or fl.num_clients'
   if train_windows < cfg.batch_size:
     raise ValueError(f'client {k} has {train_tokens} training tokens ({num_docs} documents in all) '

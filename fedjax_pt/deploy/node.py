@@ -9,7 +9,8 @@ cache after the first round) and the node's state snapshot.
 
 Node config (`flower-supernode --node-config "..."`, TOML values):
   partition-id    the client id this node trains as (required)
-  num-partitions  1 (default): the node's corpus is all its own. N > 1: the node partitions its
+  num-partitions  1 (default): the node's corpus is all its own, and all of it trains (no held-out
+                  split: the server evaluates on its own data). N > 1: the node partitions its
                   corpus into N shards (`data.build_federated_data`) and trains shard
                   partition-id; with the server's data config and N = fl.num_clients that is
                   the data of `fedjax_pt.main`'s client k (the one-machine set-up, and the
@@ -201,7 +202,11 @@ def _setup(request: protocol.TrainRequest, node: NodeConfig) -> _Setup:
                      f'{model_cfg.vocab_size}, the server model has {request.vocab_size}')
   if spec.data.cache_dir:
     token_cache.check_dir(spec.data.cache_dir, 'node config cache-dir')
-  data = data_lib.build_federated_data(spec.data, num_clients=node.num_partitions, seed=spec.seed)
+  # A corpus that is all the node's own trains whole: its held-out split would go unevaluated
+  # (the server evaluates on its own data). Shards of a shared corpus hold out what the
+  # simulation holds out, so the server's validation set is theirs.
+  data = data_lib.build_federated_data(spec.data, num_clients=node.num_partitions, seed=spec.seed,
+                                       hold_out=node.num_partitions > 1)
   trainer = _trainer(model_cfg, spec.opt, spec.mesh, spec.data.micro_batch_size)
   rule = _rule(spec, trainer)
   comp = spec.fl.compression
