@@ -57,14 +57,17 @@ def main(_):
         f'{flops:.3g} FLOPs; at the measured peak of {peak / 1e9:.0f} GFLOP/s (float32 2048^3 '
         f'matmul) >= {round_s:,.0f} s')
   k = fl.clients_per_round
+  comp = compression.CompressionConfig.from_config(fl.compression)
+  codec_args = dict(block_size=comp.block_size, topk=comp.topk)  # the config's blocks and top-k
   print(f'{"codec":>6} {"ef":>3} {"message":>10} {"ratio":>6} {"encode":>9} {"decode":>9} '
         f'{f"share of a round (1 encode + {k} decodes)":>40}')
   for codec in compression.CODECS:
     for error_feedback in (False, True):
       carried = residual if error_feedback else None
       encode_s = harness.best_time(
-          lambda: compression.compress_delta(local, theta, carried, codec), _REPEATS.value)
-      payload, _ = compression.compress_delta(local, theta, carried, codec)
+          lambda: compression.compress_delta(local, theta, carried, codec, **codec_args),
+          _REPEATS.value)
+      payload, _ = compression.compress_delta(local, theta, carried, codec, **codec_args)
       decode_s = harness.best_time(lambda: compression.decode(payload), _REPEATS.value)
       size = compression.payload_bytes(payload)
       print(f'{codec:>6} {"yes" if error_feedback else "no":>3} {size / 1e6:>8.1f}MB '

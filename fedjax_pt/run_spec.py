@@ -148,6 +148,10 @@ def _check_nothing_ignored(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'fl.compression.block_size={comp.block_size} is set, but only the int8 and '
                      'int4 codecs have blocks (fl.compression.upload and .download are '
                      f'{comp.upload!r} and {comp.download!r})')
+  topk_keys = [k for k in _changed(config, 'fl.compression') if '.topk_' in k]
+  if comp.upload != 'topk' and topk_keys:
+    raise ValueError(f"{topk_keys[0]} is set, but only fl.compression.upload='topk' reads it "
+                     f'(upload is {comp.upload!r})')
   if comp.error_feedback and comp.upload == 'none':
     raise ValueError("fl.compression.error_feedback=True with fl.compression.upload='none': "
                      'exact messages leave nothing to feed back; choose a lossy upload codec')

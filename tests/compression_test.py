@@ -150,11 +150,11 @@ def test_delta_form_matches_the_model_form_within_float32_rounding():
   jax.tree.map(check, old, new, theta, *clients)
 
 
-@pytest.mark.parametrize('codec', ['none', 'int8'])
+@pytest.mark.parametrize('codec', ['none', 'int8', 'topk'])
 def test_codec_keeps_payloads_split_like_the_parameters(codec):
-  """On 8 devices (FSDP): float32 payloads are laid out like the parameters; int8 blocks are split
-  over the devices that split the parameter; decoded trees and residuals land where the
-  parameters are."""
+  """On 8 devices (FSDP): float32 payloads are laid out like the parameters; int8 blocks (top-k
+  codes, scales and positions) are split over the devices that split the parameter; decoded trees
+  and residuals land where the parameters are."""
   layout = sharding.Layout.create(sharding.MeshConfig(1, 1, 8))
   params = sharding.init_params(MODEL, jax.random.key(0), layout)
   codec_fn = compression.Codec(codec, 64, params)
@@ -168,8 +168,12 @@ def test_codec_keeps_payloads_split_like_the_parameters(codec):
     if codec == 'none':
       assert e.values.sharding == p.sharding
     elif 'fsdp' in p.sharding.spec:
-      assert e.values.sharding.spec == jax.sharding.PartitionSpec(('fsdp',))
-      assert e.scales.sharding.spec == jax.sharding.PartitionSpec(('fsdp',))
+      split = jax.sharding.PartitionSpec(('fsdp',))
+      assert e.scales.sharding.spec == split
+      if codec == 'topk':  # packed codes: split when the devices divide their bytes
+        assert e.indices.sharding.spec == split
+        split = split if e.values.shape[0] % 8 == 0 else jax.sharding.PartitionSpec()
+      assert e.values.sharding.spec == split
 
   jax.tree.map(check, params, update, residual, received,
                is_leaf=lambda x: isinstance(x, compression.EncodedArray))

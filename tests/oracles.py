@@ -17,6 +17,7 @@ _MAGIC = b'FJPC\x01'  # format name and version
 _HEADER = struct.Struct('<5sI')  # magic, number of arrays
 _ARRAY_HEADER = struct.Struct('<HBBI')  # path length, codec, ndim, block size
 _DIM = struct.Struct('<I')
+_TOPK_HEADER = struct.Struct('<IB')  # values kept per chunk, bits of a value
 _CODEC_IDS = {name: i for i, name in enumerate(compression.CODECS)}
 
 
@@ -42,15 +43,18 @@ def _named(payload: Any) -> list[tuple[str, compression.EncodedArray]]:
 
 
 def to_bytes(payload: Any) -> bytes:
-  """The payload as one message: header, then per array its header, values and scales."""
+  """The payload as one message: header, then per array its header (a top-k array's with its
+  values per chunk and bits), values, scales and (top-k) positions."""
   named = _named(payload)
   out = [_HEADER.pack(_MAGIC, len(named))]
   for name, e in named:
     path = name.encode()
     out += [_ARRAY_HEADER.pack(len(path), _CODEC_IDS[e.codec], len(e.shape), e.block_size), path,
             *(_DIM.pack(d) for d in e.shape)]
+    if e.codec == 'topk':
+      out.append(_TOPK_HEADER.pack(e.topk.k, e.topk.bits))
     out += [np.asarray(a).astype(np.asarray(a).dtype.newbyteorder('<')).tobytes()
-            for a in (e.values, e.scales) if a is not None]
+            for a in (e.values, e.scales, e.indices) if a is not None]
   return b''.join(out)
 
 
@@ -69,6 +73,11 @@ def from_bytes(message: bytes) -> dict[str, compression.EncodedArray]:
     offset += _DIM.size * ndim
     codec = compression.CODECS[codec_id]
     size = math.prod(shape)
+    if codec == 'topk':
+      k, bits = _TOPK_HEADER.unpack_from(message, offset)
+      offset += _TOPK_HEADER.size
+      arrays[name], offset = _read_topk(message, offset, shape, block_size, k, bits)
+      continue
     if codec in ('none', 'bf16'):
       dtype = np.float32 if codec == 'none' else jnp.bfloat16
       values_shape, scales_len = shape, 0
@@ -87,3 +96,22 @@ def from_bytes(message: bytes) -> dict[str, compression.EncodedArray]:
   if offset != len(message):
     raise ValueError(f'payload of {len(message)} bytes has {len(message) - offset} trailing bytes')
   return arrays
+
+
+def _read_topk(message: bytes, offset: int, shape, chunk: int, k: int,
+               bits: int) -> tuple[compression.EncodedArray, int]:
+  chunks = -(-math.prod(shape) // chunk)
+  if bits == 8:
+    values = np.frombuffer(message, np.int8, chunks * k, offset)
+  else:
+    values = np.frombuffer(message, np.uint8, -(-chunks * k * bits // 8), offset)
+  offset += values.nbytes
+  scales = np.frombuffer(message, '<f4', chunks, offset)
+  offset += scales.nbytes
+  index = '<u1' if chunk <= 256 else '<u2'
+  indices = np.frombuffer(message, index, chunks * k, offset).reshape(chunks, k)
+  offset += indices.nbytes
+  fraction = k / chunk  # any fraction that rounds to k
+  spec = compression.topk_lib.TopK(fraction, chunk, bits)
+  assert spec.k == k
+  return compression.EncodedArray(values, scales, shape, 'topk', chunk, indices, spec), offset

@@ -85,10 +85,15 @@ def get_config() -> ml_collections.ConfigDict:
   # the server broadcasts theta; each direction is encoded with a codec, with exact wire sizes in
   # the records.
   c.fl.compression = ml_collections.ConfigDict()
-  c.fl.compression.upload = 'none'  # 'none' (float32) | 'bf16' | 'int8' | 'int4': clients' deltas
-  c.fl.compression.download = 'none'  # the same codecs for the global model sent to clients
+  c.fl.compression.upload = 'none'  # 'none' (float32) | 'bf16' | 'int8' | 'int4' | 'topk': deltas
+  c.fl.compression.download = 'none'  # the same codecs but 'topk' for the global model
   c.fl.compression.block_size = 64  # values sharing one float32 absmax scale (int8, int4); even
   c.fl.compression.error_feedback = False  # clients add what earlier messages lost to the next
+  # 'topk' (fedjax_pt/federated/topk.py; SparseLoCo: 1/64, 2 bits, error feedback, outer
+  # momentum 0): of each chunk of consecutive values keep max(1, round(fraction * chunk)).
+  c.fl.compression.topk_fraction = 1 / 64  # in (0, 1]
+  c.fl.compression.topk_chunk = 64  # values a chunk (positions: uint8 up to 256, else uint16)
+  c.fl.compression.topk_bits = 2  # 2 | 4 | 8 bits a kept value, plus one float32 scale a chunk
   # Streaming fragments (fedjax_pt/federated/fragments.py, Streaming DiLoCo): the model in F
   # fragments of consecutive layers; fragment f syncs at local steps f * local_steps / F + k *
   # local_steps.

@@ -75,7 +75,8 @@ class FlowerClients:
                                            run.num_clients)
     comp = run.compression
     # What a reply's delta is read into: the payload of the parameters' shapes (of a fragment).
-    whole = jax.eval_shape(lambda p: compression.encode(p, comp.upload, comp.block_size), like)
+    whole = jax.eval_shape(
+        lambda p: compression.encode(p, comp.upload, comp.block_size, comp.topk), like)
     assignment = fragments.partition(like, run.fragments)
     self._update_like = [whole if run.fragments == 1 else
                          fragments.select(whole, assignment, f) for f in range(run.fragments)]

@@ -120,7 +120,7 @@ class FederatedAlgorithm:
       # The server decodes a delta straight into the parameters' layout, where the average and
       # the outer step expect it.
       self._decoders = [compression.Codec(comp.upload, comp.block_size,
-                                          self._fragment(params, f)).decode
+                                          self._fragment(params, f), comp.topk).decode
                         for f in range(fl.fragments)]
     return state
 

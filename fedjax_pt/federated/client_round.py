@@ -77,8 +77,8 @@ class ClientRule:
     self._download = compression.Codec(comp.download, comp.block_size, like)
     self._download_parts = [compression.Codec(comp.download, comp.block_size,
                                               self.fragment(like, f)) for f in fragment_ids]
-    self._upload = [compression.Codec(comp.upload, comp.block_size, self.fragment(like, f))
-                    for f in fragment_ids]
+    self._upload = [compression.Codec(comp.upload, comp.block_size, self.fragment(like, f),
+                                      comp.topk) for f in fragment_ids]
 
   def fragment(self, tree: Any, fragment: int) -> Any:
     """`tree`, or with F > 1 fragments its part `fragment` (None elsewhere)."""

@@ -12,15 +12,18 @@ is m:
   'int8'  blockwise absmax: q = round(x / s) in [-127, 127] with s = m / 127, one float32 s per
           `block_size` values: |x - q s| <= s / 2 = m / 254, 1 byte a value + 4 per block.
   'int4'  the same with q in [-7, 7] (s = m / 7), two values a byte: |x - q s| <= m / 14.
+  'topk'  (upload only) per chunk, the largest magnitudes quantised to 2, 4 or 8 bits and their
+          positions: `fedjax_pt.federated.topk`.
 Blocks run over each array flattened in row-major order, the last one zero-padded, so the padding
 is under one block per array. A non-finite value makes its block's scale non-finite, so a
 diverged client's update still decodes to non-finite values and the server's verdict sees it.
 
 `payload_bytes` is the length of the payload as one self-describing message: a header naming
 every array (its path, codec, shape, block size), then each array's values and scales as raw
-bytes (tests/oracles.py writes that message). A deployment's transport adds its own framing
-(Flower's records, orbax's files) to it. It needs shapes only, so it also sizes `jax.eval_shape`
-trees.
+bytes (tests/oracles.py writes that message); a top-k array's header adds the values it keeps
+per chunk and their bits, and its positions follow its scales. A deployment's transport adds its
+own framing (Flower's records, orbax's files) to it. It needs shapes only, so it also sizes
+`jax.eval_shape` trees.
 """
 
 import dataclasses
@@ -37,11 +40,14 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-CODECS = ('none', 'bf16', 'int8', 'int4')
+from fedjax_pt.federated import topk as topk_lib
+
+CODECS = ('none', 'bf16', 'int8', 'int4', 'topk')
 _QMAX = {'int8': 127, 'int4': 7}
 _HEADER = struct.Struct('<5sI')  # format name and version, number of arrays
 _ARRAY_HEADER = struct.Struct('<HBBI')  # path length, codec, ndim, block size
 _DIM = struct.Struct('<I')
+_TOPK_HEADER = struct.Struct('<IB')  # values kept per chunk, bits of a value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,18 +57,30 @@ class CompressionConfig:
   download: str = 'none'
   block_size: int = 64
   error_feedback: bool = False
+  topk_fraction: float = topk_lib.TopK.fraction
+  topk_chunk: int = topk_lib.TopK.chunk
+  topk_bits: int = topk_lib.TopK.bits
 
   def __post_init__(self):
     for name in ('upload', 'download'):
       if getattr(self, name) not in CODECS:
         raise ValueError(f'fl.compression.{name} must be one of {CODECS}, got '
                          f'{getattr(self, name)!r}')
+    if self.download == 'topk':
+      raise ValueError("fl.compression.download='topk' is refused: the server broadcasts the "
+                       'model itself, not a delta, and a model with most weights zeroed is no '
+                       "model; choose 'none', 'bf16', 'int8' or 'int4'")
+    topk_lib.TopK(self.topk_fraction, self.topk_chunk, self.topk_bits)  # validates topk_*
     if not isinstance(self.block_size, int) or self.block_size < 2 or self.block_size % 2:
       raise ValueError(f'fl.compression.block_size must be an even integer >= 2 (int4 packs two '
                        f'values a byte), got {self.block_size!r}')
     if not isinstance(self.error_feedback, bool):
       raise ValueError(f'fl.compression.error_feedback must be a bool, got '
                        f'{self.error_feedback!r}')
+
+  @property
+  def topk(self) -> topk_lib.TopK:
+    return topk_lib.TopK(self.topk_fraction, self.topk_chunk, self.topk_bits)
 
   @classmethod
   def from_config(cls, compression: ml_collections.ConfigDict) -> 'CompressionConfig':
@@ -71,32 +89,41 @@ class CompressionConfig:
 
 def check_block_size(cfg: CompressionConfig, like: Any) -> None:
   """Raises ValueError when a block is larger than every array of `like` (the parameters): each
-  array would be padded to a whole block, inflating its messages without a word."""
-  if not {cfg.upload, cfg.download} & set(_QMAX):
-    return
+  array would be padded to a whole block, inflating its messages without a word. The same for
+  the chunk of the top-k codec."""
   named = jax.tree_util.tree_leaves_with_path(like)
   path, largest = max(((p, math.prod(x.shape)) for p, x in named), key=lambda pair: pair[1])
-  if cfg.block_size > largest:
+  where = f'({jax.tree_util.keystr(path, simple=True, separator=".")}, {largest} values)'
+  if {cfg.upload, cfg.download} & set(_QMAX) and cfg.block_size > largest:
     raise ValueError(f'fl.compression.block_size={cfg.block_size} exceeds the largest parameter '
-                     f'array ({jax.tree_util.keystr(path, simple=True, separator=".")}, '
-                     f'{largest} values): every array would be sent padded to a whole block')
+                     f'array {where}: every array would be sent padded to a whole block')
+  if cfg.upload == 'topk' and cfg.topk_chunk > largest:
+    raise ValueError(f'fl.compression.topk_chunk={cfg.topk_chunk} exceeds the largest parameter '
+                     f'array {where}: every array would be sent padded to a whole chunk')
 
 
 class EncodedArray(flax.struct.PyTreeNode):
   """One array as sent: `values` (float32 or bfloat16 in the array's shape; int8 [blocks, block];
-  int4 as uint8 [blocks, block / 2]) and, for int8/int4, one float32 scale per block."""
+  int4 as uint8 [blocks, block / 2]; topk as `fedjax_pt.federated.topk` says), for int8/int4/topk
+  one float32 scale per block or chunk, and for topk the kept values' `indices` and its `topk`
+  (whose chunk is also `block_size`)."""
   values: Any
   scales: Any
   shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
   codec: str = flax.struct.field(pytree_node=False)
   block_size: int = flax.struct.field(pytree_node=False, default=0)
+  indices: Any = None
+  topk: topk_lib.TopK | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def _is_encoded(x) -> bool:
   return isinstance(x, EncodedArray)
 
 
-def _encode_array(x: jax.Array, codec: str, block_size: int) -> EncodedArray:
+def _encode_array(x: jax.Array, codec: str, block_size: int, topk: topk_lib.TopK) -> EncodedArray:
+  if codec == 'topk':
+    values, scales, indices = topk_lib.encode(x, topk)
+    return EncodedArray(values, scales, x.shape, codec, topk.chunk, indices, topk)
   if codec == 'none':
     return EncodedArray(x.astype(jnp.float32), None, x.shape, codec)
   if codec == 'bf16':
@@ -119,17 +146,20 @@ def _encode_array(x: jax.Array, codec: str, block_size: int) -> EncodedArray:
 def _decode_array(e: EncodedArray) -> jax.Array:
   if e.codec in ('none', 'bf16'):
     return e.values.astype(jnp.float32)
+  size = math.prod(e.shape)
+  if e.codec == 'topk':
+    return topk_lib.decode(e.values, e.scales, e.indices, size, e.topk).reshape(e.shape)
   q = e.values
   if e.codec == 'int4':
     q = jnp.stack([q & 15, q >> 4], axis=-1).reshape(q.shape[0], -1).astype(jnp.int8) - 8
-  size = math.prod(e.shape)
   return (q.astype(jnp.float32) * e.scales[:, None]).reshape(-1)[:size].reshape(e.shape)
 
 
-@functools.partial(jax.jit, static_argnames=('codec', 'block_size'))
-def encode(tree: Any, codec: str, block_size: int = 64) -> Any:
+@functools.partial(jax.jit, static_argnames=('codec', 'block_size', 'topk'))
+def encode(tree: Any, codec: str, block_size: int = 64,
+           topk: topk_lib.TopK = topk_lib.TopK()) -> Any:
   """The payload of `tree`: its structure, every array an `EncodedArray`."""
-  return jax.tree.map(lambda x: _encode_array(x, codec, block_size), tree)
+  return jax.tree.map(lambda x: _encode_array(x, codec, block_size, topk), tree)
 
 
 @jax.jit
@@ -138,9 +168,10 @@ def decode(payload: Any) -> Any:
   return jax.tree.map(_decode_array, payload, is_leaf=_is_encoded)
 
 
-@functools.partial(jax.jit, static_argnames=('codec', 'block_size', 'privatize'))
+@functools.partial(jax.jit, static_argnames=('codec', 'block_size', 'topk', 'privatize'))
 def compress_delta(local: Any, received: Any, residual: Any, codec: str,
-                   block_size: int = 64, privatize=None, key=None) -> tuple[Any, Any]:
+                   block_size: int = 64, topk: topk_lib.TopK = topk_lib.TopK(), privatize=None,
+                   key=None) -> tuple[Any, Any]:
   """A client's message and its new error-feedback residual.
 
   The message is the encoded delta `local - received` (the client's model minus the global
@@ -153,9 +184,9 @@ def compress_delta(local: Any, received: Any, residual: Any, codec: str,
   if privatize is not None:
     delta = privatize(delta, key)
   if residual is None:
-    return encode(delta, codec, block_size), None
+    return encode(delta, codec, block_size, topk), None
   delta = jax.tree.map(jnp.add, delta, residual)
-  payload = encode(delta, codec, block_size)
+  payload = encode(delta, codec, block_size, topk)
   return payload, jax.tree.map(jnp.subtract, delta, decode(payload))
 
 
@@ -166,15 +197,22 @@ def _mesh_axes(spec: PartitionSpec) -> tuple[str, ...]:
 
 def _place(encoded: EncodedArray, where: NamedSharding) -> EncodedArray:
   """Where a payload array of an array laid out as `where` goes: float32/bf16 values like the
-  array; int8/int4 blocks and scales split along the blocks over the mesh axes that split the
-  array (so every device holds about its share), replicated when those do not divide them."""
+  array; int8/int4 blocks and scales (and top-k codes, scales and positions) split along their
+  first axis over the mesh axes that split the array (so every device holds about its share),
+  each replicated when those do not divide it."""
   if encoded.scales is None:
     return encoded.replace(values=where)
   axes = _mesh_axes(where.spec)
   ways = math.prod(where.mesh.shape[a] for a in axes)
-  spec = PartitionSpec(axes) if axes and encoded.values.shape[0] % ways == 0 else PartitionSpec()
-  blocks = NamedSharding(where.mesh, spec)
-  return encoded.replace(values=blocks, scales=blocks)
+
+  def split(a):
+    if a is None:
+      return None
+    return NamedSharding(where.mesh, PartitionSpec(axes) if axes and a.shape[0] % ways == 0
+                         else PartitionSpec())
+
+  return encoded.replace(values=split(encoded.values), scales=split(encoded.scales),
+                         indices=split(encoded.indices))
 
 
 class Codec:
@@ -183,11 +221,12 @@ class Codec:
   payloads stay split over the devices that hold the arrays and decoded trees land where the
   arrays are. Without NamedShardings (one device) they are the plain functions."""
 
-  def __init__(self, codec: str, block_size: int, like: Any):
+  def __init__(self, codec: str, block_size: int, like: Any,
+               topk: topk_lib.TopK = topk_lib.TopK()):
     self.codec, self.block_size = codec, block_size
     shardings = [getattr(x, 'sharding', None) for x in jax.tree.leaves(like)]
-    encode_fn = functools.partial(encode, codec=codec, block_size=block_size)
-    delta_fn = functools.partial(compress_delta, codec=codec, block_size=block_size)
+    encode_fn = functools.partial(encode, codec=codec, block_size=block_size, topk=topk)
+    delta_fn = functools.partial(compress_delta, codec=codec, block_size=block_size, topk=topk)
     if not shardings or not all(isinstance(s, NamedSharding) for s in shardings):
       self.encode, self.decode, self._delta = encode_fn, decode, delta_fn
       self._delta_ef = delta_fn
@@ -215,8 +254,9 @@ def _named(payload: Any) -> list[tuple[str, EncodedArray]]:
 
 def _array_bytes(name: str, e: EncodedArray) -> int:
   data = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize
-             for a in (e.values, e.scales) if a is not None)
-  return _ARRAY_HEADER.size + len(name.encode()) + _DIM.size * len(e.shape) + data
+             for a in (e.values, e.scales, e.indices) if a is not None)
+  header = _ARRAY_HEADER.size + (_TOPK_HEADER.size if e.codec == 'topk' else 0)
+  return header + len(name.encode()) + _DIM.size * len(e.shape) + data
 
 
 def payload_bytes(payload: Any) -> int:

@@ -102,6 +102,10 @@ class FLConfig:
                        "fl.aggregation='mean'")
     if secagg.enabled:
       secagg.check(self.clients_per_round)
+      if self.compression.upload == 'topk':
+        raise ValueError("fl.secagg cannot take fl.compression.upload='topk': its masks cancel "
+                         'only in a sum over the same positions, and each client keeps different '
+                         'ones')
       if self.compression.upload != 'none':
         raise ValueError(f'fl.secagg quantises the deltas itself: fl.compression.upload must be '
                          f"'none', got {self.compression.upload!r}")

@@ -18,6 +18,7 @@ import ml_collections
 from fedjax_pt import build
 from fedjax_pt import model as model_lib
 from fedjax_pt.federated import compression
+from fedjax_pt.federated import topk as topk_lib
 from fedjax_pt.planning import devices as devices_lib
 from fedjax_pt.planning import memory
 from fedjax_pt.planning import wallclock
@@ -27,10 +28,11 @@ GIB = memory.GIB
 MAX_DEVICES = 1024  # per client: XLA:CPU makes this many devices for the analysis
 
 
-def payload_bytes(model_cfg: model_lib.ModelConfig, codec: str, block_size: int) -> int:
+def payload_bytes(model_cfg: model_lib.ModelConfig, codec: str, block_size: int,
+                  topk: topk_lib.TopK = topk_lib.TopK()) -> int:
   """Wire size of one message of the whole model under `codec`, from shapes alone."""
   shapes = model_lib.param_shapes(model_cfg)
-  encode = functools.partial(compression.encode, codec=codec, block_size=block_size)
+  encode = functools.partial(compression.encode, codec=codec, block_size=block_size, topk=topk)
   return compression.payload_bytes(jax.eval_shape(encode, shapes))
 
 
@@ -42,7 +44,7 @@ def workload(spec: RunSpec, model_cfg: model_lib.ModelConfig) -> wallclock.Workl
       tokens_per_step=spec.data.batch_size * spec.data.seq_len,
       flops_per_token=model_lib.flops_per_token(model_cfg, spec.data.seq_len),
       local_steps=spec.fl.local_steps, clients=spec.fl.clients_per_round, rounds=spec.fl.rounds,
-      upload_bytes=payload_bytes(model_cfg, c.upload, c.block_size),
+      upload_bytes=payload_bytes(model_cfg, c.upload, c.block_size, c.topk),
       download_bytes=payload_bytes(model_cfg, c.download, c.block_size),
       gradient_bytes=4 * model_lib.param_count(model_cfg))
 
