@@ -37,3 +37,30 @@ def test_a_file_where_the_directory_goes_is_one_line(tmp_path):
   assert result.returncode == errors.EXIT_BAD_INPUT
   assert result.stderr.strip() == (f'fedjax_pt.deploy.certs: error: {tmp_path}/taken is a file, '
                                    'not a directory')
+
+
+def test_the_kept_ca_renews_the_server_certificate(tmp_path):
+  """ca.key stays beside ca.crt (owner-only): --renew signs a new server certificate that the
+  organisations' unchanged ca.crt verifies."""
+  # pylint: disable=g-import-not-at-top
+  from cryptography import x509
+  from cryptography.hazmat.primitives.asymmetric import ec
+  tls = tmp_path / 'tls'
+  assert _certs(f'--tls_dir={tls}', '--host=server.example.org').returncode == 0
+  assert (tls / 'ca.key').stat().st_mode & 0o777 == 0o600
+  ca_before, cert_before = (tls / 'ca.crt').read_bytes(), (tls / 'server.pem').read_bytes()
+  renewed = _certs(f'--tls_dir={tls}', '--host=server.example.org', '--renew', '--days=90')
+  assert renewed.returncode == 0, renewed.stderr
+  assert (tls / 'ca.crt').read_bytes() == ca_before
+  assert (tls / 'server.pem').read_bytes() != cert_before
+  ca = x509.load_pem_x509_certificate(ca_before)
+  cert = x509.load_pem_x509_certificate((tls / 'server.pem').read_bytes())
+  assert cert.issuer == ca.subject
+  ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes,
+                         ec.ECDSA(cert.signature_hash_algorithm))  # raises if not the CA's
+  days = (cert.not_valid_after_utc - cert.not_valid_before_utc).days
+  assert days == 90
+  (tls / 'ca.key').unlink()
+  lost = _certs(f'--tls_dir={tls}', '--renew')
+  assert lost.returncode == errors.EXIT_BAD_INPUT and lost.stderr.count('\n') == 1
+  assert f'{tls}/ca.key does not exist: renewing needs the CA' in lost.stderr

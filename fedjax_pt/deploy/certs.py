@@ -2,11 +2,16 @@ r"""Credentials for a federation: a CA and a SuperLink certificate (TLS), and Su
 (node authentication), made with the `cryptography` package.
 
   python -m fedjax_pt.deploy.certs --tls_dir=certs --host=server.example.org   # the operator
+  python -m fedjax_pt.deploy.certs --tls_dir=certs --host=... --renew   # a new server certificate
   python -m fedjax_pt.deploy.certs --node_key=keys/org1   # each organisation: keys/org1{,.pub}
 
 The certificate is for `host` (a name or an IP address) and also for localhost and 127.0.0.1,
 where the operator's `flwr` CLI reaches the SuperLink. An organisation keeps its private key and
 sends only the public one to the operator, who registers it (`flwr supernode register`).
+
+The CA's private key is kept beside its certificate (`ca.key`, readable by its owner only; keep
+it off shared disks and out of version control): `--renew` signs a new server certificate with it
+before the old one expires, so no organisation needs a new `ca.crt`.
 """
 
 import dataclasses
@@ -27,6 +32,12 @@ class TLSFiles:
   ca: pathlib.Path  # what SuperNodes and the flwr CLI trust (--root-certificates)
   cert: pathlib.Path  # the SuperLink's certificate (--ssl-certfile)
   key: pathlib.Path  # and its private key (--ssl-keyfile)
+  ca_key: pathlib.Path  # the CA's private key: signs renewed server certificates
+
+  @classmethod
+  def under(cls, directory: pathlib.Path) -> 'TLSFiles':
+    return cls(directory / 'ca.crt', directory / 'server.pem', directory / 'server.key',
+               directory / 'ca.key')
 
 
 def _write_private(path: pathlib.Path, data: bytes) -> None:
@@ -55,16 +66,25 @@ def _refuse_to_overwrite(paths: list[pathlib.Path], force: bool) -> None:
                           'it (--force replaces it)')
 
 
+def _validity(days: int) -> dict[str, datetime.datetime]:
+  now = datetime.datetime.now(datetime.timezone.utc)
+  return dict(not_valid_before=now - datetime.timedelta(minutes=5),
+              not_valid_after=now + datetime.timedelta(days=days))
+
+
+def _pem_key(key) -> bytes:
+  return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                           serialization.NoEncryption())
+
+
 def make_tls(directory: pathlib.Path, host: str = '127.0.0.1', days: int = 30,
              force: bool = True, also: tuple[str, ...] = ()) -> TLSFiles:
   """A CA (EC P-384) and a server certificate for `host`, localhost, 127.0.0.1 and the names or
   addresses in `also`. Existing files are replaced only with `force`."""
-  files = TLSFiles(directory / 'ca.crt', directory / 'server.pem', directory / 'server.key')
-  _refuse_to_overwrite([files.ca, files.cert, files.key], force)
+  files = TLSFiles.under(directory)
+  _refuse_to_overwrite([files.ca, files.ca_key, files.cert, files.key], force)
   directory.mkdir(parents=True, exist_ok=True)
-  now = datetime.datetime.now(datetime.timezone.utc)
-  valid = dict(not_valid_before=now - datetime.timedelta(minutes=5),
-               not_valid_after=now + datetime.timedelta(days=days))
+  valid = _validity(days)
   ca_key = ec.generate_private_key(ec.SECP384R1())
   ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 'fedjax_pt local CA')])
   ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
@@ -76,22 +96,44 @@ def make_tls(directory: pathlib.Path, host: str = '127.0.0.1', days: int = 30,
                                      data_encipherment=False, key_agreement=False,
                                      encipher_only=False, decipher_only=False), critical=True)
         .sign(ca_key, hashes.SHA256()))
+  _write_private(files.ca_key, _pem_key(ca_key))
+  files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+  _server_certificate(files, ca, ca_key, host, also, days)
+  return files
+
+
+def renew(directory: pathlib.Path, host: str, days: int = 30,
+          also: tuple[str, ...] = ()) -> TLSFiles:
+  """A new server certificate and key, signed by the kept CA (`ca.crt` stays as it is)."""
+  files = TLSFiles.under(directory)
+  missing = [str(p) for p in (files.ca, files.ca_key) if not p.is_file()]
+  if missing:
+    raise ValueError(f'{missing[0]} does not exist: renewing needs the CA that made the '
+                            "certificates (a CA made before fedjax_pt kept ca.key needs a new "
+                            'one: --force, and every organisation gets the new ca.crt)')
+  ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+  ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
+  if ca.public_key().public_numbers() != ca_key.public_key().public_numbers():
+    raise ValueError(f'{files.ca_key} is not the key of {files.ca}')
+  _server_certificate(files, ca, ca_key, host, also, days)
+  return files
+
+
+def _server_certificate(files: TLSFiles, ca: x509.Certificate, ca_key, host: str,
+                        also: tuple[str, ...], days: int) -> None:
+  valid = _validity(days)
   key = ec.generate_private_key(ec.SECP384R1())
   cert = (x509.CertificateBuilder()
           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-          .issuer_name(ca_name).public_key(key.public_key())
+          .issuer_name(ca.subject).public_key(key.public_key())
           .serial_number(x509.random_serial_number())
           .not_valid_before(valid['not_valid_before']).not_valid_after(valid['not_valid_after'])
           .add_extension(x509.SubjectAlternativeName(_names([host, *also])), critical=False)
           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
           .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
           .sign(ca_key, hashes.SHA256()))
-  files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
   files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-  _write_private(files.key, key.private_bytes(serialization.Encoding.PEM,
-                                              serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()))
-  return files
+  _write_private(files.key, _pem_key(key))
 
 
 def make_node_key(directory: pathlib.Path, name: str,
@@ -121,6 +163,8 @@ def _cli() -> None:
   days = flags.DEFINE_integer('days', 365, 'Validity of the certificates.')
   node_key = flags.DEFINE_string('node_key', '', 'Make a SuperNode key pair: PATH and PATH.pub.')
   force = flags.DEFINE_bool('force', False, 'Replace existing files (locks out their holders).')
+  renew_cert = flags.DEFINE_bool('renew', False, 'With --tls_dir: a new server certificate '
+                                 'signed by the kept CA (ca.crt stays valid for everyone).')
   program = 'fedjax_pt.deploy.certs'
 
   def main(argv) -> None:
@@ -133,7 +177,13 @@ def _cli() -> None:
     if directory.exists() and not directory.is_dir():
       cli.fail(f'{directory} is a file, not a directory', program=program)
     try:
-      if tls_dir.value:
+      if renew_cert.value and not tls_dir.value:
+        cli.fail('--renew renews the server certificate of --tls_dir', program=program)
+      if renew_cert.value:
+        files = renew(pathlib.Path(tls_dir.value), host.value, days.value)
+        print(f'certificate {files.cert} and key {files.key} renewed for {days.value} days, '
+              f'signed by {files.ca} (restart the SuperLink with them)')
+      elif tls_dir.value:
         files = make_tls(pathlib.Path(tls_dir.value), host.value, days.value, force.value)
         print(f'CA {files.ca} (give it to every organisation), certificate {files.cert} and key '
               f'{files.key} (keep them on the SuperLink host)')
@@ -144,6 +194,8 @@ def _cli() -> None:
               'the operator)')
     except OSError as e:  # exists, a file where a directory should be, not writable
       cli.fail(e if e.filename is None else f'{e.filename}: {e.strerror}', program=program)
+    except ValueError as e:  # renewing without the CA, or with a key that is not the CA's
+      cli.fail(e, program=program)
 
   app.run(main)
 
