@@ -61,6 +61,7 @@ def summarize(workdir: str) -> dict[str, Any]:
   last = rounds[-1] if rounds else None
   return {
       'run_id': state.run_id, 'workdir': workdir,
+      'nodes_as_of': os.path.getmtime(os.path.join(workdir, seats_lib.FILE)),
       'last_round': None if last is None else last.round,
       'val_ppl': None if last is None else last.val_ppl,
       'seats': {name: dataclasses.asdict(table[name])
@@ -78,7 +79,8 @@ def render(status: dict[str, Any]) -> str:
   lines = [f'run {status["run_id"]} in {status["workdir"]}: '
            + ('no round yet' if status['last_round'] is None else
               f'last round {status["last_round"]}'
-              + (f', val_ppl {ppl:.2f}' if isinstance(ppl, float) else ''))]
+              + (f', val_ppl {ppl:.2f}' if isinstance(ppl, float) else ''))
+           + f'; nodes as the ServerApp last saw them, at {_when(status["nodes_as_of"])}']
   for name, seat in status['seats'].items():
     node = ('no node seen' if seat['node'] is None else
             f'node {seat["node"]} {"online" if seat["online"] else "offline"} since '
