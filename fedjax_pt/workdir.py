@@ -164,10 +164,11 @@ class Workdir:
       return
     with open(self._config, encoding='utf-8') as f:
       saved = _flatten(json.load(f))
-    current = _flatten(self._resolved)
+    # As config.json holds it (a tuple is a JSON list), so that only real changes differ.
+    current = _flatten(json.loads(json.dumps(self._resolved)))
     # A key added to fedjax_pt after the run started is absent from its config.json: the run
     # used what the key's default does, so the default matches it.
-    defaults = _flatten(base_config.get_config().to_dict())
+    defaults = _flatten(json.loads(json.dumps(base_config.get_config().to_dict())))
     changed = sorted(k for k in saved.keys() | current.keys()
                      if saved.get(k, defaults.get(k)) != current.get(k) and
                      not k.startswith(RESUMABLE_CHANGES))
