@@ -6,12 +6,14 @@ started, by PID, even when it fails (`LocalFederation.stop`, or the launcher's o
 a sweep of the processes whose FLWR_HOME lies in the test's directory).
 """
 
+import http.client
 import json
 import math
 import os
 import pathlib
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -21,7 +23,10 @@ import pytest
 from fedjax_pt.configs import tiny
 from fedjax_pt import records
 from fedjax_pt import train
+from fedjax_pt.deploy import certs
 from fedjax_pt.deploy.local import federation as launcher
+from fedjax_pt.deploy.local import processes
+from fedjax_pt.deploy.local import proxy
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ['--config=configs/tiny.py:test', '--config.fl.num_clients=2',
@@ -210,6 +215,7 @@ def test_a_killed_node_and_a_broken_node_are_faults_and_the_run_finishes(tmp_pat
     (('--node_config=data.seq_len=64',), "node config key 'data.seq_len' is part of the recipe"),
     (('--transport=shared', '--config.fl.secagg.enabled=True'),
      "fl.secagg sends the masked deltas in Flower's messages"),
+    (('--proxy', '--insecure'), '--proxy serves TLS: drop --insecure'),
 ])
 def test_bad_data_or_node_config_is_refused_before_any_process_starts(tmp_path, flags, message):
   result = subprocess.run([sys.executable, '-m', 'fedjax_pt.deploy.local', '--nodes=3',
@@ -277,3 +283,71 @@ def test_a_hijacked_seat_a_moved_workdir_and_other_code_across_processes(tmp_pat
   assert status == 'finished:failed' and error.startswith('round 3: every client failed: raised '
                                                           'ValueError: the server runs fedjax_pt ')
   assert 'install the same fedjax_pt on both' in error
+
+
+def _partner_cli(home: pathlib.Path, address: str, ca: pathlib.Path, *args: str):
+  """`flwr` as an organisation runs it: the SuperLink's public address and the CA it was given."""
+  home.mkdir(parents=True, exist_ok=True)
+  (home / 'config.toml').write_text(f'[superlink]\ndefault = "fed"\n\n[superlink.fed]\n'
+                                    f'address = "{address}"\nroot-certificates = "{ca}"\n')
+  return subprocess.run([str(processes.BIN / 'flwr'), *args], capture_output=True, text=True,
+                        env=processes.flower_env(home, 'partner'), stdin=subprocess.DEVNULL,
+                        timeout=60, check=False)
+
+
+def test_behind_the_proxy_nodes_train_and_partners_reach_no_control_api(tmp_path, jax_cache,
+                                                                        simulated, monkeypatch):
+  """The SuperLink on 127.0.0.1 (the operator's CLI), nginx on the public port (the nodes): a
+  1-round run gives the simulation's losses, while a partner's `flwr list` and `flwr supernode
+  register` on the public port get 403 and register nothing, as do paths that try to leave
+  /v1/fleet/ once decoded or normalised."""
+  try:
+    proxy.nginx()
+  except proxy.ProxyError as e:
+    pytest.skip(str(e))
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', jax_cache)
+  federation = launcher.LocalFederation(tmp_path / 'deploy', proxy=True)
+  try:
+    federation.start_superlink()
+    public = f'{federation.host}:{federation.port}'
+    assert federation.control != public
+    for k in range(2):
+      federation.add_node(f'client-{k}', f"partition-id={k} num-partitions=2 "
+                          f"state-dir='{tmp_path}/nodes/{k}'")
+    federation.wait_online(2)
+    _, rogue = certs.make_node_key(tmp_path / 'partner', 'rogue')
+    home, ca = tmp_path / 'deploy' / 'home' / 'partner', federation.tls.ca
+    listed = _partner_cli(home, public, ca, 'list')
+    registered = _partner_cli(home, public, ca, 'supernode', 'register', str(rogue), 'fed',
+                              '--name', 'client-1')
+    context = ssl.create_default_context(cafile=str(ca))
+    codes = {}
+    for path in ('/v1/control/list-runs', '/v1/fleet/../control/list-runs',
+                 '/v1/fleet/%2e%2e/control/list-runs', '/v1/fleet/..%2Fcontrol/list-runs',
+                 '/v1/runtime/get-nodes', '/docs'):
+      connection = http.client.HTTPSConnection(federation.host, federation.port, timeout=30,
+                                               context=context)
+      connection.request('POST', path, body=b'')
+      codes[path] = connection.getresponse().status
+      connection.close()
+    status = federation.run({'config': str(REPO / 'configs' / 'tiny.py') + ':test',
+                             'workdir': str(tmp_path / 'run'),
+                             'overrides': ' '.join(TINY[1:]) + ' --config.fl.rounds=1'},
+                            timeout_s=300)
+    nodes = federation.cli_json('supernode', 'list', launcher.CONNECTION)['nodes']
+  finally:
+    federation.stop()
+  assert not _ours(tmp_path)
+  for refused, url in ((listed, 'list-runs'), (registered, 'register-node')):
+    said = ' '.join((refused.stdout + refused.stderr).replace('│', ' ').split())
+    assert refused.returncode != 0, said
+    assert f"Client error '403 Forbidden' for url 'https://{public}/v1/control/{url}'" in said
+  assert set(codes.values()) == {403}, codes
+  assert sorted(int(n['node-id']) for n in nodes) == sorted(federation.node_ids.values())
+  assert status == ('finished:completed', None)
+  deployed = records.read_records(str(tmp_path / 'run')).rounds
+  for key in ('val_loss', 'train_loss', 'tokens'):
+    assert _column(deployed, key) == _column(simulated[:2], key), key
+  log = (tmp_path / 'deploy' / 'logs' / 'proxy.log').read_text()
+  assert '"POST /v1/fleet/push-messages HTTP/1.1" 200' in log
+  assert '"POST /v1/control/register-node HTTP/1.1" 403' in log

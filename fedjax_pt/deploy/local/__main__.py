@@ -2,7 +2,7 @@ r"""A whole Flower federation on this machine, from one command.
 
   python -m fedjax_pt.deploy.local --nodes=2 --config=configs/tiny.py --workdir=runs/flower \
       [--config.fl.rounds=3 ...] [--transport=shared] [--node_config="data.path='...'" ...] \
-      [--link=50mbit,200mbit]
+      [--link=50mbit,200mbit] [--proxy]
 
 starts a SuperLink and --nodes SuperNodes on 127.0.0.1 with TLS and node authentication (a CA,
 the SuperLink's certificate and one key pair per node are made in <workdir>/deploy/, and each
@@ -12,6 +12,10 @@ is client i and trains the simulation's shard i of the config's corpus (num-part
 fl.num_clients); the i-th --node_config adds node config for node i (see `node.py`). Every client
 is a node: --nodes=N (default fl.num_clients) runs the config with fl.num_clients=N (and
 fl.clients_per_round at most N), as the overrides it prints say.
+
+--proxy keeps the SuperLink on 127.0.0.1, where this launcher's `flwr` reaches it, and lets the
+nodes in through nginx, which forwards the Fleet API only (`proxy.py`): what a partner could reach
+on a real deployment serves no Control API. It needs nginx (`apt-get install nginx-light`).
 
 --link=RATE[,RATE...] (root only) puts node i in a network namespace of its own behind a link of
 the i-th rate (or the one rate) each way, shaped by tc's tbf (`links.py`; latency is not emulated:
@@ -48,6 +52,7 @@ from fedjax_pt.deploy import server_app
 from fedjax_pt.deploy import transport as transport_lib
 from fedjax_pt.deploy.local import federation as launcher
 from fedjax_pt.deploy.local import links as links_lib
+from fedjax_pt.deploy.local import proxy as proxy_lib
 from fedjax_pt.federated import profiles as profiles_lib
 from fedjax_pt.run_spec import RunSpec
 
@@ -75,6 +80,8 @@ _NODE_CONFIG = flags.DEFINE_multi_string(
     'node_config', [], 'Extra node config for node i (its i-th use), e.g. '
     """"data.source='jsonl' data.path='/data/org1/*.jsonl'".""")
 _INSECURE = flags.DEFINE_bool('insecure', False, 'Plain HTTP and no node authentication.')
+_PROXY = flags.DEFINE_bool('proxy', False, 'Nodes connect through nginx, which forwards the Fleet '
+                           'API only; the SuperLink (Control API) listens on 127.0.0.1 only.')
 _TIMEOUT_S = flags.DEFINE_float('timeout_s', 0, 'Stop the run after this long (0: never).')
 _WAIT_S = flags.DEFINE_float('wait_for_nodes_s', 120, 'How long round 1 waits for the nodes.')
 _LINK = flags.DEFINE_string(
@@ -166,9 +173,13 @@ def main(argv) -> int:
     spec = _checked_spec(config, workdir)
     if rates:
       links_lib.check_available()
+    if _PROXY.value:
+      if _INSECURE.value:
+        raise ValueError('--proxy serves TLS: drop --insecure')
+      proxy_lib.nginx()
   except errors.WorkdirRefused as e:
     _fail(str(e), errors.EXIT_WORKDIR_REFUSED)
-  except (ValueError, OSError, links_lib.LinkError) as e:
+  except (ValueError, OSError, links_lib.LinkError, proxy_lib.ProxyError) as e:
     _fail(str(e))
   config_file = config_flags.get_config_filename(flags.FLAGS[_CONFIG.name])
   path, colon, variant = config_file.partition(':')
@@ -181,13 +192,16 @@ def main(argv) -> int:
   deploy_dir = pathlib.Path(workdir) / 'deploy'
   cli.interrupt_once(_PROGRAM)
   links = links_lib.Links(rates) if rates else None
-  federation = launcher.LocalFederation(deploy_dir, secure=not _INSECURE.value, links=links)
+  federation = launcher.LocalFederation(deploy_dir, secure=not _INSECURE.value, links=links,
+                                        proxy=_PROXY.value)
   code, refused = 1, None
   try:
     federation.start_superlink()
-    _say(f'SuperLink on {federation.host}:{federation.port} ('
+    _say(f'SuperLink on {federation.control} ('
          f'{"TLS, node authentication" if federation.secure else "insecure"}); logs in '
          f'{federation.procs.logs}')
+    if federation.proxy:
+      _say(f'nodes connect to nginx on {federation.host}:{federation.port}: the Fleet API only')
     for link in links.links if links else ():
       _say(f'{link.namespace}: {link.node_ip} behind {link.rate / 1e6:g} Mbit/s each way (tbf; '
            'latency not emulated)')

@@ -9,6 +9,10 @@ Control API, under the name client-<k>). Every Flower process gets a private FLW
 shared JAX compilation cache (Flower starts a ClientApp process per message), and is stopped by
 `stop()` whatever happened (`processes.py`), which then removes the links. Everything lives under
 one directory: logs/, certs/, keys/, home/<process>/, run-config.toml.
+
+With `proxy` (and `secure`) the SuperLink listens on 127.0.0.1 only, where the `flwr` CLI reaches
+it, and the nodes come in through nginx on the public address, which forwards the Fleet API only
+(`proxy.py`): a partner cannot reach the Control API at all.
 """
 
 import json
@@ -25,6 +29,7 @@ from fedjax_pt import distributed
 from fedjax_pt.deploy import certs
 from fedjax_pt.deploy.local import links as links_lib
 from fedjax_pt.deploy.local import processes
+from fedjax_pt.deploy.local import proxy as proxy_lib
 
 APP_DIR = pathlib.Path(__file__).resolve().parents[1] / 'app'
 CONNECTION = 'fedjax-local'
@@ -32,16 +37,16 @@ _BIN = processes.BIN
 
 
 def _wait_port(host: str, port: int, proc: subprocess.Popen, log: pathlib.Path,
-               timeout_s: float) -> None:
+               timeout_s: float, what: str = 'the SuperLink') -> None:
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
     if proc.poll() is not None:
-      raise RuntimeError(f'the SuperLink exited with code {proc.returncode}; see {log}')
+      raise RuntimeError(f'{what} exited with code {proc.returncode}; see {log}')
     with socket.socket() as s:
       if s.connect_ex((host, port)) == 0:
         return
     time.sleep(0.1)
-  raise TimeoutError(f'the SuperLink is not listening on {host}:{port} after {timeout_s:g}s')
+  raise TimeoutError(f'{what} is not listening on {host}:{port} after {timeout_s:g}s')
 
 
 def toml_value(value) -> str:
@@ -51,12 +56,16 @@ def toml_value(value) -> str:
 
 class LocalFederation:
   """A SuperLink on 127.0.0.1 and the SuperNodes added to it, all stopped by `stop()`; with
-  `links` (not started: `start_superlink` makes them), the k-th node added is behind link k."""
+  `links` (not started: `start_superlink` makes them), the k-th node added is behind link k.
+  With `proxy`, nodes reach it through nginx (the Fleet API only) and the CLI at 127.0.0.1."""
 
   def __init__(self, directory: pathlib.Path, secure: bool = True,
-               links: links_lib.Links | None = None):
+               links: links_lib.Links | None = None, proxy: bool = False):
+    if proxy and not secure:
+      raise ValueError('the proxy serves TLS with the SuperLink\'s certificate: it needs secure')
     self.directory = directory.resolve()
     self.secure = secure
+    self.proxy = proxy
     self.links = links
     self.links_left: list[str] = []  # what `stop` could not remove
     env = {}
@@ -75,14 +84,18 @@ class LocalFederation:
     self.procs = processes.Processes(self.directory / 'logs', env)
     self.tls = None
     self.host = '127.0.0.1'
-    self.port = None
+    self.port = None  # where the nodes connect: the SuperLink's, or the proxy's
+    self.control = None  # host:port of the SuperLink, where the CLI connects
     self._node_cmds: dict[str, list[str]] = {}
     self.node_ids: dict[str, int] = {}  # of the registered nodes
 
   # --- the SuperLink and the CLI -----------------------------------------------------------------
 
   def start_superlink(self, timeout_s: float = 90) -> None:
-    """Makes the links (LinkError if it cannot), the credentials, and starts the SuperLink."""
+    """Makes the links (LinkError if it cannot), the credentials, and starts the SuperLink (and
+    the proxy: ProxyError without nginx)."""
+    if self.proxy:
+      proxy_lib.nginx()  # ProxyError before anything is made
     also = ()
     if self.links is not None:
       self.links.start()
@@ -90,7 +103,9 @@ class LocalFederation:
     if self.secure:
       self.tls = certs.make_tls(self.directory / 'certs', also=also)
     self.port = distributed.free_port()
-    cmd = [str(_BIN / 'flower-superlink'), '--host', self.host, '--port', str(self.port),
+    bind = ('127.0.0.1', distributed.free_port()) if self.proxy else (self.host, self.port)
+    self.control = f'{bind[0]}:{bind[1]}'
+    cmd = [str(_BIN / 'flower-superlink'), '--host', bind[0], '--port', str(bind[1]),
            # fedjax_pt's own install provides the app's dependencies: nothing is fetched at run
            # time (Flower would otherwise `uv sync` them for every run).
            '--disable-runtime-dependency-installation']
@@ -100,14 +115,20 @@ class LocalFederation:
     else:
       cmd += ['--insecure']
     proc = self.procs.start('superlink', cmd, self.directory / 'home' / 'superlink')
-    _wait_port(self.host, self.port, proc, self.procs.logs / 'superlink.log', timeout_s)
+    _wait_port(*bind, proc, self.procs.logs / 'superlink.log', timeout_s)
+    if self.proxy:
+      proc = self.procs.start('proxy', proxy_lib.command(
+          self.directory / 'proxy', f'{self.host}:{self.port}', self.control, self.tls),
+                              self.directory / 'home' / 'proxy')
+      _wait_port(self.host, self.port, proc, self.procs.logs / 'proxy.log', timeout_s,
+                 what='the proxy (nginx)')
     home = self.directory / 'home' / 'cli'
     home.mkdir(parents=True, exist_ok=True)
     trust = (f'root-certificates = {toml_value(str(self.tls.ca))}' if self.secure else
              'insecure = true')
     (home / 'config.toml').write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{self.host}:{self.port}"\n{trust}\n')
+        f'address = "{self.control}"\n{trust}\n')
     deadline = time.monotonic() + timeout_s
     while True:  # the port opens before the Control API answers
       try:
