@@ -197,7 +197,7 @@ def figure(cells: Mapping[Cell, list[plot.Run]], path: str) -> str:
     ax.set_title(title, fontsize=10)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)
-  return plot.save(fig, path, dpi=75)
+  return plot.save(fig, path, dpi=150)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
