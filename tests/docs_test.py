@@ -76,3 +76,9 @@ def test_outputs_table_lists_every_record_key_and_no_other():
   assert len(documented) == len(set(documented)), 'a key is listed twice'
   assert not fields - set(documented), f'undocumented keys: {sorted(fields - set(documented))}'
   assert not set(documented) - fields, f'keys no record has: {sorted(set(documented) - fields)}'
+
+
+@pytest.mark.parametrize('page', PAGES, ids=_name)
+def test_code_fences_are_closed(page):
+  fences = [line for line in _text(page).splitlines() if line.lstrip().startswith('```')]
+  assert len(fences) % 2 == 0, f'{_name(page)} leaves a code block open'
