@@ -114,7 +114,7 @@ def figure(runs: Mapping[str, plot.Run], path: str) -> str:
   for ax in axes:
     plot.perplexity_axis(ax, 'MB communicated (sent + received, cumulative)', log_x=True)
   axes[0].legend(fontsize=7)
-  return plot.save(fig, path, dpi=75)
+  return plot.save(fig, path, dpi=150)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

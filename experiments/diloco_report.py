@@ -25,6 +25,7 @@ import matplotlib  # pylint: disable=wrong-import-position
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+from matplotlib import ticker  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from experiments import sweep_report  # pylint: disable=wrong-import-position
@@ -194,10 +195,13 @@ def figure(cells: Mapping[Cell, list[plot.Run]], path: str) -> str:
         _band(ax, cells[(group, d, variant)], style, color, label)
     plot.perplexity_axis(ax, 'local steps per client' + (' after the warm start'
                                                          if group != 'scratch' else ''))
+    # The curves lie mostly between 10 and 20, where a log axis labels nothing by default.
+    ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(1.2, 1.5, 2, 3, 5, 7)))
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter('%g'))
     ax.set_title(title, fontsize=10)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)
-  return plot.save(fig, path, dpi=75)
+  return plot.save(fig, path, dpi=150)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -131,7 +131,7 @@ def figure(fleets: Mapping[str, list[plot.Run]], path: str) -> str:
   ax.set_title('8 clients, 4x speed spread: validation perplexity on the simulated clock')
   plot.perplexity_axis(ax, 'simulated wall time (s)')
   ax.legend(fontsize=8)
-  return plot.save(fig, path, dpi=75)
+  return plot.save(fig, path, dpi=150)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -169,7 +169,7 @@ def figure(runs: Mapping[tuple[int, str], plot.Run], path: str) -> str:
     plot.perplexity_axis(ax, 'local steps per client (= rounds × τ)')
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)
-  return plot.save(fig, path, dpi=75)
+  return plot.save(fig, path, dpi=150)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,8 +9,8 @@ a coordinator on a free port of 127.0.0.1; on CPU, `--devices_per_process` fake 
 each. Process 0 prints to this terminal; process i > 0 logs
 to <workdir>/logs/process_<i>.log and its other output goes to <workdir>/logs/process_<i>.out. When
 one process fails or dies the others are stopped, and the launcher exits with its code. On
-several hosts, run `python -m fedjax_pt.main` on each yourself (README: "One client on several
-hosts"): this launcher is the same command, N times, on one host.
+several hosts, run `python -m fedjax_pt.main` on each yourself (docs/scaling.md): this
+launcher is the same command, N times, on one host.
 """
 
 import os

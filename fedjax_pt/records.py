@@ -1,7 +1,7 @@
 """The records of a run: typed round and step records, their writers and readers.
 
 `metrics.jsonl` holds one JSON object per line, a round record (`"kind": "round"`) or a step record
-(`"kind": "step"`); README.md lists every key. This module is the only place that knows how a
+(`"kind": "step"`); docs/outputs.md lists every key. This module is the only place that knows how a
 record is laid out on disk: the run writes `RoundRecord`/`StepRecord` objects, and plots, sweeps,
 reports and notebooks read them back with `read_records` (and condense them with `summaries`).
 
