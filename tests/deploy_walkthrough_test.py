@@ -14,6 +14,8 @@ import gzip
 import json
 import pathlib
 import re
+import shlex
+import shutil
 import socket
 import subprocess
 import textwrap
@@ -28,7 +30,8 @@ from fedjax_pt.deploy.local import proxy
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOC = REPO / 'docs' / 'deployment.md'
-BLOCKS = ['bash', 'nginx', 'toml', 'bash', 'bash', 'bash', 'bash']  # steps 1, 1, 1, 2, 3, 4, 5
+BLOCKS = ['bash', 'nginx', 'toml', 'bash', 'bash', 'bash', 'bash',  # steps 1, 1, 1, 2, 3, 4, 5
+          'ini', 'ini']  # Services: the SuperLink's and a SuperNode's systemd units
 
 
 def _substitutions(tmp: pathlib.Path, fleet: int, link: int) -> dict[str, str]:
@@ -218,3 +221,29 @@ def test_the_substitutions_are_the_only_changes():
            for c in _commands(body)]
   assert names == ['python', 'flower-superlink', 'python', 'flwr', 'flower-supernode', 'flwr',
                    'flwr', 'flwr']
+
+
+def test_the_systemd_units_verify_and_run_the_walkthroughs_commands(tmp_path):
+  """`systemd-analyze verify` accepts the units (syntax, Restart=, executables), and each unit
+  starts the walkthrough's command: the SuperLink's of step 1, the SuperNode's of step 4."""
+  analyze = shutil.which('systemd-analyze')
+  if not analyze:
+    pytest.skip('systemd-analyze is not installed')
+  blocks = _blocks()
+  assert [lang for lang, _ in blocks] == BLOCKS, 'the walkthrough\'s code blocks changed'
+  step1, step4 = _commands(blocks[0][1])[1], _commands(blocks[5][1])[0]
+  for name, unit, command in (('fedjax-superlink', blocks[7][1], step1),
+                              ('fedjax-supernode', blocks[8][1], step4)):
+    start = _commands(unit.replace('\\\n', ' '))  # systemd joins with a space
+    (exec_start,) = [line.split('=', 1)[1] for line in start if line.startswith('ExecStart=')]
+    program, *args = shlex.split(exec_start)
+    assert program == f'/srv/fedjax_pt/.venv/bin/{shlex.split(command)[0]}', name
+    assert [a.replace(' ', '') for a in args] == [
+        a.replace(' ', '') for a in shlex.split(command)[1:]], name  # node config: its spaces
+    assert 'Restart=on-failure' in start and 'FLWR_TELEMETRY_ENABLED=0' in unit, name
+    path = tmp_path / f'{name}.service'
+    path.write_text(unit.replace('/srv/fedjax_pt/.venv/bin', str(processes.BIN))
+                    .replace('/srv/fedjax_pt', str(REPO)))
+    result = subprocess.run([analyze, 'verify', str(path)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
