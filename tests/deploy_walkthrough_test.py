@@ -205,7 +205,7 @@ def test_the_across_machines_walkthrough_runs_as_written(tmp_path, tmp_path_fact
     listed = run(list_cmd.replace('RUN_ID', run_id[1]))
     assert 'finished:completed' in listed, listed
     logged = run(log_cmd.replace('RUN_ID', run_id[1]))
-    assert 'fedjax_pt' in logged or 'round' in logged, logged[-2000:]
+    assert 'round 1/1 | val_loss' in logged and 'done: 1 rounds' in logged, logged[-2000:]
   finally:
     procs.stop_all()
   assert not procs.tagged_pids()
