@@ -64,6 +64,7 @@ def summarize(workdir: str) -> dict[str, Any]:
       'nodes_as_of': os.path.getmtime(os.path.join(workdir, seats_lib.FILE)),
       'last_round': None if last is None else last.round,
       'val_ppl': None if last is None else last.val_ppl,
+      'tokens_per_s': None if last is None else last.tokens_per_s,
       'seats': {name: dataclasses.asdict(table[name])
                 for name in sorted(table, key=lambda n: int(n.split('-')[1]))},
       'refused_nodes': refused}
@@ -79,7 +80,9 @@ def render(status: dict[str, Any]) -> str:
   lines = [f'run {status["run_id"]} in {status["workdir"]}: '
            + ('no round yet' if status['last_round'] is None else
               f'last round {status["last_round"]}'
-              + (f', val_ppl {ppl:.2f}' if isinstance(ppl, float) else ''))
+              + (f', val_ppl {ppl:.2f}' if isinstance(ppl, float) else '')
+              + (f', {status["tokens_per_s"]:.0f} tokens/s (all clients)'
+                 if isinstance(status['tokens_per_s'], (int, float)) else ''))
            + f'; nodes as the ServerApp last saw them, at {_when(status["nodes_as_of"])}']
   for name, seat in status['seats'].items():
     node = ('no node seen' if seat['node'] is None else
