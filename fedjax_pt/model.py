@@ -44,6 +44,13 @@ class ModelConfig:
   remat: str = 'none'
   attention: str = 'xla'
   init_std: float = 0.02
+  # The Llama-style family (RMSNorm, SwiGLU, rotary, grouped-query attention) and its options.
+  family: str = 'mpt'
+  num_kv_heads: int = 0  # 0: num_heads (multi-head attention); fewer: grouped-query attention
+  mlp_dim: int = 0  # 0: mlp_ratio * d_model (mpt); the SwiGLU width of Llama, 8/3 d_model rounded
+  tie_embeddings: bool = True  # False: a separate output projection lm_head
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
 
   def __post_init__(self):
     for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'mlp_ratio', 'max_seq_len'):
@@ -64,6 +71,24 @@ class ModelConfig:
       raise ValueError(f"model.remat must be 'none', 'full' or 'dots', got {self.remat!r}")
     if self.attention not in ('xla', 'cudnn'):
       raise ValueError(f"model.attention must be 'xla' or 'cudnn', got {self.attention!r}")
+    if self.family not in ('mpt', 'llama'):
+      raise ValueError(f"model.family must be 'mpt' or 'llama', got {self.family!r}")
+    if self.family == 'llama' and self.position_embedding != 'rope':
+      raise ValueError("model.family='llama' uses rotary positions: set "
+                       f"model.position_embedding='rope' (got {self.position_embedding!r})")
+    if self.family == 'mpt' and (self.num_kv_heads not in (0, self.num_heads)
+                                 or not self.tie_embeddings):
+      key = 'tie_embeddings' if self.num_kv_heads in (0, self.num_heads) else 'num_kv_heads'
+      raise ValueError(f"model.{key}={getattr(self, key)} needs model.family='llama' (the MPT "
+                       'block has multi-head attention and tied embeddings)')
+    if self.num_kv_heads < 0 or self.num_heads % self.kv_heads:
+      raise ValueError(f'model.num_kv_heads={self.num_kv_heads} must divide '
+                       f'model.num_heads={self.num_heads} (0: as many as num_heads)')
+    if self.mlp_dim < 0:
+      raise ValueError(f'model.mlp_dim must be >= 0 (0: derived), got {self.mlp_dim}')
+    if not self.rope_theta > 0 or not self.norm_eps > 0:
+      raise ValueError(f'model.rope_theta and model.norm_eps must be positive, got '
+                       f'{self.rope_theta} and {self.norm_eps}')
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict, *, vocab_size: int, seq_len: int,
@@ -88,6 +113,21 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """Heads of keys and values: num_heads, or fewer that groups of query heads share."""
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def mlp_width(self) -> int:
+    """The MLP's hidden width: mlp_ratio * d_model, or for SwiGLU (three matrices, not two) the
+    parameter-matched 2/3 of 4 d_model rounded up to a multiple of 64, as Llama does."""
+    if self.mlp_dim:
+      return self.mlp_dim
+    if self.family == 'llama':
+      return -(-(8 * self.d_model // 3) // 64) * 64
+    return self.mlp_ratio * self.d_model
 
   @property
   def compute_dtype(self) -> Any:
@@ -116,10 +156,11 @@ class _Dense(nn.Dense):
     return super().__call__(_tokens(x_BxLxD)).reshape(*x_BxLxD.shape[:-1], self.features)
 
 
-def _rope(x_BxLxNxH: jax.Array) -> jax.Array:
-  """Rotary embedding (rotate-half convention), computed in float32."""
+def _rope(x_BxLxNxH: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (rotate-half convention, as GPT-NeoX and Hugging Face's Llama), computed in
+  float32."""
   _, length, _, head_dim = x_BxLxNxH.shape
-  inv_freq = 1.0 / (10000 ** (np.arange(0, head_dim, 2) / head_dim))
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2) / head_dim))
   angles_LxH2 = np.arange(length)[:, None] * inv_freq[None, :]
   sin, cos = jnp.sin(angles_LxH2)[None, :, None, :], jnp.cos(angles_LxH2)[None, :, None, :]
   x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
@@ -218,13 +259,19 @@ class Attention(nn.Module):
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     cfg = self.cfg
     batch, length, _ = x_BxLxD.shape
-    qkv_BxLx3D = _Dense(
-        3 * cfg.d_model, use_bias=False, dtype=cfg.compute_dtype, name='wqkv',
-        kernel_init=_init(cfg.init_std, ('embed', 'heads')))(x_BxLxD)
-    q, k, v = (t.reshape(batch, length, cfg.num_heads, cfg.head_dim)
-               for t in jnp.split(qkv_BxLx3D, 3, axis=-1))
+    # One matmul for queries, keys and values: columns [q | k | v], each head's H contiguous.
+    kv_width = cfg.kv_heads * cfg.head_dim
+    qkv = _Dense(cfg.d_model + 2 * kv_width, use_bias=False, dtype=cfg.compute_dtype,
+                 name='wqkv', kernel_init=_init(cfg.init_std, ('embed', 'heads')))(x_BxLxD)
+    q = qkv[..., :cfg.d_model].reshape(batch, length, cfg.num_heads, cfg.head_dim)
+    k, v = (t.reshape(batch, length, cfg.kv_heads, cfg.head_dim)
+            for t in jnp.split(qkv[..., cfg.d_model:], 2, axis=-1))
     if cfg.position_embedding == 'rope':
-      q, k = _rope(q), _rope(k)
+      q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
+    if cfg.kv_heads != cfg.num_heads:
+      # Grouped-query attention: query heads g*i .. g*i+g-1 share key/value head i.
+      group = cfg.num_heads // cfg.kv_heads
+      k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     bias = None
     if cfg.position_embedding == 'alibi':
       bias = jnp.asarray(_alibi_bias(cfg.num_heads, length), cfg.compute_dtype)

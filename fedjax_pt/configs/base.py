@@ -25,6 +25,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs only)
   c.model.attention = 'xla'  # 'xla' | 'cudnn' (jax.nn.dot_product_attention implementation)
   c.model.init_std = 0.02
+  c.model.family = 'mpt'  # 'mpt' (the paper's block) | 'llama' (RMSNorm, SwiGLU, rotary, GQA)
+  c.model.num_kv_heads = 0  # 0: num_heads; fewer: grouped-query attention (llama)
+  c.model.mlp_dim = 0  # 0: mlp_ratio * d_model (mpt), 8/3 d_model rounded up to 64 (llama)
+  c.model.tie_embeddings = True  # False: a separate output matrix (llama)
+  c.model.rope_theta = 10000.0  # rotary base (position_embedding='rope')
+  c.model.norm_eps = 1e-6  # LayerNorm / RMSNorm epsilon
 
   c.opt = ml_collections.ConfigDict()
   c.opt.lr = 6e-4
