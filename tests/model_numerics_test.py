@@ -63,7 +63,7 @@ def _reference_logits(cfg, params, tokens_BxL):
     q, k, v = (t.reshape(batch, length, cfg.num_heads, cfg.head_dim)
                for t in jnp.split(qkv, 3, axis=-1))
     if cfg.position_embedding == 'rope':
-      q, k = model_lib._rope(q), model_lib._rope(k)
+      q, k = model_lib._rope(q, cfg.rope_theta), model_lib._rope(k, cfg.rope_theta)
     out = _attention(q, k, v, bias).reshape(batch, length, cfg.d_model)
     x = x + jnp.einsum('BLD,DE->BLE', out, p['attn']['out_proj']['kernel'])
     h = _layer_norm(x, p['norm_2']['scale'])
