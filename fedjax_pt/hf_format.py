@@ -126,7 +126,7 @@ def _gpt2_extra(cfg) -> dict[str, Any]:
   return {'activation_function': 'gelu', 'scale_attn_weights': True,
           'scale_attn_by_inverse_layer_idx': False, 'reorder_and_upcast_attn': False,
           'add_cross_attention': False, 'tie_word_embeddings': True, 'resid_pdrop': 0.0,
-          'embd_pdrop': 0.0, 'attn_pdrop': 0.0}
+          'embd_pdrop': 0.0, 'attn_pdrop': 0}
 
 
 # MPT (position_embedding='alibi'). nn.Linear weights: transposed kernels.
@@ -179,10 +179,10 @@ def _mpt_extra(cfg) -> dict[str, Any]:
   del cfg
   # HF's MPT always adds its ALiBi bias and has no position table (learned_pos_emb is unread).
   return {'no_bias': True, 'learned_pos_emb': False, 'logit_scale': None,
-          'tie_word_embeddings': True, 'resid_pdrop': 0.0, 'emb_pdrop': 0.0,
+          'tie_word_embeddings': True, 'resid_pdrop': 0, 'emb_pdrop': 0,
           'attn_config': {'alibi': True, 'alibi_bias_max': 8, 'attn_type': 'multihead_attention',
                           'clip_qkv': None, 'qk_ln': False, 'softmax_scale': None,
-                          'prefix_lm': False, 'attn_pdrop': 0.0}}
+                          'prefix_lm': False, 'attn_pdrop': 0}}
 
 
 # GPT-NeoX (position_embedding='rope'). Its fused query_key_value is per head: rows [N, 3, H].
@@ -261,7 +261,7 @@ def _neox_extra(cfg) -> dict[str, Any]:
           'rope_parameters': {'rope_type': 'default', 'rope_theta': cfg.rope_theta,
                               'partial_rotary_factor': 1.0},
           'use_parallel_residual': False, 'attention_bias': True, 'tie_word_embeddings': False,
-          'hidden_dropout': 0.0, 'attention_dropout': 0.0}
+          'hidden_dropout': 0, 'attention_dropout': 0}
 
 
 # Llama (family='llama').
@@ -323,7 +323,7 @@ def _llama_keys(cfg):
 
 def _llama_extra(cfg) -> dict[str, Any]:
   return {'hidden_act': 'silu', 'head_dim': cfg.head_dim, 'attention_bias': False,
-          'mlp_bias': False, 'pretraining_tp': 1, 'attention_dropout': 0.0,
+          'mlp_bias': False, 'pretraining_tp': 1, 'attention_dropout': 0,
           'rope_parameters': {'rope_type': 'default', 'rope_theta': cfg.rope_theta}}
 
 

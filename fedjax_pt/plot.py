@@ -55,7 +55,8 @@ def run_label(config: dict[str, Any]) -> str:
   """A short name that says what differs between the usual runs of a study."""
   fl, model = config['fl'], config['model']
   size = f"d{model['d_model']}x{model['num_layers']}"
-  warm = ' warm-started' if (config.get('init') or {}).get('from_checkpoint') else ''
+  init = config.get('init') or {}
+  warm = ' warm-started' if init.get('from_checkpoint') or init.get('from_hf') else ''
   if config.get('mode') == 'centralized':
     return f'centralized {size}{warm}'
   ramps = ''.join(f' {name} warmup {fl[key]}' for name, key in (

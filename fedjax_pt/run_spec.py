@@ -36,6 +36,7 @@ class RunSpec:
   tensorboard: bool
   per_layer_norms: bool
   init_from: str = ''  # init.from_checkpoint: a warm start's workdir or checkpoint, or ''
+  init_from_hf: str = ''  # init.from_hf: a warm start's Hugging Face model directory, or ''
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'RunSpec':
@@ -59,8 +60,13 @@ class RunSpec:
     if init.step + config.fl.rounds * config.fl.local_steps >= 2**31:
       raise ValueError(f'init.step={init.step}: the run would end past step 2**31, which the '
                        'int32 step counter cannot count')
-    if not isinstance(init.from_checkpoint, str):
-      raise ValueError(f'init.from_checkpoint must be a path, got {init.from_checkpoint!r}')
+    from_hf = init.get('from_hf', '')
+    for key, value in (('from_checkpoint', init.from_checkpoint), ('from_hf', from_hf)):
+      if not isinstance(value, str):
+        raise ValueError(f'init.{key} must be a path, got {value!r}')
+    if init.from_checkpoint and from_hf:
+      raise ValueError(f'init.from_checkpoint={init.from_checkpoint} and init.from_hf={from_hf} '
+                       'are both set: a warm start takes its parameters from one of them')
     spec = cls(mode=config.mode, seed=config.seed, fl=FLConfig.from_config(config.fl),
                faults=faults.FaultConfig.from_config(config.fl),
                opt=dataclasses.replace(optimizers.OptConfig.from_config(config.opt),
@@ -75,7 +81,7 @@ class RunSpec:
                eval_every_rounds=config.eval.every_rounds, eval_per_client=config.eval.per_client,
                log_every_steps=config.log.every_steps, progress=config.log.progress,
                tensorboard=config.log.tensorboard, per_layer_norms=config.log.per_layer_norms,
-               init_from=init.from_checkpoint)
+               init_from=init.from_checkpoint, init_from_hf=from_hf)
     distributed.ProcessConfig.from_config(config.mesh)  # checks mesh.num_processes & co.
     _check_nothing_ignored(config)
     spec.check_profiles()

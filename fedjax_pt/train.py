@@ -22,6 +22,7 @@ from fedjax_pt import build
 from fedjax_pt import checkpoint as checkpoint_lib
 from fedjax_pt import distributed
 from fedjax_pt import errors
+from fedjax_pt import hf_import
 from fedjax_pt import model as model_lib
 from fedjax_pt import records
 from fedjax_pt import reporting
@@ -81,8 +82,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_clients=None) -> R
                                   'resume from the last checkpoint') from e
 
 
-def _warm_start(spec: RunSpec, model_cfg) -> checkpoint_lib.WarmStart | None:
-  """The checkpoint of `init.from_checkpoint`, its shapes checked now, before the data is read."""
+WarmStart = checkpoint_lib.WarmStart | hf_import.HFWarmStart
+
+
+def _warm_start(spec: RunSpec, model_cfg) -> WarmStart | None:
+  """The checkpoint of `init.from_checkpoint` or the Hugging Face directory of `init.from_hf`,
+  its shapes checked now, before the data is read."""
+  if spec.init_from_hf:
+    return hf_import.find(spec.init_from_hf, model_cfg)
   if not spec.init_from:
     return None
   warm_start = checkpoint_lib.find_warm_start(spec.init_from)
@@ -96,8 +103,14 @@ def _warm_start(spec: RunSpec, model_cfg) -> checkpoint_lib.WarmStart | None:
   return warm_start
 
 
+def _load_warm_start(start: WarmStart, model_cfg, abstract_params):
+  if isinstance(start, hf_import.HFWarmStart):
+    return hf_import.load(start, model_cfg, abstract_params)
+  return checkpoint_lib.load_warm_start(start, abstract_params)
+
+
 def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
-           make_clients=None, warm_start: checkpoint_lib.WarmStart | None = None) -> RunResult:
+           make_clients=None, warm_start: WarmStart | None = None) -> RunResult:
   fl = spec.fl
   primary = distributed.is_primary()  # process 0 of several shows the progress and the summary
   steps_per_round = reporting.steps_per_round(spec)
@@ -115,8 +128,8 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
       first_round = session.restored.round + 1
     else:
       if warm_start is not None:  # fresh outer and client states around the loaded parameters
-        state = algorithm.init(checkpoint_lib.load_warm_start(
-            warm_start, checkpoint_lib.abstract(parts.model.params)))
+        state = algorithm.init(_load_warm_start(
+            warm_start, parts.model.cfg, checkpoint_lib.abstract(parts.model.params)))
         progress.write(f'warm start: the parameters of {warm_start.path} (fresh optimizer '
                        f'states; lr schedule from local step {spec.opt.step_offset})')
       rounds.append(accounting.initial_record(state.params,

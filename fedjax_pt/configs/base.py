@@ -184,6 +184,9 @@ def get_config() -> ml_collections.ConfigDict:
   # pre-training run) instead of starting again from its warmup. A resumed run ignores both.
   c.init = ml_collections.ConfigDict()
   c.init.from_checkpoint = ''  # ('init.from' cannot be a key: `from` is a Python keyword)
+  # Or from a Hugging Face model directory (`python -m fedjax_pt.export`'s, or an open model of a
+  # supported architecture: docs/export.md) whose config matches model.*; not with from_checkpoint.
+  c.init.from_hf = ''
   c.init.step = 0
 
   c.ckpt = ml_collections.ConfigDict()
