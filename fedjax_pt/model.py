@@ -411,13 +411,22 @@ def param_count(cfg: ModelConfig) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(cfg)))
 
 
+def mlp_matrices(cfg: ModelConfig) -> int:
+  """d_model x mlp_width matrices per block: up and down, and SwiGLU's gate."""
+  return 3 if cfg.family == 'llama' else 2
+
+
+def block_matrix_params(cfg: ModelConfig) -> int:
+  """Parameters of one block's matrices: queries, keys, values, output and the MLP's."""
+  attention = cfg.d_model * (2 * cfg.d_model + 2 * cfg.kv_heads * cfg.head_dim)
+  return attention + mlp_matrices(cfg) * cfg.d_model * cfg.mlp_width
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM/MFU convention.
 
   6 N for the matmuls against non-embedding parameters and the output projection (tied or not),
   plus 12 * layers * d_model * seq_len for attention scores and values.
   """
-  attention = cfg.d_model * (2 * cfg.d_model + 2 * cfg.kv_heads * cfg.head_dim)
-  mlp = (3 if cfg.family == 'llama' else 2) * cfg.d_model * cfg.mlp_width
-  matmul_params = cfg.num_layers * (attention + mlp) + cfg.vocab_size * cfg.d_model
+  matmul_params = cfg.num_layers * block_matrix_params(cfg) + cfg.vocab_size * cfg.d_model
   return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.d_model * seq_len
