@@ -1,8 +1,10 @@
-"""MPT-style decoder-only transformer (the architecture of the paper's models).
+"""Decoder-only transformers: the paper's MPT-style block and a Llama-style family.
 
-Pre-LayerNorm blocks without biases, GELU MLP of width `mlp_ratio * d_model`, tied input/output
-embeddings, learned absolute positions (RoPE or ALiBi optional). Every parameter carries logical
-axis names so `fedjax_pt.sharding` can map them onto a device mesh.
+`model.family='mpt'` (the paper's models): pre-LayerNorm blocks without biases, GELU MLP of width
+`mlp_ratio * d_model`, tied input/output embeddings, learned absolute positions (RoPE or ALiBi
+optional). `model.family='llama'`: pre-RMSNorm blocks, SwiGLU MLP, rotary positions, grouped-query
+attention (`model.num_kv_heads`), tied or separate output embeddings. Every parameter carries
+logical axis names so `fedjax_pt.sharding` can map them onto a device mesh.
 
 Letter key for tensor names: B batch, L sequence length, D d_model, N heads, H head dim, F MLP
 width, V vocabulary, T and S the query and key positions of an attention block.
@@ -276,40 +278,66 @@ class Attention(nn.Module):
     if cfg.position_embedding == 'alibi':
       bias = jnp.asarray(_alibi_bias(cfg.num_heads, length), cfg.compute_dtype)
     out_BxLxNxH = _causal_attention(cfg, q, k, v, bias)
-    # GPT-2 scaling of residual-branch outputs keeps the residual stream's variance flat in depth.
-    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     return _Dense(cfg.d_model, use_bias=False, dtype=cfg.compute_dtype, name='out_proj',
-                  kernel_init=_init(out_std, ('heads', 'embed')))(
+                  kernel_init=_init(_residual_std(cfg), ('heads', 'embed')))(
                       out_BxLxNxH.reshape(batch, length, cfg.d_model))
 
 
 class Mlp(nn.Module):
+  """MPT's GELU MLP: down(gelu(up(x)))."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     cfg = self.cfg
-    h_BxLxF = _Dense(cfg.mlp_ratio * cfg.d_model, use_bias=False, dtype=cfg.compute_dtype,
+    h_BxLxF = _Dense(cfg.mlp_width, use_bias=False, dtype=cfg.compute_dtype,
                      name='up_proj', kernel_init=_init(cfg.init_std, ('embed', 'mlp')))(x_BxLxD)
     h_BxLxF = nn.gelu(h_BxLxF, approximate=False)
-    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     return _Dense(cfg.d_model, use_bias=False, dtype=cfg.compute_dtype, name='down_proj',
-                  kernel_init=_init(out_std, ('mlp', 'embed')))(h_BxLxF)
+                  kernel_init=_init(_residual_std(cfg), ('mlp', 'embed')))(h_BxLxF)
 
 
-def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
-  # MPT's LayerNorm has no bias; statistics are computed in float32 whatever the compute dtype.
-  return nn.LayerNorm(use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('norm',)))
-
-
-class Block(nn.Module):
+class SwiGlu(nn.Module):
+  """Llama's gated MLP: down(silu(gate(x)) * up(x))."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    x_BxLxD = x_BxLxD + Attention(self.cfg, name='attn')(_layer_norm(self.cfg, 'norm_1')(x_BxLxD))
-    return x_BxLxD + Mlp(self.cfg, name='mlp')(_layer_norm(self.cfg, 'norm_2')(x_BxLxD))
+    cfg = self.cfg
+    gate_BxLxF, up_BxLxF = (
+        _Dense(cfg.mlp_width, use_bias=False, dtype=cfg.compute_dtype, name=name,
+               kernel_init=_init(cfg.init_std, ('embed', 'mlp')))(x_BxLxD)
+        for name in ('gate_proj', 'up_proj'))
+    return _Dense(cfg.d_model, use_bias=False, dtype=cfg.compute_dtype, name='down_proj',
+                  kernel_init=_init(_residual_std(cfg), ('mlp', 'embed')))(
+                      nn.silu(gate_BxLxF) * up_BxLxF)
+
+
+def _residual_std(cfg: ModelConfig) -> float:
+  # GPT-2 scaling of residual-branch outputs keeps the residual stream's variance flat in depth.
+  return cfg.init_std / math.sqrt(2 * cfg.num_layers)
+
+
+def _norm(cfg: ModelConfig, name: str) -> nn.Module:
+  """MPT's LayerNorm without bias, or Llama's RMSNorm; statistics in float32 whatever the
+  compute dtype."""
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones, ('norm',))
+  if cfg.family == 'llama':
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                      name=name, scale_init=scale_init)
+  return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=False, dtype=cfg.compute_dtype,
+                      param_dtype=jnp.float32, name=name, scale_init=scale_init)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    mlp = SwiGlu if self.cfg.family == 'llama' else Mlp
+    x_BxLxD = x_BxLxD + Attention(self.cfg, name='attn')(_norm(self.cfg, 'norm_1')(x_BxLxD))
+    return x_BxLxD + mlp(self.cfg, name='mlp')(_norm(self.cfg, 'norm_2')(x_BxLxD))
 
 
 class Decoder(nn.Module):
@@ -332,8 +360,13 @@ class Decoder(nn.Module):
     for i in range(cfg.num_layers):
       x_BxLxD = nn.with_logical_constraint(block(cfg, name=f'block_{i}')(x_BxLxD),
                                            _ACTIVATION_AXES)
-    x_BxLxD = _layer_norm(cfg, 'norm_f')(x_BxLxD)
-    logits_BxLxV = embed.attend(_tokens(x_BxLxD)).reshape(*tokens_BxL.shape, cfg.vocab_size)
+    x_BxLxD = _norm(cfg, 'norm_f')(x_BxLxD)
+    if cfg.tie_embeddings:
+      logits_BxLxV = embed.attend(_tokens(x_BxLxD)).reshape(*tokens_BxL.shape, cfg.vocab_size)
+    else:
+      logits_BxLxV = _Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                            name='lm_head', kernel_init=_init(cfg.init_std, ('embed', 'vocab')))(
+                                x_BxLxD)
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     return nn.with_logical_constraint(logits_BxLxV, ('batch', None, 'vocab'))
 
@@ -378,12 +411,22 @@ def param_count(cfg: ModelConfig) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(cfg)))
 
 
+def mlp_matrices(cfg: ModelConfig) -> int:
+  """d_model x mlp_width matrices per block: up and down, and SwiGLU's gate."""
+  return 3 if cfg.family == 'llama' else 2
+
+
+def block_matrix_params(cfg: ModelConfig) -> int:
+  """Parameters of one block's matrices: queries, keys, values, output and the MLP's."""
+  attention = cfg.d_model * (2 * cfg.d_model + 2 * cfg.kv_heads * cfg.head_dim)
+  return attention + mlp_matrices(cfg) * cfg.d_model * cfg.mlp_width
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM/MFU convention.
 
-  6 N for the matmuls against non-embedding parameters and the tied output projection, plus
-  12 * layers * d_model * seq_len for attention scores and values.
+  6 N for the matmuls against non-embedding parameters and the output projection (tied or not),
+  plus 12 * layers * d_model * seq_len for attention scores and values.
   """
-  matmul_params = cfg.num_layers * (4 + 2 * cfg.mlp_ratio) * cfg.d_model ** 2
-  matmul_params += cfg.vocab_size * cfg.d_model
+  matmul_params = cfg.num_layers * block_matrix_params(cfg) + cfg.vocab_size * cfg.d_model
   return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.d_model * seq_len

@@ -2,6 +2,7 @@
 memory analysis of the local step on CPU (float32), and the up-front refusal."""
 
 import dataclasses
+import importlib
 import os
 import re
 
@@ -39,6 +40,16 @@ def test_estimate_tracks_the_compiled_step(remat):
     # XLA:CPU keeps what full remat would recompute (measured 0.56x): the estimate, which counts
     # the saving that remat is for, stays below it, so it never refuses a run that fits.
     assert est.local < xla.total, (est.local, xla.total)
+
+
+def test_estimate_tracks_the_compiled_step_of_the_llama_family():
+  """SwiGLU's five MLP-width tensors, grouped keys and an untied output matrix."""
+  config = importlib.import_module('fedjax_pt.configs.llama_tiny').get_config()
+  config.mesh.fsdp = 1
+  est, xla, model_cfg = _estimate_and_xla(config)
+  assert est.params == 4 * model_lib.param_count(model_cfg)
+  assert 0 <= xla.argument - 3 * est.params < 1e5
+  assert 0.8 <= est.local / xla.total <= 1.2, (est.local, xla.total)  # measured 1.003x
 
 
 def test_muon_keeps_one_momentum_per_matrix_as_the_compiled_step_does():

@@ -2,7 +2,8 @@
 
 `_reference_logits` writes the model out the way `model.py` first did: 3-D einsums over [B, L, D],
 attention as in `jax.nn.dot_product_attention`'s XLA implementation (scores, scale, bias, causal
-mask, softmax, weighted values) and flax's LayerNorm. Run in float32 it is the old formulation (up
+mask, softmax, weighted values) and flax's LayerNorm; for the Llama family RMSNorm, SwiGLU and
+grouped-query attention by indexing the shared key/value head. Run in float32 it is the old formulation (up
 to the order of a few sums); run in float64 it is exact arithmetic as far as float32 can tell.
 
 The tolerance is derived from float32 itself: the old formulation's own rounding error, measured
@@ -49,8 +50,15 @@ def _attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, bias):
   return jnp.einsum('BNTS,BSNH->BTNH', jax.nn.softmax(scores, axis=-1), v_BxLxNxH)
 
 
+def _rms_norm(x, scale):
+  # flax.linen.RMSNorm: x / sqrt(E[x^2] + epsilon), epsilon 1e-6.
+  return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6) * scale
+
+
 def _reference_logits(cfg, params, tokens_BxL):
   batch, length = tokens_BxL.shape
+  llama = cfg.family == 'llama'
+  norm = _rms_norm if llama else _layer_norm
   x = params['wte']['embedding'][tokens_BxL]
   if cfg.position_embedding == 'learned':
     x = x + params['wpe'][:length]
@@ -58,18 +66,29 @@ def _reference_logits(cfg, params, tokens_BxL):
           else None)
   for i in range(cfg.num_layers):
     p = params[f'block_{i}']
-    h = _layer_norm(x, p['norm_1']['scale'])
+    h = norm(x, p['norm_1']['scale'])
     qkv = jnp.einsum('BLD,DE->BLE', h, p['attn']['wqkv']['kernel'])
-    q, k, v = (t.reshape(batch, length, cfg.num_heads, cfg.head_dim)
-               for t in jnp.split(qkv, 3, axis=-1))
+    q = qkv[..., :cfg.d_model].reshape(batch, length, cfg.num_heads, cfg.head_dim)
+    k, v = (t.reshape(batch, length, cfg.kv_heads, cfg.head_dim)
+            for t in jnp.split(qkv[..., cfg.d_model:], 2, axis=-1))
     if cfg.position_embedding == 'rope':
       q, k = model_lib._rope(q, cfg.rope_theta), model_lib._rope(k, cfg.rope_theta)
-    out = _attention(q, k, v, bias).reshape(batch, length, cfg.d_model)
-    x = x + jnp.einsum('BLD,DE->BLE', out, p['attn']['out_proj']['kernel'])
-    h = _layer_norm(x, p['norm_2']['scale'])
-    h = jax.nn.gelu(jnp.einsum('BLD,DF->BLF', h, p['mlp']['up_proj']['kernel']), approximate=False)
-    x = x + jnp.einsum('BLF,FD->BLD', h, p['mlp']['down_proj']['kernel'])
-  x = _layer_norm(x, params['norm_f']['scale'])
+    # Grouped-query attention written out: query head n reads key/value head n // group.
+    kv_head = np.arange(cfg.num_heads) // (cfg.num_heads // cfg.kv_heads)
+    out = _attention(q, k[:, :, kv_head], v[:, :, kv_head], bias)
+    x = x + jnp.einsum('BLD,DE->BLE', out.reshape(batch, length, cfg.d_model),
+                       p['attn']['out_proj']['kernel'])
+    h = norm(x, p['norm_2']['scale'])
+    m = p['mlp']
+    if llama:
+      h = (jax.nn.silu(jnp.einsum('BLD,DF->BLF', h, m['gate_proj']['kernel'])) *
+           jnp.einsum('BLD,DF->BLF', h, m['up_proj']['kernel']))
+    else:
+      h = jax.nn.gelu(jnp.einsum('BLD,DF->BLF', h, m['up_proj']['kernel']), approximate=False)
+    x = x + jnp.einsum('BLF,FD->BLD', h, m['down_proj']['kernel'])
+  x = norm(x, params['norm_f']['scale'])
+  if 'lm_head' in params:
+    return jnp.einsum('BLD,DV->BLV', x, params['lm_head']['kernel'])
   return jnp.einsum('BLD,VD->BLV', x, params['wte']['embedding'])
 
 
@@ -114,9 +133,15 @@ def _inputs(cfg, length):
   return params, batch
 
 
-@pytest.mark.parametrize('position_embedding', ['learned', 'rope', 'alibi'])
-def test_logits_and_gradients_agree_with_the_plain_formulation(position_embedding):
-  cfg = _cfg(position_embedding=position_embedding)
+_LLAMA = dict(family='llama', position_embedding='rope', num_kv_heads=2, tie_embeddings=False)
+
+
+@pytest.mark.parametrize('variant', [
+    {'position_embedding': 'learned'}, {'position_embedding': 'rope'},
+    {'position_embedding': 'alibi'}, _LLAMA, {**_LLAMA, 'num_kv_heads': 1, 'tie_embeddings': True}],
+    ids=['learned', 'rope', 'alibi', 'llama-gqa2-untied', 'llama-mqa-tied'])
+def test_logits_and_gradients_agree_with_the_plain_formulation(variant):
+  cfg = _cfg(**variant)
   params, batch = _inputs(cfg, cfg.max_seq_len)
   exact = _float64(_logits_and_grads(_reference_decoder(cfg)), params, batch)
   old = _logits_and_grads(_reference_decoder(cfg))(params, batch)

@@ -162,6 +162,23 @@ def test_muon_on_sharded_matrices_matches_one_device(mesh):
   _assert_close(sharded.opt_states, reference.opt_states, atol=ATOL_MOMENTS)
 
 
+LLAMA = dataclasses.replace(MODEL, family='llama', position_embedding='rope', num_kv_heads=2,
+                            tie_embeddings=False, mlp_dim=64)
+
+
+@pytest.mark.parametrize('mesh', [(('fsdp', 8),), (('clients', 2), ('data', 2), ('fsdp', 2))],
+                         ids=['fsdp8', 'clients2xdata2xfsdp2'])
+def test_llama_sharded_round_matches_one_device(mesh):
+  """The Llama family's parameters (SwiGLU, grouped keys, a separate output matrix) take the
+  same logical axes and rules: the same round as on one device, within the bounds above."""
+  reference, sharded = _round(ONE_DEVICE, LLAMA), _round(mesh, LLAMA)
+  np.testing.assert_allclose(sharded.losses, reference.losses, rtol=RTOL)
+  _assert_close(sharded.params, reference.params)
+  with_remat = _round(mesh, dataclasses.replace(LLAMA, remat='full'), micro_batch_size=8)
+  np.testing.assert_allclose(with_remat.losses, reference.losses, rtol=RTOL)
+  _assert_close(with_remat.params, reference.params)
+
+
 def test_accumulation_and_remat_match_under_fsdp():
   """k = 2 micro-batches with full remat give the full batch's round (both on fsdp=8)."""
   plain = _round((('fsdp', 8),))

@@ -6,8 +6,9 @@ arrays (global model, outer optimizer state, the running sum of client models, w
 `fl.aggregation` all fl.clients_per_round deltas of a synchronisation, kept client optimizer
 states). Counted part: what the backward pass keeps per token, by
 tensor width, with coefficients read off XLA's compiled local step (XLA:CPU, float32, d_model
-64-256, mlp_ratio 2-8, seq 64-512): per block 12 residual-width and 4 MLP-width tensors in the
-compute dtype and the attention scores (`model.scores_per_query` per query and head: on CPU the
+64-256, mlp_ratio 2-8, seq 64-512): per block 12 residual-width and 4 MLP-width tensors (5 for
+the Llama family's SwiGLU: 0.96-1.00x XLA's figure for configs/llama_tiny.py at d_model 128-256,
+seq 128-512) in the compute dtype and the attention scores (`model.scores_per_query` per query and head: on CPU the
 float32 scores and their exponentials, elsewhere the softmax's float32 output, counted from
 jax.nn.dot_product_attention's code; plus the probabilities when the compute dtype is narrower),
 and 2.5 float32 copies of the logits (logits, softmax, gradient, partly overlapped). With FSDP a
@@ -88,7 +89,8 @@ def _ways(axes, rules, mesh_sizes: dict[str, int]) -> int:
 
 # Coefficients of the counted part, in tensors per token (see the module docstring).
 _RESIDUAL_TENSORS = 12  # per block, d_model wide
-_MLP_TENSORS = 4  # per block, mlp_ratio x d_model wide
+_MLP_TENSORS = 4  # per block, mlp_width wide (the MPT block's GELU MLP)
+_SWIGLU_TENSORS = 5  # per block, mlp_width wide (the Llama family's gated MLP; measured as above)
 _LOGIT_COPIES = 2.5  # float32, vocab wide
 # The share of the estimate that is certain enough to refuse a run on: the estimate's error band.
 FIT_TOLERANCE = 0.2
@@ -97,7 +99,8 @@ FIT_TOLERANCE = 0.2
 def _block_bytes_per_token(cfg: model_lib.ModelConfig, seq_len: int, platform: str) -> float:
   """Bytes one block keeps for its backward pass, per token, with no remat."""
   compute = np.dtype(cfg.compute_dtype).itemsize
-  width = _RESIDUAL_TENSORS * cfg.d_model + _MLP_TENSORS * cfg.mlp_ratio * cfg.d_model
+  mlp_tensors = _SWIGLU_TENSORS if cfg.family == 'llama' else _MLP_TENSORS
+  width = _RESIDUAL_TENSORS * cfg.d_model + mlp_tensors * cfg.mlp_width
   narrower = compute if compute < 4 else 0  # probabilities cast to the compute dtype
   # CPU's blocked attention (measured): the float32 scores and their exponentials. XLA's path
   # elsewhere (counted from jax.nn.dot_product_attention): the softmax's float32 output only.
@@ -113,8 +116,10 @@ def _activation_bytes_per_token(cfg: model_lib.ModelConfig, seq_len: int, platfo
   if cfg.remat == 'full':
     kept = cfg.d_model * compute  # only each block's input; one block is recomputed at a time
   elif cfg.remat == 'dots':
-    # The matmul outputs without batch dimensions: qkv, attention projection, up, down.
-    kept = (5 + cfg.mlp_ratio) * cfg.d_model * compute
+    # The matmul outputs without batch dimensions: qkv, attention projection, the MLP's
+    # d_model-to-width ones (up, and SwiGLU's gate) and down.
+    qkv = cfg.d_model + 2 * cfg.kv_heads * cfg.head_dim
+    kept = (qkv + 2 * cfg.d_model + (model_lib.mlp_matrices(cfg) - 1) * cfg.mlp_width) * compute
   else:
     kept = full_block
   recompute = full_block if cfg.remat != 'none' else 0
@@ -144,8 +149,8 @@ def estimate(spec: RunSpec, cfg: model_lib.ModelConfig, platform: str | None = N
   if mesh.fsdp > 1:
     # XLA all-gathers a block's weights (and the embeddings) where they are used, in the compute
     # dtype, and holds their float32 gradients whole until the reduce-scatter.
-    block = (4 + 2 * cfg.mlp_ratio) * cfg.d_model ** 2
-    embeddings = (cfg.vocab_size + cfg.max_seq_len) * cfg.d_model
+    block = model_lib.block_matrix_params(cfg)
+    embeddings = (cfg.vocab_size * (1 if cfg.tie_embeddings else 2) + cfg.max_seq_len) * cfg.d_model
     activations += (block + embeddings) * (np.dtype(cfg.compute_dtype).itemsize + 4)
   server = 0
   if spec.mode == 'federated':
