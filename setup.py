@@ -31,6 +31,10 @@ setuptools.setup(
         'matplotlib>=3.8,<4',
         'PyYAML>=6,<7',
         'dp-accounting>=0.4,<0.7',
+        # fedjax_pt.export / init.from_hf: Hugging Face directories (numpy only, no torch).
+        'safetensors>=0.4.3,<1',
+        'huggingface-hub>=0.23,<3',
+        'ml-dtypes>=0.4,<1',
     ],
     extras_require={
         'cuda12': ['jax[cuda12]>=0.6,<0.11'],
@@ -47,6 +51,10 @@ setuptools.setup(
             'nbclient>=0.10,<0.12',
             'nbformat>=5.10,<6',
             'ipykernel>=6.29,<8',
+            # The exported models checked in the real library (tests/export_test.py): verified
+            # with torch 2.13 (CPU) and transformers 5.25; .ci/run installs the CPU torch first.
+            'torch>=2.4',
+            'transformers>=5,<6',
         ],
     },
 )

@@ -163,12 +163,12 @@ def _write_tokenizer(directory: str, spec: str, tokenizer, max_seq_len: int) -> 
       _write_json(os.path.join(directory, 'tokenizer_config.json'),
                   {'tokenizer_class': 'PreTrainedTokenizerFast', **special})
     return 'tokenizer.json (AutoTokenizer.from_pretrained(DIR)); the run added no BOS token'
+  # No tokenizer_config.json: which transformers class would encode exactly as
+  # sentencepiece does (prefix spaces, BOS) is unverified, and a wrong one would tokenize silently
+  # otherwise; without it AutoTokenizer refuses, and the note says what encodes as the run did.
   shutil.copyfile(path, os.path.join(directory, 'tokenizer.model'))
-  _write_json(os.path.join(directory, 'tokenizer_config.json'), {
-      'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': False, 'add_eos_token': False,
-      **special})
-  return ('tokenizer.model (SentencePiece; the run added no BOS token: '
-          'sentencepiece.SentencePieceProcessor(model_file=DIR/tokenizer.model).encode(text))')
+  return ('tokenizer.model, SentencePiece, as the run used it (no BOS token): '
+          'sentencepiece.SentencePieceProcessor(model_file="DIR/tokenizer.model").encode(text)')
 
 
 def _write_json(path: str, value: Any) -> None:

@@ -1,5 +1,6 @@
 """fedjax_pt models as Hugging Face `transformers` models: the architecture each variant is, its
-config.json, and the parameters as named tensors, both ways. Pure functions (no files).
+config.json, and the parameters as named tensors, both ways. Pure functions (no files); reading
+a Hugging Face directory back, with its checks, is fedjax_pt/hf_import.py.
 
 Each variant maps onto an architecture that `transformers` implements with exactly the same
 arithmetic, so the exported model computes what fedjax_pt computes (tests/export_test.py compares
@@ -9,7 +10,7 @@ the logits):
 |--------------------------------------|--------------|-----------------------------------------|
 | family mpt, position_embedding learned | GPT-2      | exact GELU, zero biases, tied           |
 | family mpt, position_embedding alibi   | MPT        | no_bias, alibi_bias_max 8               |
-| family mpt, position_embedding rope    | GPT-NeoX   | rotary_pct 1, sequential residual, zero biases, embed_out a copy of wte |
+| family mpt, position_embedding rope    | GPT-NeoX   | rotary_pct 1, zero biases, embed_out = wte |
 | family llama                           | Llama      | no biases, num_key_value_heads, head_dim |
 
 A flax kernel is [in, out]; torch's nn.Linear weight is [out, in] (GPT-2's Conv1D keeps [in, out]).
@@ -19,6 +20,7 @@ from collections.abc import Callable, Mapping
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 
 from fedjax_pt import model as model_lib
@@ -56,10 +58,6 @@ def _split_qkv(cfg: model_lib.ModelConfig, wqkv):
   return wqkv[:, :d], wqkv[:, d:d + kv], wqkv[:, d + kv:]
 
 
-def _block(params, i: int) -> dict[str, Any]:
-  return params[f'block_{i}']
-
-
 def _kernel(tree, *path: str):
   for name in path:
     tree = tree[name]
@@ -73,7 +71,7 @@ def _gpt2_to_hf(cfg, params) -> Tensors:
   out = {'transformer.wte.weight': params['wte']['embedding'], 'transformer.wpe.weight':
          params['wpe'], 'transformer.ln_f.weight': params['norm_f']['scale']}
   for i in range(cfg.num_layers):
-    b, p = _block(params, i), f'transformer.h.{i}.'
+    b, p = params[f'block_{i}'], f'transformer.h.{i}.'
     out.update({
         p + 'ln_1.weight': b['norm_1']['scale'],
         p + 'attn.c_attn.weight': _kernel(b, 'attn', 'wqkv'),
@@ -136,7 +134,7 @@ def _mpt_to_hf(cfg, params) -> Tensors:
   out = {'transformer.wte.weight': params['wte']['embedding'],
          'transformer.norm_f.weight': params['norm_f']['scale']}
   for i in range(cfg.num_layers):
-    b, p = _block(params, i), f'transformer.blocks.{i}.'
+    b, p = params[f'block_{i}'], f'transformer.blocks.{i}.'
     out.update({
         p + 'norm_1.weight': b['norm_1']['scale'],
         p + 'attn.Wqkv.weight': _kernel(b, 'attn', 'wqkv').T,
@@ -203,7 +201,7 @@ def _neox_to_hf(cfg, params) -> Tensors:
   out = {'gpt_neox.embed_in.weight': wte, 'embed_out.weight': wte,
          'gpt_neox.final_layer_norm.weight': params['norm_f']['scale']}
   for i in range(cfg.num_layers):
-    b, p = _block(params, i), f'gpt_neox.layers.{i}.'
+    b, p = params[f'block_{i}'], f'gpt_neox.layers.{i}.'
     out.update({
         p + 'input_layernorm.weight': b['norm_1']['scale'],
         p + 'attention.query_key_value.weight': _neox_qkv(cfg, _kernel(b, 'attn', 'wqkv')),
@@ -273,7 +271,7 @@ def _llama_to_hf(cfg, params) -> Tensors:
   if not cfg.tie_embeddings:
     out['lm_head.weight'] = params['lm_head']['kernel'].T
   for i in range(cfg.num_layers):
-    b, p = _block(params, i), f'model.layers.{i}.'
+    b, p = params[f'block_{i}'], f'model.layers.{i}.'
     q, k, v = _split_qkv(cfg, _kernel(b, 'attn', 'wqkv'))
     out.update({
         p + 'input_layernorm.weight': b['norm_1']['scale'],
@@ -374,24 +372,22 @@ def to_hf(cfg: model_lib.ModelConfig, params: Any) -> Tensors:
   arch = architecture(cfg)
   tensors = {name: np.ascontiguousarray(np.asarray(x, np.float32))
              for name, x in arch.to_hf(cfg, params).items()}
-  for name, shape in _bias_shapes(cfg).items():
+  for name, shape in bias_shapes(cfg).items():
     tensors[name] = np.zeros(shape, np.float32)
   return tensors
 
 
 def hf_shapes(cfg: model_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
   """The shape of every tensor `to_hf` writes, without allocating one."""
-  import jax  # pylint: disable=g-import-not-at-top
   shapes = jax.eval_shape(lambda p: architecture(cfg).to_hf(cfg, p), model_lib.param_shapes(cfg))
-  return {name: tuple(s.shape) for name, s in shapes.items()} | _bias_shapes(cfg)
+  return {name: tuple(s.shape) for name, s in shapes.items()} | bias_shapes(cfg)
 
 
-def _bias_shapes(cfg: model_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
+def bias_shapes(cfg: model_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
   """Zero biases of the architecture: the shape of the weight they add to, its output axis."""
   arch = architecture(cfg)
   if not arch.zero_biases(cfg):
     return {}
-  import jax  # pylint: disable=g-import-not-at-top
   weights = jax.eval_shape(lambda p: arch.to_hf(cfg, p), model_lib.param_shapes(cfg))
   shapes = {}
   for name in arch.zero_biases(cfg):
@@ -400,116 +396,3 @@ def _bias_shapes(cfg: model_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes[name] = (weight[-1],) if (len(weight) == 1 or arch.name == 'GPT2LMHeadModel') else (
         weight[0],)
   return shapes
-
-
-def architecture_of(hf: Mapping[str, Any], where: str) -> Architecture:
-  """The architecture of a Hugging Face config.json, if fedjax_pt has it."""
-  for arch in ARCHITECTURES.values():
-    if hf.get('model_type') == arch.model_type:
-      return arch
-  names = ', '.join(a.name for a in ARCHITECTURES.values())
-  raise HFFormatError(f'{where}: architectures={hf.get("architectures")} '
-                      f'(model_type={hf.get("model_type")!r}); fedjax_pt reads {names}')
-
-
-def check_config(cfg: model_lib.ModelConfig, hf: Mapping[str, Any], where: str) -> Architecture:
-  """Raises HFFormatError naming the first key in which the HF model differs from `cfg`'s."""
-  arch = architecture_of(hf, where)
-  try:
-    ours = architecture(cfg)
-  except HFFormatError as e:
-    raise HFFormatError(f'{where}: {e}') from None
-  if ours is not arch:
-    raise HFFormatError(f'{where} is a {arch.name}; this run\'s model (model.family='
-                        f'{cfg.family!r}, model.position_embedding={cfg.position_embedding!r}) '
-                        f'is a {ours.name}')
-  for key, value, hf_key, expected in arch.matched_keys(cfg):
-    there = _hf_value(hf, hf_key, expected)
-    if not _same(there, expected):
-      raise HFFormatError(f'{where}: model.{key}={value} here, {hf_key}={there} there')
-  for hf_key, expected in arch.extra_config(cfg).items():
-    there = _hf_value(hf, hf_key, expected)
-    if hf_key in ('tie_word_embeddings', 'rope_parameters', 'attention_bias', 'learned_pos_emb',
-                  'head_dim', 'pretraining_tp') or 'dropout' in hf_key or 'pdrop' in hf_key:
-      continue  # checked on the tensors, equivalent, or irrelevant to the forward pass
-    if hf_key == 'attn_config':
-      there = {k: there.get(k, v) for k, v in expected.items()} if isinstance(there, dict) else {}
-      bad = [k for k, v in expected.items() if 'pdrop' not in k and there.get(k) != v]
-      if bad:
-        raise HFFormatError(f'{where}: attn_config.{bad[0]}={there.get(bad[0])} there; '
-                            f'fedjax_pt computes {bad[0]}={expected[bad[0]]}')
-      continue
-    if not _same(there, expected):
-      raise HFFormatError(f'{where}: {hf_key}={there!r} there; fedjax_pt computes '
-                          f'{hf_key}={expected!r}')
-  return arch
-
-
-def _hf_value(hf: Mapping[str, Any], key: str, default: Any) -> Any:
-  """A config.json value, where transformers versions spell it differently."""
-  if key in hf:
-    return hf[key]
-  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-  if key in ('rotary_emb_base', 'rope_theta'):
-    return hf.get('rope_theta', rope.get('rope_theta', 10000.0))
-  if key == 'rotary_pct':
-    return rope.get('partial_rotary_factor', 0.25)
-  if key == 'head_dim':
-    return default
-  return None
-
-
-def _same(a: Any, b: Any) -> bool:
-  if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-    return float(a) == float(b)
-  return a == b
-
-
-def check_tensors(cfg: model_lib.ModelConfig, shapes: Mapping[str, tuple[int, ...]],
-                  where: str) -> None:
-  """Raises HFFormatError naming the first tensor that is missing or of another shape."""
-  expected = hf_shapes(cfg)
-  aliases = _aliases(cfg)
-  for name, shape in expected.items():
-    found = next((n for n in (name, *aliases.get(name, ())) if n in shapes), None)
-    if found is None:
-      if name in _bias_shapes(cfg):
-        continue  # a bias a checkpoint leaves out is zero
-      raise HFFormatError(f'{where}: no tensor {name} (this run\'s model needs it)')
-    if tuple(shapes[found]) != shape:
-      raise HFFormatError(f'{where}: {found} is {list(shapes[found])} there, {list(shape)} for '
-                          'this run\'s model.* config')
-
-
-def _aliases(cfg: model_lib.ModelConfig) -> dict[str, tuple[str, ...]]:
-  """Other names checkpoints give a tensor: GPT-2 without its 'transformer.' prefix; GPT-NeoX's
-  output projection as transformers 5 saves it."""
-  arch = architecture(cfg)
-  names = list(hf_shapes(cfg))
-  if arch.model_type == 'gpt2':
-    return {n: (n[len('transformer.'):],) for n in names}
-  if arch.model_type == 'gpt_neox':
-    return {'embed_out.weight': ('lm_head.weight',)}
-  return {}
-
-
-def from_hf(cfg: model_lib.ModelConfig, tensors: Mapping[str, np.ndarray], where: str) -> Any:
-  """fedjax_pt parameters (float32 numpy) from the named tensors of a checked HF model; raises
-  HFFormatError naming the first tensor fedjax_pt's model cannot represent (a nonzero bias, an
-  untied output projection of an architecture whose fedjax_pt model ties it)."""
-  arch = architecture(cfg)
-  aliases = _aliases(cfg)
-  named = {}
-  for name in hf_shapes(cfg):
-    found = next((n for n in (name, *aliases.get(name, ())) if n in tensors), None)
-    if found is not None:
-      named[name] = np.asarray(tensors[found], np.float32)
-  for name in arch.zero_biases(cfg):
-    if name in named and np.any(named[name]):
-      raise HFFormatError(f'{where}: {name} is a nonzero bias, which fedjax_pt\'s model (no '
-                          'biases) cannot represent')
-  if arch.model_type == 'gpt_neox' and 'embed_out.weight' in named and not np.array_equal(
-      named['embed_out.weight'], named['gpt_neox.embed_in.weight']):
-    raise HFFormatError(f'{where}: embed_out.weight differs from gpt_neox.embed_in.weight; '
-                        "fedjax_pt's rotary MPT block ties its output projection to the embedding")
-  return arch.from_hf(cfg, named)

@@ -7,6 +7,7 @@ before any data is read; `load` reads the tensors and places them as the run's p
 placed (shardings included), as a warm start from a checkpoint is.
 """
 
+from collections.abc import Mapping
 import dataclasses
 import json
 import os
@@ -51,7 +52,7 @@ def find(directory: str, cfg: model_lib.ModelConfig) -> HFWarmStart:
       hf = json.load(f)
   except (OSError, ValueError) as e:
     raise hf_format.HFFormatError(f'{where}: config.json does not read as JSON: {e}') from None
-  arch = hf_format.check_config(cfg, hf, where)
+  arch = check_config(cfg, hf, where)
   files = _safetensors_files(path, where)
   shapes = {}
   for file in files:
@@ -62,7 +63,7 @@ def find(directory: str, cfg: model_lib.ModelConfig) -> HFWarmStart:
     except Exception as e:  # pylint: disable=broad-except
       raise hf_format.HFFormatError(f'{where}: {os.path.basename(file)} does not read as '
                                     f'safetensors ({type(e).__name__}: {e})') from None
-  hf_format.check_tensors(cfg, shapes, where)
+  check_tensors(cfg, shapes, where)
   return HFWarmStart(path, tuple(files), arch.name)
 
 
@@ -92,7 +93,7 @@ def read_params(start: HFWarmStart, cfg: model_lib.ModelConfig) -> Any:
     with safe_open(file, 'np') as f:
       for name in f.keys():
         tensors[name] = f.get_tensor(name)
-  return hf_format.from_hf(cfg, tensors, f'init.from_hf={start.directory}')
+  return from_hf(cfg, tensors, f'init.from_hf={start.directory}')
 
 
 def load(start: HFWarmStart, cfg: model_lib.ModelConfig, abstract_params: Any) -> Any:
@@ -107,3 +108,118 @@ def load(start: HFWarmStart, cfg: model_lib.ModelConfig, abstract_params: Any) -
     return jax.make_array_from_callback(x.shape, target.sharding, lambda index: x[index])
 
   return jax.tree.map(place, params, abstract_params)
+
+
+def architecture_of(hf: Mapping[str, Any], where: str) -> hf_format.Architecture:
+  """The architecture of a Hugging Face config.json, if fedjax_pt has it."""
+  for arch in hf_format.ARCHITECTURES.values():
+    if hf.get('model_type') == arch.model_type:
+      return arch
+  names = ', '.join(a.name for a in hf_format.ARCHITECTURES.values())
+  raise hf_format.HFFormatError(f'{where}: architectures={hf.get("architectures")} '
+                      f'(model_type={hf.get("model_type")!r}); fedjax_pt reads {names}')
+
+
+def check_config(cfg: model_lib.ModelConfig, hf: Mapping[str, Any],
+                 where: str) -> hf_format.Architecture:
+  """Raises HFFormatError naming the first key in which the HF model differs from `cfg`'s."""
+  arch = architecture_of(hf, where)
+  try:
+    ours = hf_format.architecture(cfg)
+  except hf_format.HFFormatError as e:
+    raise hf_format.HFFormatError(f'{where}: {e}') from None
+  if ours is not arch:
+    raise hf_format.HFFormatError(f'{where} is a {arch.name}; this run\'s model (model.family='
+                        f'{cfg.family!r}, model.position_embedding={cfg.position_embedding!r}) '
+                        f'is a {ours.name}')
+  for key, value, hf_key, expected in arch.matched_keys(cfg):
+    there = _hf_value(hf, hf_key, expected)
+    if not _same(there, expected):
+      raise hf_format.HFFormatError(f'{where}: model.{key}={value} here, {hf_key}={there} there')
+  for hf_key, expected in arch.extra_config(cfg).items():
+    there = _hf_value(hf, hf_key, expected)
+    if hf_key in ('tie_word_embeddings', 'rope_parameters', 'attention_bias', 'learned_pos_emb',
+                  'head_dim', 'pretraining_tp') or 'dropout' in hf_key or 'pdrop' in hf_key:
+      continue  # checked on the tensors, equivalent, or irrelevant to the forward pass
+    if hf_key == 'attn_config':
+      there = {k: there.get(k, v) for k, v in expected.items()} if isinstance(there, dict) else {}
+      bad = [k for k, v in expected.items() if 'pdrop' not in k and there.get(k) != v]
+      if bad:
+        raise hf_format.HFFormatError(f'{where}: attn_config.{bad[0]}={there.get(bad[0])} there; '
+                            f'fedjax_pt computes {bad[0]}={expected[bad[0]]}')
+      continue
+    if not _same(there, expected):
+      raise hf_format.HFFormatError(f'{where}: {hf_key}={there!r} there; fedjax_pt computes '
+                          f'{hf_key}={expected!r}')
+  return arch
+
+
+def _hf_value(hf: Mapping[str, Any], key: str, default: Any) -> Any:
+  """A config.json value, where transformers versions spell it differently."""
+  if key in hf:
+    return hf[key]
+  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+  if key in ('rotary_emb_base', 'rope_theta'):
+    return hf.get('rope_theta', rope.get('rope_theta', 10000.0))
+  if key == 'rotary_pct':
+    return rope.get('partial_rotary_factor', 0.25)
+  if key == 'head_dim':
+    return default
+  return None
+
+
+def _same(a: Any, b: Any) -> bool:
+  if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+    return float(a) == float(b)
+  return a == b
+
+
+def check_tensors(cfg: model_lib.ModelConfig, shapes: Mapping[str, tuple[int, ...]],
+                  where: str) -> None:
+  """Raises HFFormatError naming the first tensor that is missing or of another shape."""
+  expected = hf_format.hf_shapes(cfg)
+  aliases = _aliases(cfg)
+  for name, shape in expected.items():
+    found = next((n for n in (name, *aliases.get(name, ())) if n in shapes), None)
+    if found is None:
+      if name in hf_format.bias_shapes(cfg):
+        continue  # a bias a checkpoint leaves out is zero
+      raise hf_format.HFFormatError(f'{where}: no tensor {name} (this run\'s model needs it)')
+    if tuple(shapes[found]) != shape:
+      raise hf_format.HFFormatError(f'{where}: {found} is {list(shapes[found])} there, '
+                                    f"{list(shape)} for this run's model.* config")
+
+
+def _aliases(cfg: model_lib.ModelConfig) -> dict[str, tuple[str, ...]]:
+  """Other names checkpoints give a tensor: GPT-2 without its 'transformer.' prefix; GPT-NeoX's
+  output projection as transformers 5 saves it."""
+  arch = hf_format.architecture(cfg)
+  names = list(hf_format.hf_shapes(cfg))
+  if arch.model_type == 'gpt2':
+    return {n: (n[len('transformer.'):],) for n in names}
+  if arch.model_type == 'gpt_neox':
+    return {'embed_out.weight': ('lm_head.weight',)}
+  return {}
+
+
+def from_hf(cfg: model_lib.ModelConfig, tensors: Mapping[str, np.ndarray], where: str) -> Any:
+  """fedjax_pt parameters (float32 numpy) from the named tensors of a checked HF model; raises
+  HFFormatError naming the first tensor fedjax_pt's model cannot represent (a nonzero bias, an
+  untied output projection of an architecture whose fedjax_pt model ties it)."""
+  arch = hf_format.architecture(cfg)
+  aliases = _aliases(cfg)
+  named = {}
+  for name in hf_format.hf_shapes(cfg):
+    found = next((n for n in (name, *aliases.get(name, ())) if n in tensors), None)
+    if found is not None:
+      named[name] = np.asarray(tensors[found], np.float32)
+  for name in arch.zero_biases(cfg):
+    if name in named and np.any(named[name]):
+      raise hf_format.HFFormatError(f"{where}: {name} is a nonzero bias, which fedjax_pt's "
+                                    'model (no biases) cannot represent')
+  if arch.model_type == 'gpt_neox' and 'embed_out.weight' in named and not np.array_equal(
+      named['embed_out.weight'], named['gpt_neox.embed_in.weight']):
+    raise hf_format.HFFormatError(f'{where}: embed_out.weight differs from '
+                                  "gpt_neox.embed_in.weight; fedjax_pt's rotary MPT block ties "
+                                  'its output projection to the embedding')
+  return arch.from_hf(cfg, named)

@@ -20,7 +20,7 @@ _LEARNER = ('fedjax_pt.model', 'fedjax_pt.optimizers', 'fedjax_pt.sharding',
             'fedjax_pt.data', 'fedjax_pt.records', 'fedjax_pt.errors')
 _RUN = ('fedjax_pt.build', 'fedjax_pt.train', 'fedjax_pt.workdir', 'fedjax_pt.run_state',
         'fedjax_pt.accounting', 'fedjax_pt.reporting', 'fedjax_pt.plot')
-_COMMANDS = ('fedjax_pt.main', 'fedjax_pt.plan', 'fedjax_pt.launch_local')
+_COMMANDS = ('fedjax_pt.main', 'fedjax_pt.plan', 'fedjax_pt.launch_local', 'fedjax_pt.export')
 _ABOVE_FEDERATED = ('fedjax_pt.federated', 'fedjax_pt.simulation', 'fedjax_pt.centralized',
                     'fedjax_pt.deploy', 'fedjax_pt.planning', 'fedjax_pt.run_spec',
                     'fedjax_pt.checkpoint') + _RUN + _COMMANDS
@@ -32,6 +32,9 @@ _FORBIDDEN = {
     'fedjax_pt.centralized': ('fedjax_pt.deploy', 'fedjax_pt.planning') + _RUN + _COMMANDS,
     'fedjax_pt.planning': ('fedjax_pt.deploy', 'fedjax_pt.train') + _COMMANDS,
     'fedjax_pt.deploy': ('fedjax_pt.planning',) + _COMMANDS,
+    # The Hugging Face format is the learner's (a model's tensors), read by the run's warm start.
+    'fedjax_pt.hf_format': _ABOVE_FEDERATED,
+    'fedjax_pt.hf_import': _ABOVE_FEDERATED,
 }
 
 

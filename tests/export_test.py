@@ -201,3 +201,24 @@ def test_bad_input_is_one_line(run, tmp_path):
   _one_line_error(_export(f'--workdir={run}', f'--out={busy}'), 'not empty')
   assert not os.path.exists(out) and os.listdir(busy) == ['notes.txt']
   assert not [n for n in os.listdir(tmp_path) if n.startswith('.')]  # no staging left behind
+
+
+def test_tokenizer_json_is_shipped_and_encodes_as_the_run(tmp_path):
+  tokenizers = pytest.importorskip('tokenizers')
+  from fedjax_pt import data as data_lib  # pylint: disable=g-import-not-at-top
+  texts = [f'the quick brown fox jumps over the lazy dog {i} times.' for i in range(100)]
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
+      vocab_size=300, special_tokens=['<|endoftext|>'],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(str(tmp_path / 'tokenizer.json'))
+  ours = data_lib.load_tokenizer(str(tmp_path / 'tokenizer.json'))
+  out = tmp_path / 'hf'
+  out.mkdir()
+  export_lib._write_tokenizer(str(out), str(tmp_path / 'tokenizer.json'), ours, 32)  # pylint: disable=protected-access
+  theirs = transformers.AutoTokenizer.from_pretrained(str(out))
+  text = 'the lazy fox, 7 times. Hello!'
+  assert theirs(text)['input_ids'] == ours.encode(text)
+  assert theirs.eos_token_id == ours.eot_id
