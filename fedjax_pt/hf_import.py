@@ -63,7 +63,9 @@ def find(directory: str, cfg: model_lib.ModelConfig) -> HFWarmStart:
     except Exception as e:  # pylint: disable=broad-except
       raise hf_format.HFFormatError(f'{where}: {os.path.basename(file)} does not read as '
                                     f'safetensors ({type(e).__name__}: {e})') from None
-  check_tensors(cfg, shapes, where)
+  # A tied GPT-NeoX may leave its output matrix out: it is the embedding.
+  tied = arch.model_type == 'gpt_neox' and hf.get('tie_word_embeddings')
+  check_tensors(cfg, shapes, where, optional=('embed_out.weight',) if tied else ())
   return HFWarmStart(path, tuple(files), arch.name)
 
 
@@ -129,43 +131,72 @@ def check_config(cfg: model_lib.ModelConfig, hf: Mapping[str, Any],
   except hf_format.HFFormatError as e:
     raise hf_format.HFFormatError(f'{where}: {e}') from None
   if ours is not arch:
-    raise hf_format.HFFormatError(f'{where} is a {arch.name}; this run\'s model (model.family='
-                        f'{cfg.family!r}, model.position_embedding={cfg.position_embedding!r}) '
-                        f'is a {ours.name}')
+    raise hf_format.HFFormatError(
+        f"{where} is a {arch.name}; this run's model (model.family={cfg.family!r}, "
+        f'model.position_embedding={cfg.position_embedding!r}) is a {ours.name}')
   for key, value, hf_key, expected in arch.matched_keys(cfg):
-    there = _hf_value(hf, hf_key, expected)
+    there = _hf_value(hf, hf_key, arch)
     if not _same(there, expected):
       raise hf_format.HFFormatError(f'{where}: model.{key}={value} here, {hf_key}={there} there')
+  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+  if rope.get('rope_type', rope.get('type', 'default')) != 'default':
+    raise hf_format.HFFormatError(f"{where}: rope_type={rope.get('rope_type', rope.get('type'))!r}"
+                                  " there; fedjax_pt's rotary embedding is the unscaled 'default'")
   for hf_key, expected in arch.extra_config(cfg).items():
-    there = _hf_value(hf, hf_key, expected)
-    if hf_key in ('tie_word_embeddings', 'rope_parameters', 'attention_bias', 'learned_pos_emb',
-                  'head_dim', 'pretraining_tp') or 'dropout' in hf_key or 'pdrop' in hf_key:
-      continue  # checked on the tensors, equivalent, or irrelevant to the forward pass
+    # Dropout is off in a forward pass; a zero bias is checked on the tensors.
+    if hf_key in ('rope_parameters', 'learned_pos_emb', 'pretraining_tp') or (
+        'dropout' in hf_key or 'pdrop' in hf_key):
+      continue
+    if hf_key in ('tie_word_embeddings', 'attention_bias') and arch.model_type == 'gpt_neox':
+      continue  # embed_out is compared with the embedding, biases are checked to be zero
+    there = _hf_value(hf, hf_key, arch)
     if hf_key == 'attn_config':
       there = {k: there.get(k, v) for k, v in expected.items()} if isinstance(there, dict) else {}
       bad = [k for k, v in expected.items() if 'pdrop' not in k and there.get(k) != v]
       if bad:
-        raise hf_format.HFFormatError(f'{where}: attn_config.{bad[0]}={there.get(bad[0])} there; '
-                            f'fedjax_pt computes {bad[0]}={expected[bad[0]]}')
+        raise hf_format.HFFormatError(f'{where}: attn_config.{bad[0]}={there.get(bad[0])} '
+                                      f'there; fedjax_pt computes {bad[0]}={expected[bad[0]]}')
       continue
     if not _same(there, expected):
       raise hf_format.HFFormatError(f'{where}: {hf_key}={there!r} there; fedjax_pt computes '
-                          f'{hf_key}={expected!r}')
+                                    f'{hf_key}={expected!r}')
   return arch
 
 
-def _hf_value(hf: Mapping[str, Any], key: str, default: Any) -> Any:
-  """A config.json value, where transformers versions spell it differently."""
-  if key in hf:
+# What transformers assumes for a key that a config.json leaves out (its config classes'
+# defaults), so that a key left at its default is compared as what it means.
+_DEFAULTS = {
+    'gpt2': {'activation_function': 'gelu_new', 'scale_attn_weights': True,
+             'scale_attn_by_inverse_layer_idx': False, 'reorder_and_upcast_attn': False,
+             'add_cross_attention': False, 'tie_word_embeddings': True,
+             'layer_norm_epsilon': 1e-5, 'n_positions': 1024},
+    'mpt': {'no_bias': True, 'logit_scale': None, 'tie_word_embeddings': True,
+            'expansion_ratio': 4, 'layer_norm_epsilon': 1e-5, 'max_seq_len': 2048},
+    'gpt_neox': {'hidden_act': 'gelu', 'use_parallel_residual': True, 'layer_norm_eps': 1e-5,
+                 'max_position_embeddings': 2048},
+    'llama': {'hidden_act': 'silu', 'mlp_bias': False, 'tie_word_embeddings': False,
+              'num_key_value_heads': None, 'rms_norm_eps': 1e-6, 'head_dim': None,
+              'max_position_embeddings': 2048},
+}
+
+
+def _hf_value(hf: Mapping[str, Any], key: str, arch: hf_format.Architecture) -> Any:
+  """A config.json value as transformers reads it: spelled as this or another version spells it,
+  or the default a missing key has."""
+  if key in hf and hf[key] is not None:
     return hf[key]
   rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
   if key in ('rotary_emb_base', 'rope_theta'):
     return hf.get('rope_theta', rope.get('rope_theta', 10000.0))
   if key == 'rotary_pct':
     return rope.get('partial_rotary_factor', 0.25)
-  if key == 'head_dim':
-    return default
-  return None
+  if key == 'n_inner':  # null: 4 * n_embd
+    return 4 * hf.get('n_embd', 768)
+  if key == 'num_key_value_heads':
+    return hf.get('num_attention_heads')
+  if key == 'head_dim' and hf.get('num_attention_heads'):
+    return hf.get('hidden_size', 0) // hf['num_attention_heads']
+  return _DEFAULTS[arch.model_type].get(key)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -175,14 +206,14 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def check_tensors(cfg: model_lib.ModelConfig, shapes: Mapping[str, tuple[int, ...]],
-                  where: str) -> None:
+                  where: str, optional: tuple[str, ...] = ()) -> None:
   """Raises HFFormatError naming the first tensor that is missing or of another shape."""
   expected = hf_format.hf_shapes(cfg)
   aliases = _aliases(cfg)
   for name, shape in expected.items():
     found = next((n for n in (name, *aliases.get(name, ())) if n in shapes), None)
     if found is None:
-      if name in hf_format.bias_shapes(cfg):
+      if name in hf_format.bias_shapes(cfg) or name in optional:
         continue  # a bias a checkpoint leaves out is zero
       raise hf_format.HFFormatError(f'{where}: no tensor {name} (this run\'s model needs it)')
     if tuple(shapes[found]) != shape:

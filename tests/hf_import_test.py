@@ -176,3 +176,32 @@ def test_nonzero_bias_and_other_activation_are_refused(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps(config))
   with pytest.raises(hf_format.HFFormatError, match=r"activation_function='gelu_new' there"):
     hf_import.find(str(tmp_path), cfg)
+
+
+def test_config_keys_are_read_as_transformers_reads_them(tmp_path):
+  """A key left out or null means transformers' default: GPT-2's n_inner=null is 4 * n_embd, a
+  missing activation_function is the tanh 'gelu_new' (not fedjax_pt's); what changes the
+  arithmetic (untied output, scaled rotary positions) is refused by name."""
+  cfg = _cfg()
+  _write(cfg, model_lib.init_params(cfg, jax.random.key(0)), tmp_path)
+  config = json.loads((tmp_path / 'config.json').read_text())
+  config['n_inner'] = None
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  hf_import.find(str(tmp_path), cfg)
+  for key, value, message in (('activation_function', None, "activation_function='gelu_new'"),
+                              ('tie_word_embeddings', False, 'tie_word_embeddings=False')):
+    changed = dict(config)
+    if value is None:
+      del changed[key]
+    else:
+      changed[key] = value
+    (tmp_path / 'config.json').write_text(json.dumps(changed))
+    with pytest.raises(hf_format.HFFormatError, match=message):
+      hf_import.find(str(tmp_path), cfg)
+  llama = _cfg(**VARIANTS['llama_gqa_untied'])
+  _write(llama, model_lib.init_params(llama, jax.random.key(0)), tmp_path / 'llama')
+  config = json.loads((tmp_path / 'llama' / 'config.json').read_text())
+  config['rope_parameters'] = {'rope_type': 'llama3', 'rope_theta': 10000.0, 'factor': 8.0}
+  (tmp_path / 'llama' / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(hf_format.HFFormatError, match="rope_type='llama3' there"):
+    hf_import.find(str(tmp_path / 'llama'), llama)
