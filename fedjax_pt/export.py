@@ -73,9 +73,9 @@ def export(workdir: str, out: str, checkpoint: int | None = None, dtype: str = '
   try:
     _write_weights(staging, tensors, max_shard_size)
     _write_json(os.path.join(staging, 'config.json'), hf)
+    # No max_length: transformers warns whenever a caller's max_new_tokens overrides one.
     _write_json(os.path.join(staging, 'generation_config.json'), {
-        'bos_token_id': tokenizer.eot_id, 'eos_token_id': tokenizer.eot_id,
-        'max_length': model.cfg.max_seq_len})
+        'bos_token_id': tokenizer.eot_id, 'eos_token_id': tokenizer.eot_id})
     tokenizer_note = _write_tokenizer(staging, config['data']['tokenizer'], tokenizer,
                                       model.cfg.max_seq_len)
     with open(os.path.join(staging, 'README.md'), 'w') as f:
