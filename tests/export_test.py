@@ -222,3 +222,18 @@ def test_tokenizer_json_is_shipped_and_encodes_as_the_run(tmp_path):
   text = 'the lazy fox, 7 times. Hello!'
   assert theirs(text)['input_ids'] == ours.encode(text)
   assert theirs.eos_token_id == ours.eot_id
+
+
+def test_sentencepiece_model_is_shipped_as_the_run_used_it(tmp_path):
+  spm = pytest.importorskip('sentencepiece')
+  from fedjax_pt import data as data_lib  # pylint: disable=g-import-not-at-top
+  texts = [f'the quick brown fox jumps over the lazy dog {i} times.' for i in range(100)]
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / 'sp'),
+                                 vocab_size=60, eos_id=2, minloglevel=2, num_threads=1)
+  ours = data_lib.load_tokenizer(str(tmp_path / 'sp.model'))
+  out = tmp_path / 'hf'
+  out.mkdir()
+  note = export_lib._write_tokenizer(str(out), str(tmp_path / 'sp.model'), ours, 32)  # pylint: disable=protected-access
+  assert os.listdir(out) == ['tokenizer.model'] and 'SentencePieceProcessor' in note
+  shipped = spm.SentencePieceProcessor(model_file=str(out / 'tokenizer.model'))
+  assert shipped.encode('the lazy fox') == ours.encode('the lazy fox')
