@@ -229,7 +229,7 @@ def test_sentencepiece_model_is_shipped_as_the_run_used_it(tmp_path):
   from fedjax_pt import data as data_lib  # pylint: disable=g-import-not-at-top
   texts = [f'the quick brown fox jumps over the lazy dog {i} times.' for i in range(100)]
   spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / 'sp'),
-                                 vocab_size=60, eos_id=2, minloglevel=2, num_threads=1)
+                                 vocab_size=48, eos_id=2, minloglevel=2, num_threads=1)
   ours = data_lib.load_tokenizer(str(tmp_path / 'sp.model'))
   out = tmp_path / 'hf'
   out.mkdir()
