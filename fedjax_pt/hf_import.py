@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -219,6 +220,17 @@ def check_tensors(cfg: model_lib.ModelConfig, shapes: Mapping[str, tuple[int, ..
     if tuple(shapes[found]) != shape:
       raise hf_format.HFFormatError(f'{where}: {found} is {list(shapes[found])} there, '
                                     f"{list(shape)} for this run's model.* config")
+  known = set(expected).union(*aliases.values())
+  extra = sorted(n for n in shapes if n not in known and not _IGNORED.search(n))
+  if extra:
+    raise hf_format.HFFormatError(f"{where}: {extra[0]} there has no place in this run's model "
+                                  '(a tensor its architecture does not have)')
+
+
+# Tensors transformers itself ignores or recomputes: causal-mask and rotary buffers that old
+# checkpoints saved, and the output matrix of a tied model (the embedding replaces it on load).
+_IGNORED = re.compile(r'(\.attn\.(masked_)?bias|\.attention\.(masked_)?bias|rotary_emb\.inv_freq'
+                      r'|^lm_head\.weight)$')
 
 
 def _aliases(cfg: model_lib.ModelConfig) -> dict[str, tuple[str, ...]]:

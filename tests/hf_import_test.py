@@ -205,3 +205,14 @@ def test_config_keys_are_read_as_transformers_reads_them(tmp_path):
   (tmp_path / 'llama' / 'config.json').write_text(json.dumps(config))
   with pytest.raises(hf_format.HFFormatError, match="rope_type='llama3' there"):
     hf_import.find(str(tmp_path / 'llama'), llama)
+
+
+def test_a_tensor_the_model_lacks_is_refused(tmp_path):
+  cfg = _cfg(**VARIANTS['llama_gqa_untied'])
+  _write(cfg, model_lib.init_params(cfg, jax.random.key(0)), tmp_path)
+  tensors = load_file(str(tmp_path / 'model.safetensors'))
+  tensors['model.layers.0.self_attn.q_proj.bias'] = np.zeros(32, np.float32)
+  save_file(tensors, str(tmp_path / 'model.safetensors'), metadata={'format': 'pt'})
+  with pytest.raises(hf_format.HFFormatError,
+                     match=r'model\.layers\.0\.self_attn\.q_proj\.bias there has no place'):
+    hf_import.find(str(tmp_path), cfg)
