@@ -1,7 +1,9 @@
 """Tests of fedjax_pt.data.token_cache and fingerprint: the tokenised corpus kept on disk."""
 
 import json
+import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -304,6 +306,7 @@ def _three_files(tmp_path: Path) -> DataConfig:
 @pytest.mark.parametrize('damage', ['truncate', 'bad_lines', 'missing'])
 def test_a_damaged_file_entry_is_tokenised_again_with_one_warning(tmp_path, tokenised, caplog,
                                                                   damage):
+  caplog.set_level(logging.INFO)
   cfg = _three_files(tmp_path)
   first = token_cache.load(cfg, BytesTokenizer())
   cache = tmp_path / 'cache'
@@ -325,6 +328,9 @@ def test_a_damaged_file_entry_is_tokenised_again_with_one_warning(tmp_path, toke
       [f'file 1 doc {j}' for j in range(4)] + ['a new file'])
   warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
   assert len(warnings) == 1 and 'tokenising its file again' in warnings[0]
+  built, = [r.getMessage() for r in caplog.records if 'files in' in r.getMessage()][-1:]
+  assert re.fullmatch(r'Tokenised corpus from 4 files in [\d.]+ s: 2 tokenised in [\d.]+ s '
+                      r'\(1.jsonl, 3.jsonl\), 2 from the cache \(data.cache_dir\)', built)
   _assert_same_corpus(again, corpus_lib.tokenise(cfg, BytesTokenizer()))
   assert first.num_documents + 1 == again.num_documents
 

@@ -12,9 +12,27 @@ rather than grain's ArrayRecord: the pipeline slices one token array by document
 memory map does with no decoding and no extra dependency; ArrayRecord would store one record per
 document, to be decoded one by one.
 
+A corpus of files (data.source 'jsonl' or 'text') is also kept per file, as `file-<digest>` entries
+keyed by the file's content, its reader (from its extension), the tokenizer, and the
+data.text_field and data.partition_key that change its tokens and keys; not by its path (save a
+text file's, whose 'file' field may be a partition key), nor by data.max_documents or
+data.max_bad_lines, which cut the corpus, not a file. When the corpus entry misses (a file added,
+edited or removed; other options), it is put together from the files' entries in the corpus's
+order, tokenising only the files without one (`corpus.concatenate`: cut and bad lines counted
+exactly as `corpus.tokenise` does), and written as one entry again. So a new file costs its own
+tokenisation plus copying the corpus's token ids into the new entry (about 0.3 s per 10M tokens on
+a 2-core VM), not tokenising the corpus again (about 50 s per 10M tokens there; BENCHMARKS.md); a
+first preparation that is killed keeps the files it finished. The price is disk: each token id is
+kept twice (4 bytes in its file's entry, 4 in the corpus entry). Writing a corpus entry removes the
+one it supersedes (same data.path, tokenizer and options) and the files' entries that no corpus
+entry uses once they are an hour old, so the cache holds one corpus entry per data.path, tokenizer
+and options and the files' entries these use, not a copy per round of a growing corpus. The builtin
+corpus is kept as one entry only.
+
 An entry is written in a temporary directory and renamed into place, so a writer killed midway
-leaves no entry; an entry that does not match its manifest (truncated, edited, from another
-version of this format) is rebuilt with one warning, never used.
+leaves no entry and two processes building the same entry at once both succeed (the second
+rename fails and leaves the first entry in place); an entry that does not match its manifest
+(truncated, edited, from another version of this format) is rebuilt with one warning, never used.
 """
 
 import hashlib
