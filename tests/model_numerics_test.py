@@ -3,8 +3,9 @@
 `_reference_logits` writes the model out the way `model.py` first did: 3-D einsums over [B, L, D],
 attention as in `jax.nn.dot_product_attention`'s XLA implementation (scores, scale, bias, causal
 mask, softmax, weighted values) and flax's LayerNorm; for the Llama family RMSNorm, SwiGLU and
-grouped-query attention by indexing the shared key/value head. Run in float32 it is the old formulation (up
-to the order of a few sums); run in float64 it is exact arithmetic as far as float32 can tell.
+grouped-query attention by indexing the shared key/value head. Run in float32 it is the old
+formulation (up to the order of a few sums); run in float64 it is exact arithmetic as far as
+float32 can tell.
 
 The tolerance is derived from float32 itself: the old formulation's own rounding error, measured
 against float64 on the same inputs. The fast formulation only reorders float32 operations (and

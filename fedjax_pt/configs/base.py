@@ -156,7 +156,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.seed = -1
   # A directory where the tokenised corpus is kept (fedjax_pt/data/token_cache.py), keyed by the
   # content of the corpus files, the tokenizer and the options that change the tokens: a later run
-  # or round maps it from disk instead of tokenising again. '': off (a Flower node uses one by
+  # or round maps it from disk instead of tokenising again; a corpus of files is kept per file
+  # too, so a file added to it costs that file's tokenisation. '': off (a Flower node uses one by
   # default: its cache-dir). Not for data.source='tfds'.
   c.data.cache_dir = ''
 

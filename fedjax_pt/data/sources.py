@@ -105,18 +105,27 @@ def _file_documents(cfg: DataConfig, bad: BadLines) -> Iterator[Document]:
       yield from read_file(path, cfg.text_field, bad, group)
 
 
-def read_file(path: str, text_field: str, bad: BadLines, group: int = 0) -> Iterator[Document]:
-  """Documents of one local file, its format chosen by extension (see the module docstring)."""
-  base = path[:-3] if path.endswith('.gz') else path
-  parse: Callable[..., Iterator[Document]]
+def file_format(path: str) -> str:
+  """How `read_file` reads `path`, from its extension: 'json' or 'text', '.gz' appended when
+  gzipped."""
+  gz = path.endswith('.gz')
+  base = path[:-3] if gz else path
   if base.endswith(_JSON_SUFFIXES):
-    parse = _json_documents
+    kind = 'json'
   elif base.endswith(_TEXT_SUFFIXES):
-    parse = _text_documents
+    kind = 'text'
   else:
     raise ValueError(f'{path}: unsupported file type; expected .jsonl, .json or .txt '
                      '(optionally .gz)')
-  opener = gzip.open if path.endswith('.gz') else open
+  return kind + ('.gz' if gz else '')
+
+
+def read_file(path: str, text_field: str, bad: BadLines, group: int = 0) -> Iterator[Document]:
+  """Documents of one local file, its format chosen by extension (see the module docstring)."""
+  kind = file_format(path)
+  parse: Callable[..., Iterator[Document]]
+  parse = _json_documents if kind.startswith('json') else _text_documents
+  opener = gzip.open if kind.endswith('.gz') else open
   try:
     with opener(path, 'rb') as f:
       yield from parse(path, f, text_field, bad, group)

@@ -1,15 +1,15 @@
 """How much memory a run needs per device, estimated in a second before anything is allocated.
 
-Exact parts: float32 master parameters, their gradients and Adam's two moments (Muon's one
-momentum for the matrices it orthogonalises), sharded as the `mesh.rules` say, and the server's
-arrays (global model, outer optimizer state, the running sum of client models, with a robust
+Exact parts: float32 master parameters, their gradients and Adam's two moments (Muon's one momentum
+for the matrices it orthogonalises), sharded as the `mesh.rules` say, and the server's arrays
+(global model, outer optimizer state, the running sum of client models, with a robust
 `fl.aggregation` all fl.clients_per_round deltas of a synchronisation, kept client optimizer
-states). Counted part: what the backward pass keeps per token, by
-tensor width, with coefficients read off XLA's compiled local step (XLA:CPU, float32, d_model
-64-256, mlp_ratio 2-8, seq 64-512): per block 12 residual-width and 4 MLP-width tensors (5 for
-the Llama family's SwiGLU: 0.96-1.00x XLA's figure for configs/llama_tiny.py at d_model 128-256,
-seq 128-512) in the compute dtype and the attention scores (`model.scores_per_query` per query and head: on CPU the
-float32 scores and their exponentials, elsewhere the softmax's float32 output, counted from
+states). Counted part: what the backward pass keeps per token, by tensor width, with coefficients
+read off XLA's compiled local step (XLA:CPU, float32, d_model 64-256, mlp_ratio 2-8, seq 64-512):
+per block 12 residual-width and 4 MLP-width tensors (5 for the Llama family's SwiGLU: 0.96-1.00x
+XLA's figure for configs/llama_tiny.py at d_model 128-256, seq 128-512) in the compute dtype and
+the attention scores (`model.scores_per_query` per query and head: on CPU the float32 scores and
+their exponentials, elsewhere the softmax's float32 output, counted from
 jax.nn.dot_product_attention's code; plus the probabilities when the compute dtype is narrower),
 and 2.5 float32 copies of the logits (logits, softmax, gradient, partly overlapped). With FSDP a
 device also holds one block's and the embeddings' gathered weights and their whole gradients.
