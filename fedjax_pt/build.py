@@ -23,6 +23,8 @@ from fedjax_pt import model as model_lib
 from fedjax_pt import optimizers
 from fedjax_pt import sharding
 from fedjax_pt import simulation
+from fedjax_pt.data import extra_files
+from fedjax_pt.data import pipeline
 from fedjax_pt.federated import algorithm
 from fedjax_pt.federated import profiles
 from fedjax_pt.run_spec import RunSpec
@@ -80,6 +82,9 @@ class Parts:
 def build(spec: RunSpec, model_cfg: model_lib.ModelConfig) -> Parts:
   """Reads, tokenizes and partitions the data, then builds the model and its compiled steps."""
   layout = sharding.Layout.create(spec.mesh)
+  # Before the corpus: a bad extra file fails in a second, not after the corpus is tokenised.
+  extra = extra_files.load(spec.eval_extra_files, data_lib.load_tokenizer(spec.data.tokenizer),
+                           spec.data.seq_len, spec.data.text_field)
   # With several processes each loads only its rows of every batch (`fedjax_pt.distributed`).
   data = data_lib.build_federated_data(spec.data, num_clients=spec.fl.num_clients, seed=spec.seed,
                                        process_rows=layout.process_rows(spec.data.batch_size))
@@ -90,16 +95,28 @@ def build(spec: RunSpec, model_cfg: model_lib.ModelConfig) -> Parts:
                       layout)
   ways = spec.mesh.data * spec.mesh.fsdp
 
-  def val_set(client=None):
-    batches = metrics.padded(
-        data.val_batches(spec.eval_batch_size, spec.eval_max_batches, client), ways)
-    return [_global_eval_batch(layout, tokens, mask) for tokens, mask in batches]
+  def eval_set(batches, min_size=0):
+    return [_global_eval_batch(layout, tokens, mask)
+            for tokens, mask in metrics.padded(batches, ways, min_size)]
 
+  def val_set(client=None):
+    return eval_set(data.val_batches(spec.eval_batch_size, spec.eval_max_batches, client))
+
+  def extra_set(windows):
+    # Padded to the validation batches' size, so the same compiled step evaluates them.
+    return eval_set(pipeline.eval_batches(windows, spec.eval_batch_size, spec.eval_max_batches),
+                    len(validation[0][0]))
+
+  for name, windows in extra.items():
+    logging.info('%s: %s, %d windows of %d tokens', extra_files.KEY, name, len(windows),
+                 spec.data.seq_len + 1)
   per_client = spec.eval_per_client and spec.mode == 'federated'
+  validation = val_set()
   evaluator = metrics.Evaluator(
-      metrics.make_eval_step(model_cfg, model.layout), val_set(),
+      metrics.make_eval_step(model_cfg, model.layout), validation,
       [val_set(k) for k in range(data.num_clients)] if per_client else [],
-      spec.eval_every_rounds, spec.fl.rounds)
+      spec.eval_every_rounds, spec.fl.rounds,
+      {name: extra_set(windows) for name, windows in extra.items()})
   return Parts(spec, model, data, evaluator, optimizers.lr_schedule(spec.opt))
 
 

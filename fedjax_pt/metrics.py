@@ -43,10 +43,11 @@ def make_eval_step(model_cfg: model_lib.ModelConfig, layout: sharding.Layout | N
 EvalBatch = tuple[np.ndarray, np.ndarray]  # tokens [B, L+1] int32, mask [B] float32
 
 
-def padded(batches: list[np.ndarray], multiple: int) -> list[EvalBatch]:
+def padded(batches: list[np.ndarray], multiple: int, min_size: int = 0) -> list[EvalBatch]:
   """Batches padded with masked-out rows to one size, a multiple of `multiple` (the devices that
-  split a batch), so that every batch has the same shape and compiles once."""
-  size = max(len(b) for b in batches)
+  split a batch) and at least `min_size` (another set's, whose compiled step it then reuses), so
+  that every batch has the same shape and compiles once."""
+  size = max(min_size, *(len(b) for b in batches))
   size = -(-size // multiple) * multiple
   out = []
   for batch in batches:
@@ -74,15 +75,19 @@ def evaluate(eval_step, params, batches: list[EvalBatch]) -> dict[str, float]:
 
 class Evaluator:
   """The server model's held-out loss every `every_rounds` rounds (and at the last), on the global
-  validation set and, when `client_batches` are given, on each client's own."""
+  validation set and, when given, on each client's own (`client_batches`) and on extra held-out
+  files (`extra_batches`: {name: batches}, `eval.extra_files`)."""
 
   def __init__(self, eval_step, batches: list[EvalBatch], client_batches: list[list[EvalBatch]],
-               every_rounds: int, last_round: int):
+               every_rounds: int, last_round: int,
+               extra_batches: dict[str, list[EvalBatch]] | None = None):
     self._step, self._batches, self._client_batches = eval_step, batches, client_batches
+    self._extra_batches = extra_batches or {}
     self._every, self._last = every_rounds, last_round
 
   def __call__(self, params, round_idx: int, force: bool = False) -> dict[str, Any]:
-    """Record keys: val_loss and val_ppl (None when this round is not evaluated), and per client."""
+    """Record keys: val_loss and val_ppl (None when this round is not evaluated), per client and
+    per extra file."""
     if not force and round_idx % self._every and round_idx != self._last:
       return {'val_loss': None, 'val_ppl': None}
     result = evaluate(self._step, params, self._batches)
@@ -91,6 +96,10 @@ class Evaluator:
       per_client = [evaluate(self._step, params, b) for b in self._client_batches]
       out['client_val_loss'] = {k: r['loss'] for k, r in enumerate(per_client)}
       out['client_val_ppl'] = {k: r['ppl'] for k, r in enumerate(per_client)}
+    if self._extra_batches:
+      per_file = {name: evaluate(self._step, params, b) for name, b in self._extra_batches.items()}
+      out['extra_val_loss'] = {name: r['loss'] for name, r in per_file.items()}
+      out['extra_val_ppl'] = {name: r['ppl'] for name, r in per_file.items()}
     return out
 
 

@@ -91,6 +91,9 @@ class RoundRecord:
   mean_client_norm: float | None = None
   client_val_loss: dict[int, float] | None = None
   client_val_ppl: dict[int, float] | None = None
+  # eval.extra_files: the server model on each extra held-out file, {name: value}.
+  extra_val_loss: dict[str, float] | None = None
+  extra_val_ppl: dict[str, float] | None = None
   pseudo_grad_norm_per_module: dict[str, float] | None = None
   # fl.dp: the (epsilon, delta)-DP guarantee of the model after this round
   # (fedjax_pt/federated/privacy.py), and how many client deltas the server clipped this round
@@ -183,7 +186,8 @@ def _from_jsonable(value: Any) -> Any:
 
 
 def _scalars(obj: dict[str, Any], prefix: str = ''):
-  """Flattens nested dicts of numbers into (tag, value) pairs: client_val_ppl/3."""
+  """Flattens nested dicts of numbers into (tag, value) pairs: client_val_ppl/3,
+  extra_val_ppl/acme."""
   for key, value in obj.items():
     tag = f'{prefix}{key}'
     if isinstance(value, dict):

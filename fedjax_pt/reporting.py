@@ -169,6 +169,8 @@ def summary_table(rounds: list[records.RoundRecord], total_time_s: float) -> str
       ('final val_ppl', number(s.final_val_ppl, '.3f')),
       ('best val_ppl', 'n/a' if s.best_val_ppl is None else
        f'{number(s.best_val_ppl, ".3f")} (round {s.best_round})'),
+      *((f'final extra_val_ppl/{name}', number(ppl, '.3f'))
+        for name, ppl in (s.final_extra_val_ppl or {}).items()),
       ('tokens', f'{s.tokens:,}'),
       ('wall time', f'{total_time_s:.1f} s'),
       ('bytes sent (server -> clients)', _human_bytes(s.bytes_sent or 0)),
@@ -176,8 +178,9 @@ def summary_table(rounds: list[records.RoundRecord], total_time_s: float) -> str
   ]
   sim = rounds[-1].sim_wall_time_s if rounds else None
   if sim is not None and rounds[-1].clients is not None:
-    rows.insert(5, ('simulated wall time',
-                    f'{sim:.1f} s (clients training at once, fedjax_pt/federated/sim_clock.py)'))
+    rows.insert([k for k, _ in rows].index('wall time') + 1, (
+        'simulated wall time',
+        f'{sim:.1f} s (clients training at once, fedjax_pt/federated/sim_clock.py)'))
   ratio = communication.ddp_ratio(s.ddp_equivalent_bytes, s.bytes_communicated)
   if ratio is not None:
     how = f'{ratio:,.1f}x less' if ratio >= 1 else f'{1 / ratio:,.1f}x more'

@@ -12,6 +12,7 @@ from fedjax_pt import distributed
 from fedjax_pt import optimizers
 from fedjax_pt import sharding
 from fedjax_pt.configs import base as base_config
+from fedjax_pt.data import extra_files
 from fedjax_pt.federated import faults
 from fedjax_pt.federated import profiles as profiles_lib
 from fedjax_pt.federated.config import FLConfig
@@ -37,6 +38,7 @@ class RunSpec:
   per_layer_norms: bool
   init_from: str = ''  # init.from_checkpoint: a warm start's workdir or checkpoint, or ''
   init_from_hf: str = ''  # init.from_hf: a warm start's Hugging Face model directory, or ''
+  eval_extra_files: tuple[tuple[str, str], ...] = ()  # (name, path) of eval.extra_files
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'RunSpec':
@@ -81,7 +83,8 @@ class RunSpec:
                eval_every_rounds=config.eval.every_rounds, eval_per_client=config.eval.per_client,
                log_every_steps=config.log.every_steps, progress=config.log.progress,
                tensorboard=config.log.tensorboard, per_layer_norms=config.log.per_layer_norms,
-               init_from=init.from_checkpoint, init_from_hf=from_hf)
+               init_from=init.from_checkpoint, init_from_hf=from_hf,
+               eval_extra_files=extra_files.parse(config.eval.get('extra_files', '')))
     distributed.ProcessConfig.from_config(config.mesh)  # checks mesh.num_processes & co.
     _check_nothing_ignored(config)
     spec.check_profiles()

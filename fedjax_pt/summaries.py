@@ -24,6 +24,7 @@ class RunSummary:
   bytes_received: int | None
   train_time_s: float | None  # sum of the rounds' times (this and earlier sessions)
   ddp_equivalent_bytes: int | None = None  # what data-parallel training would have sent
+  final_extra_val_ppl: dict[str, float] | None = None  # eval.extra_files, last evaluated round
 
   @property
   def bytes_communicated(self) -> int | None:
@@ -50,7 +51,9 @@ def summarize(rounds: Sequence[RoundRecord]) -> RunSummary:
       bytes_sent=last.bytes_sent if last else None,
       bytes_received=last.bytes_received if last else None,
       train_time_s=sum(times) if times else None,
-      ddp_equivalent_bytes=last.ddp_equivalent_bytes if last else None)
+      ddp_equivalent_bytes=last.ddp_equivalent_bytes if last else None,
+      final_extra_val_ppl=next((r.extra_val_ppl for r in reversed(rounds) if r.extra_val_ppl),
+                               None))
 
 
 def curve(rounds: Iterable[RoundRecord], x: str = 'round', y: str = 'val_ppl',

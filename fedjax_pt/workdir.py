@@ -30,9 +30,11 @@ from fedjax_pt.run_spec import RunSpec
 
 # Keys that may change between the sessions of one run: training longer, checkpointing or logging
 # differently, or on other devices (the mesh places arrays, it does not change the results), or
-# with the tokenised corpus kept elsewhere (the cache never changes the data). Anything else would
-# silently mix two experiments in one metrics.jsonl.
-RESUMABLE_CHANGES = ('fl.rounds', 'ckpt.', 'log.', 'mesh.', 'data.cache_dir')
+# with the tokenised corpus kept elsewhere (the cache never changes the data), or scoring other
+# extra held-out files (eval.extra_files: read by no training step, each under its own record
+# key, so a file added later starts its own curve and the others are untouched). Anything else
+# would silently mix two experiments in one metrics.jsonl.
+RESUMABLE_CHANGES = ('fl.rounds', 'ckpt.', 'log.', 'mesh.', 'data.cache_dir', 'eval.extra_files')
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:

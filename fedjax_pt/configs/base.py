@@ -201,6 +201,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.max_batches = 0  # 0: the whole validation set
   c.eval.every_rounds = 1
   c.eval.per_client = False  # also evaluate the server model on each client's held-out set
+  # Also the perplexity on these held-out files: 'a.jsonl,b.txt' (each named by its stem) or
+  # 'acme=a.jsonl,...'; batched and capped as the validation set (fedjax_pt/data/extra_files.py).
+  c.eval.extra_files = ''
 
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 10

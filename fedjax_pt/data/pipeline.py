@@ -79,14 +79,8 @@ class FederatedData:
     so that a truncated set (max_batches) still covers every client's distribution. 0 batches
     means all of them.
     """
-    if batch_size < 1 or max_batches < 0:
-      raise ValueError(f'batch_size must be >= 1 and max_batches >= 0, got {batch_size}, '
-                       f'{max_batches}')
     wins = _interleave(self._val) if client is None else self._val[self._check_client(client)]
-    stops = range(0, len(wins), batch_size)
-    if max_batches:
-      stops = stops[:max_batches]
-    return [np.array(wins[i:i + batch_size], dtype=np.int32) for i in stops]
+    return eval_batches(wins, batch_size, max_batches)
 
   def _iterator(self, windows: np.ndarray, stream_id: int,
                 batch_size: int | None = None) -> grain.DatasetIterator:
@@ -108,6 +102,17 @@ class FederatedData:
     if not 0 <= k < self.num_clients:
       raise ValueError(f'client must be in [0, {self.num_clients}), got {k}')
     return k
+
+
+def eval_batches(windows: np.ndarray, batch_size: int, max_batches: int = 0) -> list[np.ndarray]:
+  """The first `max_batches` (0: all) batches of `windows` in order; the last may be smaller."""
+  if batch_size < 1 or max_batches < 0:
+    raise ValueError(f'batch_size must be >= 1 and max_batches >= 0, got {batch_size}, '
+                     f'{max_batches}')
+  stops = range(0, len(windows), batch_size)
+  if max_batches:
+    stops = stops[:max_batches]
+  return [np.array(windows[i:i + batch_size], dtype=np.int32) for i in stops]
 
 
 def _interleave(parts: list[np.ndarray]) -> np.ndarray:
