@@ -196,7 +196,7 @@ def _write(path, content: bytes):
     ('empty.txt', b'', 'empty file'),
     ('blank.txt', b'\n  \n\n', 'empty file'),
     ('short.txt', b'x' * 31, '32 tokens (with end-of-text), fewer than one window of '
-     'data.seq_len+1=33'),
+     'seq_len+1=33'),
     ('latin1.txt', 'caf\xe9 au lait\n'.encode('latin-1'), 'latin1.txt:1: not valid UTF-8'),
     ('latin1.jsonl.gz', b'{"text": "ok"}\n{"text": "caf\xe9"}\n', 'latin1.jsonl.gz:2: not valid '
      'UTF-8'),

@@ -71,13 +71,15 @@ class _Strict(BadLines):
 
 
 def load(files: tuple[tuple[str, str], ...], tokenizer: Tokenizer, seq_len: int,
-         text_field: str) -> dict[str, np.ndarray]:
+         text_field: str, key: str = KEY) -> dict[str, np.ndarray]:
   """{name: [n, seq_len + 1] int32 windows} of each file; a file that is missing, empty, not
-  UTF-8, malformed or shorter than one window is a ValueError naming it and the key."""
+  UTF-8, malformed or shorter than one window is a ValueError naming it, `key` (the config key
+  or flag that named the file) and its name (if not '')."""
   out = {}
   for name, path in files:
     full = os.path.expanduser(path)
-    where = f'{KEY}: {name}: {full}'
+    prefix = f'{key}: {name}' if name else key
+    where = f'{prefix}: {full}'
     if not os.path.isfile(full):
       raise ValueError(f'{where}: no such file')
     try:
@@ -85,7 +87,7 @@ def load(files: tuple[tuple[str, str], ...], tokenizer: Tokenizer, seq_len: int,
     except OSError as e:
       raise ValueError(f'{where}: cannot be read ({e.strerror})') from e
     except ValueError as e:  # its message starts with the file (and line)
-      raise ValueError(f'{KEY}: {name}: {e}') from e
+      raise ValueError(f'{prefix}: {e}') from e
     if not texts:
       raise ValueError(f'{where}: no text (empty file)')
     ids, offsets = tokenize_corpus(tokenizer, texts)
@@ -93,6 +95,6 @@ def load(files: tuple[tuple[str, str], ...], tokenizer: Tokenizer, seq_len: int,
     windows = packing.windows(stream, seq_len)
     if not len(windows):
       raise ValueError(f'{where}: {len(stream)} tokens (with end-of-text), fewer than one window '
-                       f'of data.seq_len+1={seq_len + 1}')
+                       f'of seq_len+1={seq_len + 1}')
     out[name] = windows
   return out
