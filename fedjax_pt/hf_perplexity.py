@@ -136,6 +136,9 @@ def _cli() -> None:
 
   def main(argv):
     cli.quiet_logs()
+    # Read when transformers is imported: no progress bar or warning around the one line.
+    os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
+    os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
     if len(argv) > 1:
       cli.fail(f'unexpected arguments: {" ".join(argv[1:])}', program=PROGRAM)
     if not model.value or not text.value:
