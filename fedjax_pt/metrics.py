@@ -47,7 +47,7 @@ def padded(batches: list[np.ndarray], multiple: int, min_size: int = 0) -> list[
   """Batches padded with masked-out rows to one size, a multiple of `multiple` (the devices that
   split a batch) and at least `min_size` (another set's, whose compiled step it then reuses), so
   that every batch has the same shape and compiles once."""
-  size = max(min_size, *(len(b) for b in batches))
+  size = max([min_size, *(len(b) for b in batches)])
   size = -(-size // multiple) * multiple
   out = []
   for batch in batches:
