@@ -12,9 +12,11 @@ the run reports as `extra_val_ppl` for that file. Each window is read without th
 it, as during training; docs/evaluation.md has the sliding-window loop, which gives every token
 more context.
 
-The tokenizer is the model directory's; an export of a run with the byte tokenizer has none
-(its config.json says `"tokenizer": "bytes"` under `fedjax_pt`), and text is then UTF-8 bytes,
-256 ending a document. Needs torch and transformers, imported only when it runs. Prints one line:
+The tokenizer is the model directory's. An export of a run (its config.json has a `fedjax_pt`
+key) is encoded as the run encoded: its tokenizer.json or SentencePiece tokenizer.model read by
+fedjax_pt's own tokenizers, and a byte-tokenizer run's (no file; `"tokenizer": "bytes"`) as UTF-8
+bytes, 256 ending a document. Needs torch and transformers, imported only when it runs. Prints
+one line:
 
   perplexity 12.345 (loss 2.5133) on FILE: 4,096 tokens, 32 windows of seq_len+1=129
 """
@@ -32,7 +34,7 @@ import numpy as np
 from fedjax_pt import cli
 from fedjax_pt import errors
 from fedjax_pt.data import extra_files
-from fedjax_pt.data.tokenizers import BytesTokenizer
+from fedjax_pt.data.tokenizers import BytesTokenizer, load_tokenizer
 
 PROGRAM = 'fedjax_pt.hf_perplexity'
 _TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'tokenizer.model', 'vocab.json')
@@ -62,10 +64,16 @@ class _HFTokenizer:
 
 
 def _tokenizer(model_dir: str, config: dict[str, Any], transformers):
+  if 'fedjax_pt' in config:
+    # An export (fedjax_pt.export): its tokenizer file read as the run read it, a SentencePiece
+    # model included, which transformers has no verified class for (docs/export.md).
+    for name in ('tokenizer.json', 'tokenizer.model'):
+      if os.path.isfile(os.path.join(model_dir, name)):
+        return load_tokenizer(os.path.join(model_dir, name))
+    if (config['fedjax_pt'] or {}).get('tokenizer') == 'bytes':
+      return BytesTokenizer()
   if any(os.path.isfile(os.path.join(model_dir, f)) for f in _TOKENIZER_FILES):
     return _HFTokenizer(transformers.AutoTokenizer.from_pretrained(model_dir), model_dir)
-  if (config.get('fedjax_pt') or {}).get('tokenizer') == 'bytes':
-    return BytesTokenizer()
   raise ValueError(f'--model={model_dir} has no tokenizer files ({", ".join(_TOKENIZER_FILES)}) '
                    'and is not an export of a byte-tokenizer run')
 

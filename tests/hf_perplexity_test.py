@@ -1,6 +1,6 @@
 """hf_perplexity: a Hugging Face model's perplexity on a text file, against the loss transformers
 computes itself (labels=input_ids), with the byte tokenizer of an export and with a tokenizer file;
-one-line errors."""
+on a run's export, the run's own extra_val_ppl; one-line errors."""
 
 import json
 import math
@@ -15,7 +15,12 @@ torch = pytest.importorskip('torch', reason='torch is not installed (the test ex
 transformers = pytest.importorskip('transformers',
                                    reason='transformers is not installed (the test extra has it)')
 
-from fedjax_pt import hf_perplexity  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from fedjax_pt import export
+from fedjax_pt import hf_perplexity
+from fedjax_pt import train
+from fedjax_pt.configs import tiny
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TEXT = ('Every organisation keeps its own text. The model they train together reads all of it '
@@ -92,6 +97,41 @@ def test_the_model_directory_tokenizer_is_used(tmp_path):
   assert len(tokens) < 200  # BPE merged bytes (229 with the byte tokenizer): the file's was used
   assert whole['windows'] == (len(tokens) - 1) // 32
   ppl, windows = _reference_ppl(model_dir, tokens, 31)
+  assert result['windows'] == windows
+  np.testing.assert_allclose(result['ppl'], ppl, rtol=1e-5)
+
+
+def test_a_runs_export_scores_its_extra_files_as_the_run_did(tmp_path):
+  (tmp_path / 'sample.txt').write_text(_TEXT * 3, encoding='utf-8')
+  with open(tmp_path / 'sample.jsonl', 'w', encoding='utf-8') as f:
+    for paragraph in (_TEXT * 2).split('\n\n'):
+      f.write(json.dumps({'text': paragraph.strip()}) + '\n')
+  config = tiny.get_config('test')
+  config.fl.num_clients = config.fl.clients_per_round = 2
+  config.eval.max_batches = 0
+  config.eval.extra_files = f'txt={tmp_path}/sample.txt,jsonl={tmp_path}/sample.jsonl'
+  last = train.run(config, str(tmp_path / 'run')).last_round
+  export.export(str(tmp_path / 'run'), str(tmp_path / 'hf'))
+  for name in ('sample.txt', 'sample.jsonl'):
+    result = hf_perplexity.perplexity(str(tmp_path / 'hf'), str(tmp_path / name),
+                                      seq_len=config.data.seq_len)
+    # float32 sums in another order: measured 1.1e-6 relative
+    np.testing.assert_allclose(result['loss'], last.extra_val_loss[name.split('.')[1]],
+                               rtol=1e-5)
+
+
+def test_a_sentencepiece_export_is_encoded_as_the_run_encoded(tmp_path):
+  spm = pytest.importorskip('sentencepiece')
+  model_dir = _model(tmp_path / 'model', vocab=64, fedjax_tokenizer='sp.model')
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(_TEXT.split('. ') * 20),
+                                 model_prefix=str(tmp_path / 'sp'), vocab_size=48, eos_id=2,
+                                 minloglevel=2, num_threads=1)
+  os.rename(tmp_path / 'sp.model', tmp_path / 'model' / 'tokenizer.model')  # as the export ships it
+  (tmp_path / 'sample.txt').write_text(_TEXT, encoding='utf-8')
+  result = hf_perplexity.perplexity(model_dir, str(tmp_path / 'sample.txt'), seq_len=16)
+  sp = spm.SentencePieceProcessor(model_file=str(tmp_path / 'model' / 'tokenizer.model'))
+  tokens = [t for p in _TEXT.rstrip('\n').split('\n\n') for t in [*sp.encode(p), 2]]
+  ppl, windows = _reference_ppl(model_dir, tokens, 16)
   assert result['windows'] == windows
   np.testing.assert_allclose(result['ppl'], ppl, rtol=1e-5)
 
