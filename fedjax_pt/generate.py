@@ -136,13 +136,9 @@ def generate(cfg: model_lib.ModelConfig, params: Any, prompts: Sequence[Sequence
   if not prompts:
     raise GenerationError('no prompt given')
   for i, prompt in enumerate(prompts):
-    if not prompt:
+    if len(prompt) == 0:
       raise GenerationError(f'prompt {i + 1} has no token')
-    if len(prompt) + sampling.max_new_tokens > cfg.max_seq_len:
-      raise GenerationError(
-          f'prompt {i + 1} is {len(prompt)} tokens, and with --max_new_tokens='
-          f"{sampling.max_new_tokens} that is {len(prompt) + sampling.max_new_tokens}, beyond the "
-          f"model's context of {cfg.max_seq_len} tokens (model.max_seq_len)")
+    _check_length(cfg, sampling, i, len(prompt))
   rows = [list(p) for p in prompts for _ in range(num_samples)]
   prompt_len = max(len(r) for r in rows)
   tokens_BxP = np.zeros((len(rows), prompt_len), np.int32)
@@ -154,6 +150,16 @@ def generate(cfg: model_lib.ModelConfig, params: Any, prompts: Sequence[Sequence
                                num_tokens=num_tokens or cfg.vocab_size))
   samples = [_until_eot(list(map(int, row)), eot_id) for row in out_BxT]
   return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+
+def _check_length(cfg: model_lib.ModelConfig, sampling: Sampling, index: int, length: int,
+                  what: str = '') -> None:
+  total = length + sampling.max_new_tokens
+  if total > cfg.max_seq_len:
+    raise GenerationError(
+        f'prompt {index + 1} is {length} tokens{what}, and with --max_new_tokens='
+        f"{sampling.max_new_tokens} that is {total}, beyond the model's context of "
+        f'{cfg.max_seq_len} tokens (model.max_seq_len)')
 
 
 def _until_eot(tokens: list[int], eot_id: int | None) -> list[int]:
@@ -170,6 +176,9 @@ def generate_text(trained, prompts: Sequence[str], sampling: Sampling, *, seed: 
   tokenizer = trained.tokenizer
   eot = tokenizer.eot_id
   encoded = [[eot, *tokenizer.encode(p)] for p in prompts]
+  for i, ids in enumerate(encoded):
+    _check_length(trained.cfg, sampling, i, len(ids),
+                  f' (the end-of-text token that starts a document, then {len(ids) - 1} of text)')
   samples = generate(trained.cfg, trained.params, encoded, sampling, seed=seed,
                      num_samples=num_samples, eot_id=eot, num_tokens=tokenizer.vocab_size)
   results = []
