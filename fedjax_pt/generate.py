@@ -92,9 +92,10 @@ def _decode(params: Any, tokens_BxP: jax.Array, lengths_B: jax.Array, rng: jax.A
   decoder = model_lib.Decoder(cfg)
 
   def forward(cache, tokens_BxL, positions_BxL):
-    logits_BxLxV, variables = decoder.apply({'params': params, 'cache': cache}, tokens_BxL,
-                                            positions_BxL, decode=True, mutable=['cache'])
-    return logits_BxLxV[:, -1], variables['cache']
+    logits_Bx1xV, variables = decoder.apply({'params': params, 'cache': cache}, tokens_BxL,
+                                            positions_BxL, decode=True, last_only=True,
+                                            mutable=['cache'])
+    return logits_Bx1xV[:, 0], variables['cache']
 
   def pick(logits_BxV, i):
     # Ids the tokenizer does not have (the vocabulary's padding rows) are never drawn.

@@ -417,12 +417,14 @@ class Decoder(nn.Module):
   With decode=True the tokens continue the ones already in the 'cache' collection (`init_cache`):
   they are written to its next L slots, at `positions_BxL` (absolute positions; default: the slots'
   own indices; negative: padding, never attended to), and each attends to the slots written so far.
+  last_only=True gives the last position's logits only, [B, 1, V]: all that sampling reads after a
+  prompt, whose other logits would take [B, L, V].
   """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
-               decode: bool = False) -> jax.Array:
+               decode: bool = False, last_only: bool = False) -> jax.Array:
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, name='wte',
                      embedding_init=_init(cfg.init_std, ('vocab', 'embed')))
@@ -452,9 +454,11 @@ class Decoder(nn.Module):
       args = (x_BxLxD,) if step is None else (x_BxLxD, step)
       x_BxLxD = nn.with_logical_constraint(block(cfg, name=f'block_{i}')(*args),
                                            _ACTIVATION_AXES)
+    if last_only:
+      x_BxLxD = x_BxLxD[:, -1:]
     x_BxLxD = _norm(cfg, 'norm_f')(x_BxLxD)
     if cfg.tie_embeddings:
-      logits_BxLxV = embed.attend(_tokens(x_BxLxD)).reshape(*tokens_BxL.shape, cfg.vocab_size)
+      logits_BxLxV = embed.attend(_tokens(x_BxLxD)).reshape(*x_BxLxD.shape[:2], cfg.vocab_size)
     else:
       logits_BxLxV = _Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                             name='lm_head', kernel_init=_init(cfg.init_std, ('embed', 'vocab')))(
