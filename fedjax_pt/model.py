@@ -7,13 +7,18 @@ attention (`model.num_kv_heads`), tied or separate output embeddings. Every para
 logical axis names so `fedjax_pt.sharding` can map them onto a device mesh.
 
 Letter key for tensor names: B batch, L sequence length, D d_model, N heads, H head dim, F MLP
-width, V vocabulary, T and S the query and key positions of an attention block.
+width, V vocabulary, T and S the query and key positions of an attention block, K key/value heads,
+G query heads per key/value head.
+
+Decoding (`Decoder(cfg).apply(..., decode=True, mutable=['cache'])`, as in flax's lm1b example)
+keeps each layer's keys and values in a 'cache' collection made by `init_cache`; training's
+forward never creates it and is the same program as without it.
 """
 
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -158,23 +163,35 @@ class _Dense(nn.Dense):
     return super().__call__(_tokens(x_BxLxD)).reshape(*x_BxLxD.shape[:-1], self.features)
 
 
-def _rope(x_BxLxNxH: jax.Array, theta: float) -> jax.Array:
+def _rope(x_BxLxNxH: jax.Array, theta: float, positions_BxL: jax.Array | None = None,
+          num_positions: int = 0) -> jax.Array:
   """Rotary embedding (rotate-half convention, as GPT-NeoX and Hugging Face's Llama), computed in
-  float32."""
+  float32, at positions 0..L-1 or at `positions_BxL` (decoding; below 0, padding, as 0). The
+  latter looks its angles up in a table of `num_positions` made as the former makes them, so that
+  a token is rotated by the same float32 angle in training and in decoding."""
   _, length, _, head_dim = x_BxLxNxH.shape
   inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2) / head_dim))
-  angles_LxH2 = np.arange(length)[:, None] * inv_freq[None, :]
-  sin, cos = jnp.sin(angles_LxH2)[None, :, None, :], jnp.cos(angles_LxH2)[None, :, None, :]
+  if positions_BxL is None:
+    angles_LxH2 = np.arange(length)[:, None] * inv_freq[None, :]
+    sin, cos = jnp.sin(angles_LxH2)[None, :, None, :], jnp.cos(angles_LxH2)[None, :, None, :]
+  else:
+    table_MxH2 = jnp.asarray(np.arange(num_positions)[:, None] * inv_freq[None, :], jnp.float32)
+    angles_BxLxH2 = table_MxH2[jnp.clip(positions_BxL, 0, num_positions - 1)]
+    sin, cos = jnp.sin(angles_BxLxH2)[:, :, None, :], jnp.cos(angles_BxLxH2)[:, :, None, :]
   x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x_BxLxNxH.dtype)
 
 
+def _alibi_slopes(num_heads: int) -> np.ndarray:
+  return 2.0 ** (-8.0 * np.arange(1, num_heads + 1) / num_heads)
+
+
 def _alibi_bias(num_heads: int, length: int) -> np.ndarray:
   """ALiBi slopes 2^(-8i/N) times the (non-positive) key-query distance: [1, N, L, L]."""
-  slopes_N = 2.0 ** (-8.0 * np.arange(1, num_heads + 1) / num_heads)
   distance_LxL = np.arange(length)[None, :] - np.arange(length)[:, None]
-  return (slopes_N[:, None, None] * np.minimum(distance_LxL, 0)[None])[None].astype(np.float32)
+  return (_alibi_slopes(num_heads)[:, None, None] * np.minimum(distance_LxL, 0)[None])[None].astype(
+      np.float32)
 
 
 # Query rows per block of `_blocked_causal_attention` (at least 2 blocks, at most 8): 64 was the
@@ -254,11 +271,53 @@ def _causal_attention(cfg: 'ModelConfig', q_BxLxNxH: jax.Array, k_BxLxNxH: jax.A
                                                            is_causal=True))
 
 
+class DecodeStep(NamedTuple):
+  """Where the tokens of one decoding call go: cache slots index..index+L-1, at absolute positions
+  `positions_BxL`; `key_positions_BxS` are the positions of all S slots once they are written."""
+  index: jax.Array
+  positions_BxL: jax.Array
+  key_positions_BxS: jax.Array
+
+
+def _cached_attention(cfg: 'ModelConfig', q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array,
+                      v_BxSxKxH: jax.Array, step: DecodeStep) -> jax.Array:
+  """The new queries' attention to every cache slot, computed as `_blocked_causal_attention` does
+  (scale on q, float32 scores, normalised after the values). A slot is a key of a query if it was
+  written no later (left padding keeps a row's positions in slot order) and holds a token (position
+  >= 0). Groups of query heads read their shared key/value head in place, without repeating the
+  cache."""
+  batch, length, _, head_dim = q_BxTxNxH.shape
+  slots = k_BxSxKxH.shape[1]
+  group = cfg.num_heads // cfg.kv_heads
+  q_BxTxKxGxH = (q_BxTxNxH * jnp.asarray(1 / math.sqrt(head_dim), q_BxTxNxH.dtype)).reshape(
+      batch, length, cfg.kv_heads, group, head_dim)
+  written_TxS = jnp.arange(slots)[None, :] <= step.index + jnp.arange(length)[:, None]
+  key_BxTxS = written_TxS[None] & (step.key_positions_BxS >= 0)[:, None, :]
+  bias = 0.0
+  if cfg.position_embedding == 'alibi':
+    # The training bias's own values, looked up by key-query distance.
+    table_NxM = jnp.asarray(
+        _alibi_slopes(cfg.num_heads)[:, None] * -np.arange(cfg.max_seq_len)[None, :],
+        jnp.float32).astype(cfg.compute_dtype).astype(jnp.float32)
+    distance_BxTxS = jnp.clip(step.positions_BxL[:, :, None] - step.key_positions_BxS[:, None, :],
+                              0, cfg.max_seq_len - 1)
+    bias = jnp.moveaxis(table_NxM[:, distance_BxTxS], 0, 1).reshape(
+        batch, cfg.kv_heads, group, length, slots)
+  mask_BxKxGxTxS = jnp.where(key_BxTxS[:, None, None], bias, _MASKED)
+  s_BxKxGxTxS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BxTxKxGxH, k_BxSxKxH,
+                           preferred_element_type=jnp.float32) + mask_BxKxGxTxS
+  e_BxKxGxTxS = jnp.exp(s_BxKxGxTxS - s_BxKxGxTxS.max(-1, keepdims=True))
+  out_BxKxGxTxH = jnp.einsum('BKGTS,BSKH->BKGTH', e_BxKxGxTxS.astype(v_BxSxKxH.dtype), v_BxSxKxH,
+                             preferred_element_type=jnp.float32)
+  out_BxKxGxTxH = (out_BxKxGxTxH / e_BxKxGxTxS.sum(-1, keepdims=True)).astype(v_BxSxKxH.dtype)
+  return jnp.moveaxis(out_BxKxGxTxH, 3, 1).reshape(batch, length, cfg.num_heads, head_dim)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, step: DecodeStep | None = None) -> jax.Array:
     cfg = self.cfg
     batch, length, _ = x_BxLxD.shape
     # One matmul for queries, keys and values: columns [q | k | v], each head's H contiguous.
@@ -268,16 +327,28 @@ class Attention(nn.Module):
     q = qkv[..., :cfg.d_model].reshape(batch, length, cfg.num_heads, cfg.head_dim)
     k, v = (t.reshape(batch, length, cfg.kv_heads, cfg.head_dim)
             for t in jnp.split(qkv[..., cfg.d_model:], 2, axis=-1))
-    if cfg.position_embedding == 'rope':
-      q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
-    if cfg.kv_heads != cfg.num_heads:
-      # Grouped-query attention: query heads g*i .. g*i+g-1 share key/value head i.
-      group = cfg.num_heads // cfg.kv_heads
-      k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    bias = None
-    if cfg.position_embedding == 'alibi':
-      bias = jnp.asarray(_alibi_bias(cfg.num_heads, length), cfg.compute_dtype)
-    out_BxLxNxH = _causal_attention(cfg, q, k, v, bias)
+    if step is not None:
+      if cfg.position_embedding == 'rope':
+        q, k = (_rope(t, cfg.rope_theta, step.positions_BxL, cfg.max_seq_len) for t in (q, k))
+      # The kv heads themselves are cached, [B, S, K, H], in the compute dtype.
+      shape = (batch, step.key_positions_BxS.shape[1], cfg.kv_heads, cfg.head_dim)
+      cached_k, cached_v = (self.variable('cache', name, jnp.zeros, shape, cfg.compute_dtype)
+                            for name in ('k', 'v'))
+      for cached, new in ((cached_k, k), (cached_v, v)):
+        cached.value = jax.lax.dynamic_update_slice(
+            cached.value, new.astype(cfg.compute_dtype), (0, step.index, 0, 0))
+      out_BxLxNxH = _cached_attention(cfg, q, cached_k.value, cached_v.value, step)
+    else:
+      if cfg.position_embedding == 'rope':
+        q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
+      if cfg.kv_heads != cfg.num_heads:
+        # Grouped-query attention: query heads g*i .. g*i+g-1 share key/value head i.
+        group = cfg.num_heads // cfg.kv_heads
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+      bias = None
+      if cfg.position_embedding == 'alibi':
+        bias = jnp.asarray(_alibi_bias(cfg.num_heads, length), cfg.compute_dtype)
+      out_BxLxNxH = _causal_attention(cfg, q, k, v, bias)
     return _Dense(cfg.d_model, use_bias=False, dtype=cfg.compute_dtype, name='out_proj',
                   kernel_init=_init(_residual_std(cfg), ('heads', 'embed')))(
                       out_BxLxNxH.reshape(batch, length, cfg.d_model))
@@ -334,35 +405,60 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, step: DecodeStep | None = None) -> jax.Array:
     mlp = SwiGlu if self.cfg.family == 'llama' else Mlp
-    x_BxLxD = x_BxLxD + Attention(self.cfg, name='attn')(_norm(self.cfg, 'norm_1')(x_BxLxD))
+    x_BxLxD = x_BxLxD + Attention(self.cfg, name='attn')(_norm(self.cfg, 'norm_1')(x_BxLxD), step)
     return x_BxLxD + mlp(self.cfg, name='mlp')(_norm(self.cfg, 'norm_2')(x_BxLxD))
 
 
 class Decoder(nn.Module):
-  """Maps token ids [B, L] to next-token logits [B, L, V] (float32)."""
+  """Maps token ids [B, L] to next-token logits [B, L, V] (float32).
+
+  With decode=True the tokens continue the ones already in the 'cache' collection (`init_cache`):
+  they are written to its next L slots, at `positions_BxL` (absolute positions; default: the slots'
+  own indices; negative: padding, never attended to), and each attends to the slots written so far.
+  last_only=True gives the last position's logits only, [B, 1, V]: all that sampling reads after a
+  prompt, whose other logits would take [B, L, V].
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+  def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+               decode: bool = False, last_only: bool = False) -> jax.Array:
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, name='wte',
                      embedding_init=_init(cfg.init_std, ('vocab', 'embed')))
     x_BxLxD = embed(tokens_BxL)
+    step = None
+    if decode:
+      index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+      key_positions = self.variable('cache', 'positions', jnp.zeros, tokens_BxL.shape, jnp.int32)
+      if positions_BxL is None:
+        positions_BxL = jnp.broadcast_to(index.value + jnp.arange(tokens_BxL.shape[1]),
+                                         tokens_BxL.shape)
+      key_positions.value = jax.lax.dynamic_update_slice(
+          key_positions.value, positions_BxL.astype(jnp.int32), (0, index.value))
+      step = DecodeStep(index.value, positions_BxL, key_positions.value)
+      index.value = index.value + tokens_BxL.shape[1]
     if cfg.position_embedding == 'learned':
       wpe = self.param('wpe', _init(cfg.init_std, ('pos', 'embed')), (cfg.max_seq_len, cfg.d_model))
-      x_BxLxD = x_BxLxD + wpe[:tokens_BxL.shape[1]].astype(cfg.compute_dtype)
+      if step is None:
+        x_BxLxD = x_BxLxD + wpe[:tokens_BxL.shape[1]].astype(cfg.compute_dtype)
+      else:
+        x_BxLxD = x_BxLxD + wpe[jnp.maximum(step.positions_BxL, 0)].astype(cfg.compute_dtype)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, _ACTIVATION_AXES)
     block = Block
-    if cfg.remat != 'none':
+    if cfg.remat != 'none' and not decode:
       block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
     for i in range(cfg.num_layers):
-      x_BxLxD = nn.with_logical_constraint(block(cfg, name=f'block_{i}')(x_BxLxD),
+      args = (x_BxLxD,) if step is None else (x_BxLxD, step)
+      x_BxLxD = nn.with_logical_constraint(block(cfg, name=f'block_{i}')(*args),
                                            _ACTIVATION_AXES)
+    if last_only:
+      x_BxLxD = x_BxLxD[:, -1:]
     x_BxLxD = _norm(cfg, 'norm_f')(x_BxLxD)
     if cfg.tie_embeddings:
-      logits_BxLxV = embed.attend(_tokens(x_BxLxD)).reshape(*tokens_BxL.shape, cfg.vocab_size)
+      logits_BxLxV = embed.attend(_tokens(x_BxLxD)).reshape(*x_BxLxD.shape[:2], cfg.vocab_size)
     else:
       logits_BxLxV = _Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                             name='lm_head', kernel_init=_init(cfg.init_std, ('embed', 'vocab')))(
@@ -376,6 +472,16 @@ def next_token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Ar
   one loss that training (its mean) and evaluation (its masked sum) both use."""
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32),
                                                          targets_BxL)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> Any:
+  """An empty 'cache' collection for decoding `batch` rows of up to `length` tokens: per layer the
+  keys and values of the kv heads [B, length, K, H] in the compute dtype, the slots' positions and
+  the next slot, all zeros (slots not yet written are never attended to)."""
+  tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+  shapes = jax.eval_shape(
+      lambda t: Decoder(cfg).init(jax.random.key(0), t, decode=True)['cache'], tokens)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
