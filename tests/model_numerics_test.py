@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import pytest
 
+from fedjax_pt import attention as attention_lib
 from fedjax_pt import model as model_lib
 
 _ERROR_MARGIN = 2.0
@@ -63,7 +64,7 @@ def _reference_logits(cfg, params, tokens_BxL):
   x = params['wte']['embedding'][tokens_BxL]
   if cfg.position_embedding == 'learned':
     x = x + params['wpe'][:length]
-  bias = (model_lib._alibi_bias(cfg.num_heads, length) if cfg.position_embedding == 'alibi'
+  bias = (attention_lib.alibi_bias(cfg.num_heads, length) if cfg.position_embedding == 'alibi'
           else None)
   for i in range(cfg.num_layers):
     p = params[f'block_{i}']
@@ -73,7 +74,7 @@ def _reference_logits(cfg, params, tokens_BxL):
     k, v = (t.reshape(batch, length, cfg.kv_heads, cfg.head_dim)
             for t in jnp.split(qkv[..., cfg.d_model:], 2, axis=-1))
     if cfg.position_embedding == 'rope':
-      q, k = model_lib._rope(q, cfg.rope_theta), model_lib._rope(k, cfg.rope_theta)
+      q, k = attention_lib.rope(q, cfg.rope_theta), attention_lib.rope(k, cfg.rope_theta)
     # Grouped-query attention written out: query head n reads key/value head n // group.
     kv_head = np.arange(cfg.num_heads) // (cfg.num_heads // cfg.kv_heads)
     out = _attention(q, k[:, :, kv_head], v[:, :, kv_head], bias)
@@ -168,10 +169,11 @@ def test_blocked_attention_agrees_with_jax_attention(length, alibi):
   num_heads, head_dim = 2, 16
   q, k, v, cotangent = (3 * jax.random.normal(key, (2, length, num_heads, head_dim))
                         for key in jax.random.split(jax.random.key(2), 4))
-  bias = model_lib._alibi_bias(num_heads, length) if alibi else None
+  bias = attention_lib.alibi_bias(num_heads, length) if alibi else None
   args = (q, k, v, bias, cotangent)
   exact = _float64(jax.jit(functools.partial(_attention_and_grads, _attention)), *args)
   old = jax.jit(functools.partial(_attention_and_grads, _jax_attention))(*args)
-  new = jax.jit(functools.partial(_attention_and_grads, model_lib._blocked_causal_attention))(*args)
+  new = jax.jit(functools.partial(_attention_and_grads,
+                                  attention_lib.blocked_causal_attention))(*args)
   for new_part, old_part, exact_part in zip(new, old, exact):  # outputs, then gradients
     assert _rms_error(new_part, exact_part) <= _ERROR_MARGIN * _rms_error(old_part, exact_part)

@@ -8,8 +8,8 @@ states). Counted part: what the backward pass keeps per token, by tensor width, 
 read off XLA's compiled local step (XLA:CPU, float32, d_model 64-256, mlp_ratio 2-8, seq 64-512):
 per block 12 residual-width and 4 MLP-width tensors (5 for the Llama family's SwiGLU: 0.96-1.00x
 XLA's figure for configs/llama_tiny.py at d_model 128-256, seq 128-512) in the compute dtype and
-the attention scores (`model.scores_per_query` per query and head: on CPU the float32 scores and
-their exponentials, elsewhere the softmax's float32 output, counted from
+the attention scores (`attention.scores_per_query` per query and head: on CPU the float32 scores
+and their exponentials, elsewhere the softmax's float32 output, counted from
 jax.nn.dot_product_attention's code; plus the probabilities when the compute dtype is narrower),
 and 2.5 float32 copies of the logits (logits, softmax, gradient, partly overlapped). With FSDP a
 device also holds one block's and the embeddings' gathered weights and their whole gradients.
@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from fedjax_pt import attention as attention_lib
 from fedjax_pt import local_training
 from fedjax_pt import model as model_lib
 from fedjax_pt import optimizers
@@ -105,7 +106,7 @@ def _block_bytes_per_token(cfg: model_lib.ModelConfig, seq_len: int, platform: s
   # CPU's blocked attention (measured): the float32 scores and their exponentials. XLA's path
   # elsewhere (counted from jax.nn.dot_product_attention): the softmax's float32 output only.
   per_score = (8 if platform == 'cpu' else 4) + narrower
-  scores = cfg.num_heads * model_lib.scores_per_query(cfg, seq_len, platform) * per_score
+  scores = cfg.num_heads * attention_lib.scores_per_query(cfg, seq_len, platform) * per_score
   return width * compute + scores
 
 
