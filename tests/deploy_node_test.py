@@ -6,6 +6,7 @@ import pytest
 from fedjax_pt import build
 from fedjax_pt.configs import tiny
 from fedjax_pt.data import corpus as corpus_lib
+from fedjax_pt.deploy import client_app
 from fedjax_pt.deploy import node as node_lib
 from fedjax_pt.deploy import protocol
 
@@ -74,3 +75,8 @@ def test_a_bad_cache_dir_is_one_line_naming_the_node_key(tmp_path):
   with pytest.raises(ValueError, match=r"cache-dir=.*data.source='tfds' has no tokenised cache"):
     tfds.data_cache_dir('tfds')
   assert node_lib.NodeConfig.parse({'partition-id': 1}).data_cache_dir('tfds') == ''
+
+
+def test_the_process_age_is_reported_only_from_a_flwr_clientapp_process():
+  # Under pytest one process serves every message: its age says nothing of a round's cost.
+  assert client_app.process_age_s() is None

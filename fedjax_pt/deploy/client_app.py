@@ -7,6 +7,8 @@ the server's log and metrics.
 """
 
 import logging
+import os
+import pathlib
 import sys
 import time
 import traceback
@@ -29,6 +31,20 @@ def _now() -> str:
   return time.strftime('%Y-%m-%d %H:%M:%S')
 
 
+def process_age_s() -> float | None:
+  """Seconds since this process started, when it is a `flwr-clientapp`: Flower starts one per
+  message (`docs/deployment.md`, "Isolation"), so this is the price of the fresh process (Python,
+  JAX, Flower, pulling the message, installing the app) that the node pays every round."""
+  if not os.path.basename(sys.argv[0]).startswith('flwr-clientapp'):
+    return None  # the in-process grid of the tests: one process serves every message
+  try:
+    ticks = int(pathlib.Path('/proc/self/stat').read_text().rsplit(')', 1)[1].split()[19])
+    uptime = float(pathlib.Path('/proc/uptime').read_text().split()[0])
+  except (OSError, ValueError, IndexError):
+    return None
+  return uptime - ticks / os.sysconf('SC_CLK_TCK')
+
+
 def one_line(error: BaseException, limit: int = 600) -> str:
   text = f'raised {type(error).__name__}: {" ".join(str(error).split())}'
   return text if len(text) <= limit else text[:limit - 3] + '...'
@@ -40,6 +56,7 @@ def train(msg: Message, context: Context) -> Message:
     node = node_lib.NodeConfig.parse(context.node_config)
     node_lib.use_compilation_cache(node)
     return Message(node_lib.train_secure(msg.content, node), reply_to=msg)
+  age_s = process_age_s()
   started = time.perf_counter()
   request = msg.content['config']
   where = f'client {request["client"]} round {request["round"]} attempt {request["attempt"]}'
@@ -47,7 +64,7 @@ def train(msg: Message, context: Context) -> Message:
   try:
     node = node_lib.NodeConfig.parse(context.node_config)
     node_lib.use_compilation_cache(node)
-    content = node_lib.train(msg.content, node)
+    content = node_lib.train(msg.content, node, {} if age_s is None else {'start': age_s})
   except Exception as e:  # pylint: disable=broad-except
     # The traceback is for the node's operator; the server gets the reason.
     traceback.print_exc(file=sys.stderr)

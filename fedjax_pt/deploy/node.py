@@ -218,8 +218,9 @@ def _setup(request: protocol.TrainRequest, node: NodeConfig) -> _Setup:
   return _Setup(request, spec, data, trainer, rule, payload_like)
 
 
-def train(content, node: NodeConfig) -> Any:
-  """The reply content to a train message: client k's part of a synchronisation."""
+def train(content, node: NodeConfig, timings: dict[str, float] | None = None) -> Any:
+  """The reply content to a train message: client k's part of a synchronisation; `timings` (the
+  ClientApp's own, e.g. its process's start) go into the reply with the node's phases."""
   started = time.perf_counter()
   setup = _setup(protocol.TrainRequest.from_record(content['config']), node)
   request = setup.request
@@ -234,8 +235,8 @@ def train(content, node: NodeConfig) -> Any:
   model = move.put(jax.device_get(message), protocol.storage_name(
       request.run_key, request.round, request.attempt, f'client-{request.client}',
       request.sync_start))
-  timings = {'build': ready - started, 'fetch': fetched - ready, 'train': report.compute_s,
-             'send': time.perf_counter() - trained}
+  timings = {**(timings or {}), 'build': ready - started, 'fetch': fetched - ready,
+             'train': report.compute_s, 'send': time.perf_counter() - trained}
   return protocol.reply_content(report, timings, model)
 
 
