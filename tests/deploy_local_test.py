@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import ssl
@@ -106,6 +107,8 @@ def test_deployment_equals_the_simulation(transport, rounds, tmp_path, jax_cache
               'pseudo_grad_norm', 'bytes_sent', 'bytes_received'):
     assert _column(deployed, key) == _column(simulated[:rounds + 1], key), key
   assert 'finished:completed' in out and 'Traceback' not in out
+  # Each reply carries the age of the fresh flwr-clientapp process that made it.
+  assert re.search(r'replied after .*; node: start \d+\.\d+s, build', out), out[-4000:]
   if transport == 'shared':
     assert not any((tmp_path / 'shared').iterdir())  # every model was deleted once read
 
@@ -351,3 +354,10 @@ def test_behind_the_proxy_nodes_train_and_partners_reach_no_control_api(tmp_path
   log = (tmp_path / 'deploy' / 'logs' / 'proxy.log').read_text()
   assert '"POST /v1/fleet/push-messages HTTP/1.1" 200' in log
   assert '"POST /v1/control/register-node HTTP/1.1" 403' in log
+
+
+def test_the_superexec_polls_its_node_often_unless_told_otherwise(tmp_path, monkeypatch):
+  monkeypatch.delenv(processes.SUPEREXEC_POLL_VAR, raising=False)
+  assert processes.flower_env(tmp_path, 'x')[processes.SUPEREXEC_POLL_VAR] == '0.2'
+  monkeypatch.setenv(processes.SUPEREXEC_POLL_VAR, '1.0')
+  assert processes.flower_env(tmp_path, 'x')[processes.SUPEREXEC_POLL_VAR] == '1.0'

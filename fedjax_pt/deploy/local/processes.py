@@ -18,6 +18,7 @@ import time
 import uuid
 
 TAG_VAR = 'FEDJAX_PT_DEPLOY_TAG'
+SUPEREXEC_POLL_VAR, SUPEREXEC_POLL_S = 'FLWR_SUPEREXEC_TASK_POLL_INTERVAL', '0.2'
 BIN = pathlib.Path(sys.executable).parent  # flower-superlink, flwr, ... of this environment
 
 
@@ -35,6 +36,9 @@ def flower_env(home: pathlib.Path, tag: str, extra: dict[str, str] | None = None
       # SuperLink and SuperNode start flower-superexec and flwr-*app by bare name.
       'PATH': f'{BIN}{os.pathsep}{env.get("PATH", "")}',
   })
+  # The SuperExec asks its SuperNode for a new task every second by default: up to 1 s of a
+  # node's fixed cost per round for one local HTTP request (docs/deployment.md, "Isolation").
+  env.setdefault(SUPEREXEC_POLL_VAR, SUPEREXEC_POLL_S)
   env.update(extra or {})
   return env
 
