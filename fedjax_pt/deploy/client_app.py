@@ -33,8 +33,9 @@ def _now() -> str:
 
 def process_age_s() -> float | None:
   """Seconds since this process started, when it is a `flwr-clientapp`: Flower starts one per
-  message (`docs/deployment.md`, "Isolation"), so this is the price of the fresh process (Python,
-  JAX, Flower, pulling the message, installing the app) that the node pays every round."""
+  message (`docs/deployment.md`, "A node's fixed cost per round"), so this is the price of the
+  fresh process (Python, JAX, Flower, pulling the message, installing the app) that the node pays
+  every round."""
   if not os.path.basename(sys.argv[0]).startswith('flwr-clientapp'):
     return None  # the in-process grid of the tests: one process serves every message
   try:

@@ -37,7 +37,8 @@ def flower_env(home: pathlib.Path, tag: str, extra: dict[str, str] | None = None
       'PATH': f'{BIN}{os.pathsep}{env.get("PATH", "")}',
   })
   # The SuperExec asks its SuperNode for a new task every second by default: up to 1 s of a
-  # node's fixed cost per round for one local HTTP request (docs/deployment.md, "Isolation").
+  # node's fixed cost per round for one local HTTP request (docs/deployment.md, "A node's fixed
+  # cost per round").
   env.setdefault(SUPEREXEC_POLL_VAR, SUPEREXEC_POLL_S)
   env.update(extra or {})
   return env
