@@ -42,6 +42,16 @@ def _dp(spec: RunSpec) -> bool:
   return spec.fl.dp.enabled and spec.mode == 'federated'
 
 
+def with_server_work(result: RoundResult, seconds: float) -> RoundResult:
+  """`result` with `seconds` more of the server's own work (measured: evaluating the new model,
+  the blocking part of the previous round's checkpoint) in its simulated round time and, where
+  it has one, its `server_time_s`: the clients wait for it in a deployment too."""
+  changes = {'sim_round_time_s': result.stats.sim_round_time_s + seconds}
+  if getattr(result.stats, 'server_time_s', None) is not None:
+    changes['server_time_s'] = result.stats.server_time_s + seconds
+  return dataclasses.replace(result, stats=dataclasses.replace(result.stats, **changes))
+
+
 def add(totals: Totals, result: RoundResult, spec: RunSpec) -> Totals:
   """The totals after `result`."""
   return Totals(tokens=totals.tokens + result.tokens,

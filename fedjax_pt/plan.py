@@ -1,12 +1,16 @@
 r"""What a config would train, whether it fits, and how long it would take: on paper, in seconds.
 
   python -m fedjax_pt.plan --config=configs/1p3b.py [--config.KEY=VALUE ...] \
-      [--gpu=h100] [--gpus_per_client=8] [--mfu=0.4] [--bandwidth_mbps=1000] [--latency_ms=10]
+      [--gpu=h100] [--gpus_per_client=8] [--mfu=0.4 | --tokens_per_s=N] [--bandwidth_mbps=1000] \
+      [--latency_ms=10] [--config.fl.clock.round_trip_s=S --config.fl.clock.transport_mbps=R]
 
 Nothing is trained or allocated: shapes come from `jax.eval_shape`, and XLA compiles the real local
 train step on abstract arrays for its memory analysis, on `--gpus_per_client` CPU devices (the CLI
 sets --xla_force_host_platform_device_count before JAX starts). Every printed line says whether
-its numbers are computed, measured or assumed. `python -m fedjax_pt.main ... --config.dry_run=True`
+its numbers are computed, measured or assumed. The compute time of a step assumes --mfu unless
+--tokens_per_s gives a client's measured throughput (e.g. `tokens_per_s` of a run's metrics.jsonl
+on the same hardware); `fl.clock` (what `python -m benchmarks.deploy_clock --calibrate` measured
+for Flower) adds the transport's own cost to every federated round, as the simulated clock does. `python -m fedjax_pt.main ... --config.dry_run=True`
 prints `describe(config)`, the short part that needs no compilation.
 """
 
@@ -49,6 +53,8 @@ _GPU = flags.DEFINE_string('gpu', 'h100', f'Accelerator of every client: '
                            f'{", ".join(devices_lib.NAMES)} (cpu: this host, measured).')
 _GPUS = flags.DEFINE_integer('gpus_per_client', 8, 'Accelerators per client (FSDP over them).')
 _MFU = flags.DEFINE_float('mfu', 0.4, 'Model FLOPs utilisation assumed, in (0, 1].')
+_TOKENS_PER_S = flags.DEFINE_float('tokens_per_s', 0.0, "A client's measured training tokens/s "
+                                   '(all its accelerators): replaces --mfu (0: use --mfu).')
 _BANDWIDTH = flags.DEFINE_float('bandwidth_mbps', 1000.0,
                                 'Link speed of every client, each way, in Mbit/s.')
 _LATENCY = flags.DEFINE_float('latency_ms', 10.0, 'Latency of one message, in ms.')
@@ -59,7 +65,8 @@ def _parse(argv: list[str]) -> list[str]:
   if len(rest) > 1:
     cli.fail(f'unexpected arguments: {" ".join(rest[1:])}')
   try:
-    planner.check_flags(_GPU.value, _GPUS.value, _MFU.value, _BANDWIDTH.value, _LATENCY.value)
+    planner.check_flags(_GPU.value, _GPUS.value, _MFU.value, _BANDWIDTH.value, _LATENCY.value,
+                        _TOKENS_PER_S.value)
   except ValueError as e:
     cli.fail(e)
   return rest
@@ -71,7 +78,8 @@ def main(argv) -> None:
     accelerator = devices_lib.accelerator(_GPU.value, shares=_GPUS.value)
     hardware = wallclock.Hardware(
         peak_flops=accelerator.peak_flops, devices_per_client=_GPUS.value, mfu=_MFU.value,
-        bandwidth_bps=_BANDWIDTH.value * 1e6, latency_s=_LATENCY.value / 1e3)
+        bandwidth_bps=_BANDWIDTH.value * 1e6, latency_s=_LATENCY.value / 1e3,
+        tokens_per_s=_TOKENS_PER_S.value or None)
     print(planner.full_plan(_CONFIG.value, accelerator, hardware))
   except (ValueError, OSError, ImportError) as e:
     cli.fail(e)

@@ -55,7 +55,9 @@ class RoundRecord:
   train_ppl: float | None = None
   global_norm: float | None = None
   lr: float | None = None
-  round_time_s: float | None = None  # measured here (the simulation trains clients in turn)
+  # Measured here (the simulation trains clients in turn), from the end of the previous round's
+  # record: that round's checkpoint (its blocking part), the clients, the server, the evaluation.
+  round_time_s: float | None = None
   tokens_per_s: float | None = None
   # Simulated time (fedjax_pt/federated/sim_clock.py): clients train at the same time on their own
   # hardware and links (fl.profiles); centralized: the learner's measured training time.
@@ -72,7 +74,9 @@ class RoundRecord:
   # (node id -> why: a key other than the seat's, or a name that is no seat).
   unavailable_clients: dict[int, str] | None = None
   refused_nodes: dict[int, str] | None = None
-  server_time_s: float | None = None  # measured: decoding, averaging, the outer step
+  # Measured: decoding, averaging, the outer step, evaluating the new model, and the blocking part
+  # of the previous round's checkpoint.
+  server_time_s: float | None = None
   client_sim_time_s: dict[int, float] | None = None  # simulated, of the clients that replied
   client_local_steps: dict[int, int] | None = None
   client_train_loss: dict[int, float] | None = None

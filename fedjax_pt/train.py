@@ -137,15 +137,20 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
       session.writer.write(rounds[-1])
       progress.write(reporting.round_line(rounds[-1], fl.rounds))
     progress.begin(done=(first_round - 1) * steps_per_round)
+    # A round's time runs from the end of the previous round's record, so that it holds the
+    # blocking part of that round's checkpoint (written after the record), in both clocks.
+    round_start, saving_s = time.perf_counter(), 0.0
     for round_idx in range(first_round, fl.rounds + 1):
       if errors.STOP_REQUESTED.is_set():
         raise KeyboardInterrupt  # a Ctrl-C whose exception was swallowed on the way
-      round_start = time.perf_counter()
       state, result = algorithm.apply(state, round_idx, clients)
       session.checkpointer.check()  # the previous round's save, if it failed, ends the run here
+      eval_start = time.perf_counter()
+      evaluation = parts.evaluator(state.params, round_idx)
+      result = accounting.with_server_work(result, time.perf_counter() - eval_start + saving_s)
       totals = accounting.add(totals, result, spec)
       record = accounting.round_record(
-          spec, round_idx, state.params, result, totals, parts.evaluator(state.params, round_idx),
+          spec, round_idx, state.params, result, totals, evaluation,
           float(parts.lr_schedule(round_idx * fl.local_steps - 1)))
       elapsed = time.perf_counter() - round_start
       record.round_time_s, record.tokens_per_s = elapsed, result.tokens / elapsed
@@ -161,13 +166,13 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
             f'{diverged} after round {round_idx}: training diverged (lower opt.lr or '
             'fl.outer_lr); this round is not checkpointed, ' +
             (f'the last checkpoint is round {saved[-1]}' if saved else 'and no earlier one was'))
+      round_start, saving_s = time.perf_counter(), 0.0
       if session.checkpointer.should_save(round_idx, fl.rounds):
         arrays, meta = run_state.save_items(algorithm, state, clients, round_idx, totals,
                                             session.writer.tell())
-        save_start = time.perf_counter()
         session.checkpointer.save(round_idx, arrays, meta.to_json())
-        logging.debug('checkpoint of round %d started (%.2fs blocking)', round_idx,
-                     time.perf_counter() - save_start)
+        saving_s = time.perf_counter() - round_start
+        logging.debug('checkpoint of round %d started (%.2fs blocking)', round_idx, saving_s)
   except KeyboardInterrupt:
     interrupted = True
   finally:

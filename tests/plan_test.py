@@ -135,7 +135,43 @@ def test_a_cudnn_config_is_planned_on_a_host_without_cudnn():
           memory.estimate(spec, xla_cfg, 'gpu').activations)
 
 
+def test_a_measured_throughput_and_the_transport_clock_by_hand():
+  # 1000 tokens a step at a measured 250 tokens/s: 4 s a step, whatever the MFU; at 1e9 FLOPs a
+  # token on 2 x 1e12 FLOP/s that is MFU 1000 x 1e9 / (4 x 2e12) = 0.125.
+  measured = dataclasses.replace(_HW, tokens_per_s=250.0)
+  assert wallclock.step_compute_s(_WORK, measured) == pytest.approx(4.0)
+  assert wallclock.implied_mfu(_WORK, measured) == pytest.approx(0.125)
+  assert wallclock.implied_mfu(_WORK, _HW) == pytest.approx(0.5)
+  # fl.clock: 5 s a round trip and 3 MB at 12 Mbit/s (2 s) on top of the link's 3.02 s.
+  clock = wallclock.ClockConfig(round_trip_s=5.0, transport_mbps=12.0)
+  p = wallclock.predict(_WORK, dataclasses.replace(_HW, clock=clock))
+  assert p.federated_comm_s == pytest.approx(3.02 + 5.0 + 2.0)
+  assert p.federated_round_s == pytest.approx(10.0 + 10.02)
+  assert p.ddp_step_s == pytest.approx(1 + 4.02 - 2 / 3)  # DDP's collectives pay no fl.clock
+  # Break-even: the slack gains the transport's 7 s a round over tau = 10 steps.
+  expected = 8 * 3.7e6 / (2 / 3 + 0.002 + 0.7 - 0.02)
+  hw = dataclasses.replace(_HW, clock=clock)
+  assert wallclock.break_even_bps(_WORK, hw) == pytest.approx(expected)
+  even = wallclock.predict(_WORK, dataclasses.replace(hw, bandwidth_bps=expected))
+  assert even.federated_round_s == pytest.approx(even.ddp_round_s)
+
+
+def test_the_plan_prints_the_measured_throughput_and_the_clock():
+  config = tiny.get_config()
+  config.fl.clock.round_trip_s, config.fl.clock.transport_mbps = 9.5, 400.0
+  hardware = wallclock.Hardware(peak_flops=1e12, devices_per_client=8, mfu=0.4, bandwidth_bps=1e9,
+                                latency_s=0.01, tokens_per_s=2048.0)
+  text = plan.full_plan(config, devices.accelerator('h100'), hardware)
+  assert 'compute: 2,048 tokens / 2,048 tokens/s = 1 s per local step [measured' in text
+  assert 'transport: 9.5 s a round trip, and moves the bytes at 400 Mbit/s' in text
+  assert 'MFU 0.4 assumed' not in text
+  text = plan.full_plan(tiny.get_config(), devices.accelerator('h100'),
+                        dataclasses.replace(hardware, tokens_per_s=None))
+  assert 'MFU 0.4 assumed' in text and 'transport: ideal' in text
+
+
 @pytest.mark.parametrize('flags, message', [
+    (('h100', 8, 0.4, 1000, 10, -1.0), '--tokens_per_s must be a finite number >= 0'),
     (('v100', 8, 0.4, 1000, 10), '--gpu must be one of h100, h200, a100, l4, cpu'),
     (('h100', 0, 0.4, 1000, 10), '--gpus_per_client must be in'),
     (('h100', 8, 0.0, 1000, 10), '--mfu must be in (0, 1]'),

@@ -2,6 +2,7 @@
 object with scripted clients."""
 
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
 import scripted
@@ -67,6 +68,35 @@ def test_client_time_by_hand():
   assert sim_clock.client_time_s(MEASURED, 1_000_000, 500_000, 500, 3.5) == 3.5
   assert sim_clock.client_time_s(None, 10, 10, 10, 1.25) == 1.25
   assert sim_clock.transfer_s(125_000_000, 1000.0) == 1.0  # 1 Gbit over 1 Gbit/s
+
+
+def test_the_transport_clock_by_hand():
+  """fl.clock: a fixed 3 s a round trip, and the transport's 40 Mbit/s serial with the links."""
+  clock = sim_clock.ClockConfig(round_trip_s=3.0, transport_mbps=40.0)
+  # FAST as above (2.2 s) + 3 s + (1e6 + 5e5) B x 8 / 40e6 = 2.2 + 3 + 0.3
+  assert sim_clock.client_time_s(FAST, 1_000_000, 500_000, 2000, 99.0, clock) == pytest.approx(
+      5.5)
+  # No links in the profile: the transport's time alone; its rate of 0 costs no time.
+  assert sim_clock.client_time_s(None, 1_000_000, 500_000, 10, 1.25, clock) == pytest.approx(
+      1.25 + 3.0 + 0.3)
+  assert sim_clock.client_time_s(None, 10**9, 10**9, 10, 1.25,
+                                 sim_clock.ClockConfig(round_trip_s=0.5)) == pytest.approx(1.75)
+  # What the round object charges: the slowest client, through fl.clock.
+  _, result = _round(TimedClients([1.0, 3.0]), (FAST, MEASURED), clock=clock)
+  transport = 2 * BYTES * 8 / 40e6
+  assert result.stats.client_sim_time_s == pytest.approx(
+      {0: CLIENT_0_S + 3.0 + transport, 1: CLIENT_1_S + 3.0 + transport})
+
+
+@pytest.mark.parametrize('clock, message', [
+    ({'round_trip_s': -1.0}, 'fl.clock.round_trip_s must be a finite number >= 0'),
+    ({'transport_mbps': float('inf')}, 'fl.clock.transport_mbps must be a finite number >= 0'),
+    ({'transport_mbps': '100'}, 'fl.clock.transport_mbps must be a finite number >= 0'),
+    ({'rate': 1.0}, "fl.clock has unknown key 'rate'"),
+])
+def test_a_bad_clock_is_refused_in_one_line(clock, message):
+  with pytest.raises(ValueError, match=message):
+    sim_clock.ClockConfig.from_config(ml_collections.ConfigDict(clock))
 
 
 def test_a_round_lasts_until_its_slowest_client_plus_the_server():

@@ -172,3 +172,31 @@ def test_a_run_refused_before_it_wrote_anything_leaves_no_directory(tmp_path):
   result = _main(tmp_path / 'new', TEST_CONFIG, '--config.data.only_client=0')
   assert result.returncode == 2
   assert not (tmp_path / 'new').exists()
+
+
+def test_the_clocks_hold_the_evaluation_and_the_previous_checkpoint(tmp_path, monkeypatch):
+  """Evaluation and a checkpoint's blocking part, made slow here, are the server's work in both
+  clocks: round r holds its own evaluation and round r-1's save (written after r-1's record; the
+  rest of the server's work takes well under the 1 s save here)."""
+  from fedjax_pt import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  from fedjax_pt import metrics  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  evaluate, save = metrics.Evaluator.__call__, checkpoint_lib.Checkpointer.save
+
+  def slow_evaluate(self, *args, **kwargs):
+    time.sleep(0.3)
+    return evaluate(self, *args, **kwargs)
+
+  def slow_save(self, *args, **kwargs):
+    time.sleep(1.0)
+    return save(self, *args, **kwargs)
+
+  monkeypatch.setattr(metrics.Evaluator, '__call__', slow_evaluate)
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, 'save', slow_save)
+  train.run(_config(fl__num_clients=2, fl__clients_per_round=2, fl__rounds=3),
+            str(tmp_path / 'run'))
+  rounds = _records(tmp_path / 'run', 'round')[1:]
+  for r in rounds:
+    waited = 0.3 + (1.0 if r['round'] > 1 else 0.0)
+    assert r['server_time_s'] >= waited, r
+    assert r['sim_round_time_s'] >= r['server_time_s'] and r['round_time_s'] >= waited

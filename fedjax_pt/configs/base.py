@@ -109,6 +109,12 @@ def get_config() -> ml_collections.ConfigDict:
   # budget, throughput, links and availability, as a JSON list inline or a .json/.yaml file; '' =
   # identical.
   c.fl.profiles = ''
+  # What a deployment's transport adds to every client's round trip in the simulated clock
+  # (federated/sim_clock.py), as `python -m benchmarks.deploy_clock` measures it for Flower; 0: the
+  # ideal transport (only fl.profiles' links and latency cost time).
+  c.fl.clock = ml_collections.ConfigDict()
+  c.fl.clock.round_trip_s = 0.0  # fixed: dispatch, polling, a fresh ClientApp process, its build
+  c.fl.clock.transport_mbps = 0.0  # the transport's own rate, serial with the links (0: no time)
   # Client-level differential privacy (fedjax_pt/federated/privacy.py, DP-FedAvg): each client's
   # delta is clipped to clip_norm, Gaussian noise of std noise_multiplier * clip_norm is added to
   # their sum; (epsilon, delta) after every round is in the records (dp_epsilon, dp_delta).

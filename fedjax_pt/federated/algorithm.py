@@ -267,7 +267,7 @@ class FederatedAlgorithm:
       tally.dp_clipped += int(float(norm) > self.fl.dp.clip_norm)
     sim_time = sim_clock.client_time_s(
         self.fl.profile(k), download, upload, report.num_tokens,
-        report.elapsed_s if report.compute_s is None else report.compute_s)
+        report.elapsed_s if report.compute_s is None else report.compute_s, self.fl.clock)
     failure = report.failure or faults_lib.verdict(delta, report.elapsed_s, self.faults, sim_time)
     if delta is not None:  # it arrived (in time or not): the server knows when
       tally.arrived(k, sim_time, report.local_steps)

@@ -10,6 +10,7 @@ from fedjax_pt.federated import compression as compression_lib
 from fedjax_pt.federated import privacy
 from fedjax_pt.federated import profiles as profiles_lib
 from fedjax_pt.federated import robust
+from fedjax_pt.federated import sim_clock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,7 @@ class FLConfig:
   fragment_mixing: float = 0.0
   compression: compression_lib.CompressionConfig = compression_lib.CompressionConfig()
   profiles: tuple[profiles_lib.ClientProfile, ...] = ()  # one per client, or () (identical)
+  clock: sim_clock.ClockConfig = sim_clock.ClockConfig()
   dp: privacy.DPConfig = privacy.DPConfig()
   secagg: privacy.SecAggConfig = privacy.SecAggConfig()
 
@@ -116,11 +118,12 @@ class FLConfig:
 
   @classmethod
   def from_config(cls, fl: ml_collections.ConfigDict) -> 'FLConfig':
-    groups = {'compression', 'profiles', 'dp', 'secagg'}
+    groups = {'compression', 'profiles', 'clock', 'dp', 'secagg'}
     fields = {f.name for f in dataclasses.fields(cls)} - groups
     return cls(**{k: v for k, v in fl.to_dict().items() if k in fields},
                compression=compression_lib.CompressionConfig.from_config(fl.compression),
                profiles=profiles_lib.parse(fl.get('profiles', ''), fl.num_clients),
+               clock=sim_clock.ClockConfig.from_config(fl.get('clock')),
                dp=privacy.DPConfig.from_config(fl.dp) if 'dp' in fl else privacy.DPConfig(),
                secagg=(privacy.SecAggConfig.from_config(fl.secagg) if 'secagg' in fl else
                        privacy.SecAggConfig()))

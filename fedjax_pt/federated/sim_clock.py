@@ -4,22 +4,60 @@ The simulation trains clients one after another on this host, so its measured ti
 a federation whose organisations train at the same time on their own GPUs. Every report is
 instead timed under its client's profile (`fedjax_pt.federated.profiles`):
 
-    client time = latency + download bytes / downlink + compute + latency + upload bytes / uplink
+    client time = fl.clock.round_trip_s + latency + download bytes / downlink + compute
+                  + latency + upload bytes / uplink + (download + upload bytes) / fl.clock.transport
 
 compute being the client's tokens / tokens_per_s, or its measured compute time here when the
-profile gives no throughput; a link without a bandwidth costs no time. A synchronisation lasts
-until its slowest included client arrives, or until `fl.round_deadline_s` if the server waited for
-a client that came later (that client is left out, as `late`); retries and streaming fragments'
-synchronisations follow one another. The server's own work (decoding, averaging, the outer step)
-is measured here and added: `sim_round_time_s` in the round records, `sim_wall_time_s` their
-running sum.
+profile gives no throughput; a link without a bandwidth costs no time. `fl.clock` is what a
+deployment adds to every client's round trip (both 0 by default: the ideal transport): a fixed
+time (dispatch, polling, a fresh ClientApp process, its build) and a rate at which the transport
+itself moves the bytes besides the link (Flower's messages are stored and forwarded by the
+SuperLink: serial with the link, not overlapped). `python -m benchmarks.deploy_clock` measures
+both for Flower on a machine.
+
+A synchronisation lasts until its slowest included client arrives, or until `fl.round_deadline_s`
+if the server waited for a client that came later (that client is left out, as `late`); retries
+and streaming fragments' synchronisations follow one another. The server's own work is measured
+here and added: decoding, averaging, the outer step, the evaluation of the new model and the
+blocking part of the previous round's checkpoint (`server_time_s`). `sim_round_time_s` in the
+round records, `sim_wall_time_s` their running sum.
 """
 
 from collections.abc import Iterable
+import dataclasses
+import math
+
+import ml_collections
 
 from fedjax_pt.federated.profiles import ClientProfile
 
 _IDEAL = ClientProfile()
+
+
+@dataclasses.dataclass(frozen=True)
+class ClockConfig:
+  """`fl.clock`: what the transport adds to every client's round trip (0: nothing)."""
+  round_trip_s: float = 0.0  # fixed seconds per round trip, whatever the bytes
+  transport_mbps: float = 0.0  # Mbit/s at which the transport moves the bytes (0: no time)
+
+  def __post_init__(self):
+    for name in ('round_trip_s', 'transport_mbps'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+          math.isfinite(value) and value >= 0):
+        raise ValueError(f'fl.clock.{name} must be a finite number >= 0 (0: none), got '
+                         f'{value!r}')
+
+  @classmethod
+  def from_config(cls, clock: ml_collections.ConfigDict | None) -> 'ClockConfig':
+    if clock is None:
+      return cls()
+    unknown = sorted(set(clock) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f'fl.clock has unknown key {unknown[0]!r}; known: round_trip_s, '
+                       'transport_mbps')
+    return cls(**{k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                  for k, v in clock.to_dict().items()})
 
 
 def transfer_s(num_bytes: int, mbps: float | None) -> float:
@@ -27,13 +65,23 @@ def transfer_s(num_bytes: int, mbps: float | None) -> float:
   return num_bytes * 8 / (mbps * 1e6) if mbps else 0.0
 
 
+def communication_s(download_bytes: int, upload_bytes: int, downlink_mbps: float | None,
+                    uplink_mbps: float | None, latency_s: float,
+                    clock: ClockConfig = ClockConfig()) -> float:
+  """A client's round trip less its compute: what the clock and the planner charge a message."""
+  return (clock.round_trip_s + 2 * latency_s + transfer_s(download_bytes, downlink_mbps) +
+          transfer_s(upload_bytes, uplink_mbps) +
+          transfer_s(download_bytes + upload_bytes, clock.transport_mbps))
+
+
 def client_time_s(profile: ClientProfile | None, download_bytes: int, upload_bytes: int,
-                  num_tokens: int, measured_compute_s: float) -> float:
+                  num_tokens: int, measured_compute_s: float,
+                  clock: ClockConfig = ClockConfig()) -> float:
   """From the server sending the model to it receiving the client's update."""
   p = profile or _IDEAL
   compute = num_tokens / p.tokens_per_s if p.tokens_per_s else measured_compute_s
-  return (2 * p.latency_ms / 1e3 + transfer_s(download_bytes, p.downlink_mbps) + compute +
-          transfer_s(upload_bytes, p.uplink_mbps))
+  return compute + communication_s(download_bytes, upload_bytes, p.downlink_mbps, p.uplink_mbps,
+                                   p.latency_ms / 1e3, clock)
 
 
 def wait_s(included: Iterable[float], any_late: bool, deadline_s: float) -> float:

@@ -104,6 +104,7 @@ def full_plan(config: ml_collections.ConfigDict, accelerator: devices_lib.Accele
   xla = (None if model_cfg.attention == 'cudnn' and jax.default_backend() != 'gpu' else
          memory.xla_analysis(spec, model_cfg, devices))
   w = workload(spec, model_cfg)
+  hardware = dataclasses.replace(hardware, clock=spec.fl.clock)
   p = wallclock.predict(w, hardware)
   fl, mesh, c = spec.fl, spec.mesh, spec.fl.compression
   k = fl.clients_per_round
@@ -142,13 +143,12 @@ def full_plan(config: ml_collections.ConfigDict, accelerator: devices_lib.Accele
     fits = 'yes, by the formula'
   lines += [
       f'fits {accelerator.name} ({_gib(have)}): {fits}',
-      f'compute: {w.tokens_per_step:,} tokens x {w.flops_per_token:.3g} FLOPs / '
-      f'({hardware.devices_per_client} x {accelerator.peak_flops / 1e12:.3g} TFLOP/s x MFU '
-      f'{hardware.mfu:g}) = {_duration(p.step_compute_s)} per local step [computed; MFU assumed]',
+      _compute_line(w, hardware, accelerator, p),
       f'links: {hardware.bandwidth_bps / 1e6:g} Mbit/s each way for every client, '
       f'{hardware.latency_s * 1e3:g} ms a message, the server\'s link carrying all K at once; '
       'communication does not overlap compute, except DDP\'s all-reduce during the backward '
       'pass (2/3 of a step) [assumed]',
+      _transport_line(hardware.clock),
       f'federated, K = {k} clients, tau = {fl.local_steps}, {fl.rounds} rounds: '
       f'{_bytes(w.download_bytes)} down ({c.download}) + {_bytes(w.upload_bytes)} up '
       f'({c.upload}) per client a round [computed: compression.payload_bytes of abstract shapes]',
@@ -172,6 +172,31 @@ def full_plan(config: ml_collections.ConfigDict, accelerator: devices_lib.Accele
     lines.append(f'break-even bandwidth: {p.break_even_bps / 1e9:.3g} Gbit/s; below it federated '
                  'training takes less time per token, above it DDP [computed]')
   return '\n'.join(lines)
+
+
+def _compute_line(w: wallclock.Workload, hardware: wallclock.Hardware,
+                  accelerator: devices_lib.Accelerator, p: wallclock.Prediction) -> str:
+  if hardware.tokens_per_s:
+    return (f'compute: {w.tokens_per_step:,} tokens / {hardware.tokens_per_s:,.6g} tokens/s = '
+            f'{_duration(p.step_compute_s)} per local step [measured: --tokens_per_s; that is '
+            f'MFU {wallclock.implied_mfu(w, hardware):.3g} of {hardware.devices_per_client} x '
+            f'{accelerator.peak_flops / 1e12:.3g} TFLOP/s at {w.flops_per_token:.3g} FLOPs a '
+            'token]')
+  return (f'compute: {w.tokens_per_step:,} tokens x {w.flops_per_token:.3g} FLOPs / '
+          f'({hardware.devices_per_client} x {accelerator.peak_flops / 1e12:.3g} TFLOP/s x MFU '
+          f'{hardware.mfu:g}) = {_duration(p.step_compute_s)} per local step [computed; MFU '
+          f'{hardware.mfu:g} assumed: give a measured --tokens_per_s to replace it]')
+
+
+def _transport_line(clock) -> str:
+  if not (clock.round_trip_s or clock.transport_mbps):
+    return ('transport: ideal, nothing beyond the links (fl.clock at 0; a Flower deployment adds '
+            'a fixed time a round trip and its own rate: python -m benchmarks.deploy_clock '
+            '--calibrate measures them) [assumed]')
+  rate = (f'moves the bytes at {clock.transport_mbps:g} Mbit/s besides the link' if
+          clock.transport_mbps else 'moves the bytes at no cost of its own')
+  return (f'transport: {clock.round_trip_s:g} s a round trip, and {rate}, in every federated '
+          'round [config: fl.clock, as measured on some machine]')
 
 
 def describe(config: ml_collections.ConfigDict) -> str:
@@ -208,8 +233,11 @@ def describe(config: ml_collections.ConfigDict) -> str:
 
 
 def check_flags(gpu: str, gpus_per_client: int, mfu: float, bandwidth_mbps: float,
-                latency_ms: float) -> None:
+                latency_ms: float, tokens_per_s: float = 0.0) -> None:
   """Raises ValueError naming the first flag out of its range."""
+  if not (math.isfinite(tokens_per_s) and tokens_per_s >= 0):
+    raise ValueError(f'--tokens_per_s must be a finite number >= 0 (0: from --mfu), got '
+                     f'{tokens_per_s:g}')
   if gpu not in devices_lib.NAMES:
     raise ValueError(f'--gpu must be one of {", ".join(devices_lib.NAMES)}, got {gpu!r}')
   if not 0 < gpus_per_client <= MAX_DEVICES:

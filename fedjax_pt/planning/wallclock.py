@@ -4,12 +4,17 @@ links, from FLOPs, bytes and a few assumed rates. Pure arithmetic: nothing runs.
 Both process the same tokens on the same hardware: K clients (DDP: K workers) of G devices each,
 every one taking `tokens_per_step` tokens a step. A local step computes for
 
-    C = tokens_per_step x flops_per_token / (G x peak x MFU).
+    C = tokens_per_step x flops_per_token / (G x peak x MFU),
+
+or tokens_per_step / tokens_per_s where the user gives a measured throughput.
 
 Federated round: the server's model goes down (D bytes), tau local steps, the delta goes up
-(U bytes), one message of latency each way, and no overlap of communication with compute:
+(U bytes), one message of latency each way, and no overlap of communication with compute; the
+transport adds `fl.clock`'s fixed time F and moves the bytes at its own rate T besides the link
+(`sim_clock.communication_s`, which the simulated clock charges too; DDP's collectives pay
+neither):
 
-    round = D / B + tau C + U / B + 2 latency.
+    round = D / B + tau C + U / B + 2 latency + F + (U + D) / T.
 
 Every client has its own link of B bits/s each way, and the server's is assumed to carry the K
 messages at once (a datacenter uplink, or an all-reduce among the clients, which sends about as
@@ -24,7 +29,8 @@ behind its backward pass and federated training's round-trip, which nothing hide
 slower; below it DDP waits on its link at every step. Equal time per token (tau DDP steps per
 round) with comm > 2/3 C gives
 
-    B = 8 (2 (K - 1) / K x M - (U + D) / tau) / (2/3 C + 2 latency / tau - 2 (K - 1) latency)
+    B = 8 (2 (K - 1) / K x M - (U + D) / tau)
+        / (2/3 C + (2 latency + F + (U + D) / T) / tau - 2 (K - 1) latency)
 
 in bits/s. When the numerator is not positive federated training sends at least as much per token
 and is never faster; when the denominator is not positive DDP's per-step latency alone makes it
@@ -35,6 +41,7 @@ import dataclasses
 
 from fedjax_pt.federated import communication
 from fedjax_pt.federated import sim_clock
+from fedjax_pt.federated.sim_clock import ClockConfig
 
 # The share of a step's FLOPs that DDP's gradient all-reduce can hide behind: the backward pass
 # (2 of the 6 N FLOPs per token are the forward pass).
@@ -56,12 +63,14 @@ class Workload:
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
-  """The rates (assumed, except a measured CPU's peak)."""
+  """The rates (assumed, except a measured CPU's peak and what the user measured)."""
   peak_flops: float  # per device
   devices_per_client: int
   mfu: float
   bandwidth_bps: float  # bits/s each way on every link
   latency_s: float  # per message
+  tokens_per_s: float | None = None  # a client's measured training throughput (replaces MFU)
+  clock: ClockConfig = ClockConfig()  # what the federated transport adds (fl.clock)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +105,22 @@ class Prediction:
 
 
 def step_compute_s(w: Workload, hw: Hardware) -> float:
+  if hw.tokens_per_s:
+    return w.tokens_per_step / hw.tokens_per_s
   return w.tokens_per_step * w.flops_per_token / (hw.devices_per_client * hw.peak_flops * hw.mfu)
 
 
+def implied_mfu(w: Workload, hw: Hardware) -> float:
+  """The MFU that `step_compute_s` amounts to (the assumed one, or a measured throughput's)."""
+  return (w.tokens_per_step * w.flops_per_token /
+          (step_compute_s(w, hw) * hw.devices_per_client * hw.peak_flops))
+
+
 def federated_comm_s(w: Workload, hw: Hardware) -> float:
-  """A client's round trip, as the simulated clock times it (`sim_clock.client_time_s`)."""
-  return (sim_clock.transfer_s(w.download_bytes + w.upload_bytes, hw.bandwidth_bps / 1e6) +
-          2 * hw.latency_s)
+  """A client's round trip less its compute, as the simulated clock times it."""
+  mbps = hw.bandwidth_bps / 1e6
+  return sim_clock.communication_s(w.download_bytes, w.upload_bytes, mbps, mbps, hw.latency_s,
+                                   hw.clock)
 
 
 def ddp_comm_s(w: Workload, hw: Hardware) -> float:
@@ -118,9 +136,13 @@ def _excess_bytes(w: Workload) -> float:
 
 
 def _slack_s(w: Workload, hw: Hardware) -> float:
-  """What DDP's overlap hides, per step, less the latency it pays beyond federated training."""
+  """What DDP's overlap hides, per step, less the latency it pays beyond federated training,
+  plus what the federated transport costs per step whatever the link (`fl.clock`)."""
   k, tau = w.clients, w.local_steps
-  return DDP_OVERLAP * step_compute_s(w, hw) + 2 * hw.latency_s / tau - 2 * (k - 1) * hw.latency_s
+  transport = hw.clock.round_trip_s + sim_clock.transfer_s(w.download_bytes + w.upload_bytes,
+                                                          hw.clock.transport_mbps)
+  return (DDP_OVERLAP * step_compute_s(w, hw) + (2 * hw.latency_s + transport) / tau -
+          2 * (k - 1) * hw.latency_s)
 
 
 def break_even_bps(w: Workload, hw: Hardware) -> float | None:
