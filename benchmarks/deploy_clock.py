@@ -1,8 +1,9 @@
 r"""The simulated clock against measured Flower rounds: calibrate `fl.clock` on one setting, check
 its predictions on others.
 
-  python -m benchmarks.deploy_clock --calibrate [--out=runs/deploy_clock]    # ~10 min, 2 runs
-  python -m benchmarks.deploy_clock --check [--out=runs/deploy_clock]        # root; ~25 min
+  python -m benchmarks.deploy_clock --calibrate [--out=runs/deploy_clock]    # root; ~8 min
+  python -m benchmarks.deploy_clock --check [--out=runs/deploy_clock]        # root; ~14 min
+  python -m benchmarks.deploy_clock --report [--out=runs/deploy_clock]       # the tables again
 
 Every run is `python -m fedjax_pt.deploy.local --nodes=2` (SuperLink, 2 SuperNodes, TLS, a fresh
 ClientApp process per message) on `configs/tiny.py:test` with a decoder of d_model 512 and L
@@ -12,7 +13,8 @@ writes both clocks into its metrics.jsonl: `round_time_s`, measured by the serve
 `sim_round_time_s`, the simulated clock of the same round (the nodes' measured training time, the
 links of `--link`, the server's measured work, and `fl.clock`).
 
---calibrate runs `tiny` and L=2 on unshaped links with `fl.clock` at 0, and fits
+--calibrate runs `tiny` and L=2 on unshaped links, and L=2 behind --link=50mbit,200mbit and
+--link=100mbit (root: network namespaces and tbf), with `fl.clock` at 0, and fits
 
     round_time_s - sim_round_time_s = round_trip_s + 8 x bytes / transport_mbps
 
@@ -20,10 +22,10 @@ links of `--link`, the server's measured work, and `fl.clock`).
 rounds: what Flower adds to a round trip on this machine. It writes `calibration.json` and prints
 the `--config.fl.clock.*` overrides.
 
---check (root: network namespaces and tbf) runs L=4 and L=8 behind --link=50mbit,200mbit and
---link=100mbit with those overrides, plus L=4 with the shared transport, and prints per setting
-the clock's error against the measured rounds, and the rate a client's model moved at against
-its link's (inline: through the SuperLink; shared: by disk, past the shaped link).
+--check (root) runs the other sizes, L=4 and L=8, behind the same links with those overrides,
+plus L=4 with the shared transport, and prints per setting the clock's error against the
+measured rounds, and the rate a client's model moved at against its link's (inline: through the
+SuperLink; shared: by disk, past the shaped link). Calibration and check share no model size.
 """
 
 import json
@@ -43,13 +45,15 @@ _CALIBRATE = flags.DEFINE_bool('calibrate', False, 'Measure fl.clock on unshaped
 _CHECK = flags.DEFINE_bool('check', False, 'Check the calibrated clock on shaped links (root).')
 _OUT = flags.DEFINE_string('out', 'runs/deploy_clock', 'Where the runs and results go.')
 _ROUNDS = flags.DEFINE_integer('rounds', 4, 'Rounds a run; the first (compiling) is left out.')
+_REPORT = flags.DEFINE_bool('report', False, 'Print the tables of the runs already in --out.')
 _ONLY = flags.DEFINE_list('only', [], 'Run only these settings (names as printed).')
 
 _REPLY = re.compile(r'round (\d+): client (\d+) \(node \d+\) replied after ([\d.]+)s, read in '
                     r'([\d.]+)s; node: (.*)')
 
 # name: (layers or None for the tiny config, --link, transport)
-CALIBRATION = {'tiny': (None, '', 'inline'), 'L2': (2, '', 'inline')}
+CALIBRATION = {'tiny': (None, '', 'inline'), 'L2': (2, '', 'inline'),
+               'L2 50/200': (2, '50mbit,200mbit', 'inline'), 'L2 100': (2, '100mbit', 'inline')}
 CHECKS = {'L4 50/200': (4, '50mbit,200mbit', 'inline'), 'L4 100': (4, '100mbit', 'inline'),
           'L8 50/200': (8, '50mbit,200mbit', 'inline'), 'L8 100': (8, '100mbit', 'inline'),
           'L4 50/200 shared': (4, '50mbit,200mbit', 'shared')}
@@ -134,6 +138,7 @@ def report(run_: dict, tiny_outside_s: float | None) -> str:
   measured = [r['round_time_s'] for r in run_['rounds']]
   simulated = [r['sim_round_time_s'] for r in run_['rounds']]
   errors = [s / m - 1 for s, m in zip(simulated, measured)]
+  ideal = [s / m - 1 for s, m in zip(ideal_transport_round_s(run_), measured)]
   mb = statistics.fmean(round_bytes(r) for r in run_['rounds']) / 1e6
   achieved = ''
   if tiny_outside_s is not None and run_['replies']:
@@ -144,15 +149,41 @@ def report(run_: dict, tiny_outside_s: float | None) -> str:
     achieved = ', '.join(
         f'client {k}: {statistics.fmean(v):.0f}' if all(v) else f'client {k}: -'
         for k, v in sorted(per_client.items()))
+  clients = []
+  for k in sorted({reply['client'] for reply in run_['replies']}):
+    replies = {r['round']: r['reply_s'] for r in run_['replies'] if r['client'] == k}
+    sims = {r['round']: r['client_sim_time_s'][str(k)] for r in run_['rounds']
+            if str(k) in (r['client_sim_time_s'] or {})}
+    both = sorted(set(replies) & set(sims))
+    if both:
+      clients.append(f'{k}: {statistics.fmean(replies[r] for r in both):.1f} / '
+                     f'{statistics.fmean(sims[r] for r in both):.1f}')
   return (f'| {run_["name"]} | {mb:.1f} | {statistics.fmean(measured):.1f} | '
-          f'{statistics.fmean(simulated):.1f} | {100 * statistics.fmean(errors):+.1f}% | '
+          f'{statistics.fmean(simulated):.1f} | {100 * statistics.fmean(ideal):+.1f}% | '
+          f'{100 * statistics.fmean(errors):+.1f}% | '
           f'{100 * min(errors):+.1f}% to {100 * max(errors):+.1f}% | '
-          f'{", ".join(f"{r:g}" for r in rates(run_["setting"])) or "-"} | {achieved or "-"} |')
+          f'{", ".join(f"{r:g}" for r in rates(run_["setting"])) or "-"} | '
+          f'{"; ".join(clients) or "-"} | {achieved or "-"} |')
 
 
-HEADER = ('| setting | MB a message | measured round | simulated round | clock error (mean) | '
-          'range | links (Mbit/s) | achieved Mbit/s (model both ways) |\n'
-          '|---|---|---|---|---|---|---|---|')
+HEADER = ('| setting | MB a client a round (down + up) | measured round (s) | simulated round (s) | '
+          'error at fl.clock = 0 | clock error (mean) | range over rounds | links (Mbit/s) | '
+          'client: measured / simulated reply (s) | achieved Mbit/s (model both ways) |\n'
+          '|---|---|---|---|---|---|---|---|---|---|')
+
+
+def ideal_transport_round_s(run_: dict) -> list[float]:
+  """The run's simulated rounds with fl.clock at 0 (an ideal transport): each client's simulated
+  time less what the clock charged it, the slowest of them plus the server's time."""
+  clock = run_['clock'] or {}
+  rounds = []
+  for r in run_['rounds']:
+    down, up = r['client_download_bytes'], r['client_upload_bytes']
+    slowest = max(t - clock.get('round_trip_s', 0.0) - (
+        8 * (down.get(k, 0) + up.get(k, 0)) / (clock['transport_mbps'] * 1e6)
+        if clock.get('transport_mbps') else 0.0) for k, t in r['client_sim_time_s'].items())
+    rounds.append(slowest + r['server_time_s'])
+  return rounds
 
 
 def tiny_outside(runs: list[dict]) -> float | None:
@@ -161,11 +192,31 @@ def tiny_outside(runs: list[dict]) -> float | None:
   return statistics.fmean(r['reply_s'] - r.get('train', 0.0) for r in tiny) if tiny else None
 
 
+def print_report(out: pathlib.Path) -> None:
+  for name in ('calibration.json', 'check.json'):
+    if not (out / name).exists():
+      print(f'{out / name}: not written yet')
+      continue
+    with open(out / name, encoding='utf-8') as f:
+      result = json.load(f)
+    print(f'{name} (commit {result["commit"]}): fl.clock {result["clock"]}')
+    print(HEADER)
+    tiny_s = (result.get('tiny_outside_s') if name == 'calibration.json' else None)
+    if name == 'check.json':
+      with open(out / 'calibration.json', encoding='utf-8') as f:
+        tiny_s = json.load(f).get('tiny_outside_s')
+    for run_ in result['runs']:
+      print(report(run_, tiny_s if run_['setting'][1] else None))
+
+
 def main(argv) -> None:
   del argv
-  if _CALIBRATE.value == _CHECK.value:
-    raise app.UsageError('give one of --calibrate or --check')
+  if _CALIBRATE.value + _CHECK.value + _REPORT.value != 1:
+    raise app.UsageError('give one of --calibrate, --check or --report')
   out = (REPO / _OUT.value).resolve()
+  if _REPORT.value:
+    print_report(out)
+    return
   out.mkdir(parents=True, exist_ok=True)
   calibration_file = out / 'calibration.json'
   commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,

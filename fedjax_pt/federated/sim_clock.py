@@ -5,15 +5,16 @@ a federation whose organisations train at the same time on their own GPUs. Every
 instead timed under its client's profile (`fedjax_pt.federated.profiles`):
 
     client time = fl.clock.round_trip_s + latency + download bytes / downlink + compute
-                  + latency + upload bytes / uplink + (download + upload bytes) / fl.clock.transport
+                  + latency + upload bytes / uplink
+                  + (download + upload bytes) / fl.clock.transport_mbps
 
 compute being the client's tokens / tokens_per_s, or its measured compute time here when the
 profile gives no throughput; a link without a bandwidth costs no time. `fl.clock` is what a
 deployment adds to every client's round trip (both 0 by default: the ideal transport): a fixed
 time (dispatch, polling, a fresh ClientApp process, its build) and a rate at which the transport
-itself moves the bytes besides the link (Flower's messages are stored and forwarded by the
-SuperLink: serial with the link, not overlapped). `python -m benchmarks.deploy_clock` measures
-both for Flower on a machine.
+itself moves the bytes, charged in series with the link (Flower's SuperLink stores and forwards
+every message; measured, the two partly overlap, which the fitted rate absorbs).
+`python -m benchmarks.deploy_clock --calibrate` fits both for Flower on a machine.
 
 A synchronisation lasts until its slowest included client arrives, or until `fl.round_deadline_s`
 if the server waited for a client that came later (that client is left out, as `late`); retries

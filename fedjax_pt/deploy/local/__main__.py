@@ -191,6 +191,10 @@ def main(argv) -> int:
   }
   deploy_dir = pathlib.Path(workdir) / 'deploy'
   cli.interrupt_once(_PROGRAM)
+  if rates and _TRANSPORT.value == 'shared':
+    _say('note: --transport=shared moves the models through the shared directory on this '
+         "machine's disk, past the shaped links, which carry only Flower's messages; the "
+         "simulated clock still charges the models to fl.profiles' links")
   links = links_lib.Links(rates) if rates else None
   federation = launcher.LocalFederation(deploy_dir, secure=not _INSECURE.value, links=links,
                                         proxy=_PROXY.value)
