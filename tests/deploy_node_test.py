@@ -80,3 +80,19 @@ def test_a_bad_cache_dir_is_one_line_naming_the_node_key(tmp_path):
 def test_the_process_age_is_reported_only_from_a_flwr_clientapp_process():
   # Under pytest one process serves every message: its age says nothing of a round's cost.
   assert client_app.process_age_s() is None
+
+
+def test_the_client_app_imports_no_server_only_library():
+  """Flower starts a fresh ClientApp process for every message, so its imports are paid every
+  round: the server's privacy accounting (dp_accounting, about 1 s with scipy) stays out."""
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, '-c', 'import sys, fedjax_pt.deploy.client_app; '
+       'print(sorted({m.split(".")[0] for m in sys.modules} & {"dp_accounting", "scipy", '
+       '"tensorboardX", "matplotlib", "transformers", "torch", "tensorflow"}))'],
+      cwd=repo, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == '[]'

@@ -155,3 +155,25 @@ def test_wait_by_hand():
   assert sim_clock.wait_s([1.0, 2.0], any_late=False, deadline_s=5.0) == 2.0
   assert sim_clock.wait_s([1.0], any_late=True, deadline_s=5.0) == 5.0
   assert sim_clock.wait_s([], any_late=False, deadline_s=5.0) == 0.0
+
+
+def test_the_calibration_fit_recovers_a_known_clock():
+  """benchmarks/deploy_clock.py fits measured - simulated round time = round_trip_s + 8 x bytes /
+  transport_mbps over the rounds of its runs: rounds made with 5 s + 100 Mbit/s give them back,
+  and a transport that costs nothing per byte gives a rate of 0."""
+  import os  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from benchmarks import deploy_clock  # pylint: disable=import-outside-toplevel
+
+  def run(sizes, seconds):
+    return {'rounds': [{'client_download_bytes': {'0': n // 2, '1': 10},
+                        'client_upload_bytes': {'0': n // 2, '1': 10},
+                        'sim_round_time_s': 3.0, 'round_time_s': 3.0 + seconds(n)}
+                       for n in sizes]}
+
+  clock = lambda n: 5.0 + 8 * n / 100e6
+  fitted = deploy_clock.fit([run([1000, 2000], clock), run([50_000_000, 60_000_000], clock)])
+  assert fitted == pytest.approx({'round_trip_s': 5.0, 'transport_mbps': 100.0})
+  flat = deploy_clock.fit([run([1000, 50_000_000], lambda n: 7.0)])
+  assert flat == pytest.approx({'round_trip_s': 7.0, 'transport_mbps': 0.0})

@@ -31,9 +31,6 @@ import functools
 import math
 from typing import Any
 
-from dp_accounting import dp_event
-from dp_accounting import rdp
-from dp_accounting.pld import pld_privacy_accountant
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -216,6 +213,10 @@ def epsilon(noise_multiplier: float, sampling_rate: float, releases: int, delta:
             accountant: str = 'rdp') -> float:
   """The epsilon of `releases` Gaussian mechanisms of `noise_multiplier`, each on a Poisson
   sample of rate `sampling_rate`, at `delta` (inf without noise; 0 before any release)."""
+  # dp_accounting (with scipy) takes about 1 s to import: only the server's accounting needs it,
+  # not a node's ClientApp, which Flower starts afresh for every message.
+  from dp_accounting import dp_event  # pylint: disable=import-outside-toplevel
+  from dp_accounting.pld import pld_privacy_accountant  # pylint: disable=import-outside-toplevel
   if releases == 0:
     return 0.0
   if noise_multiplier == 0:
@@ -246,6 +247,8 @@ _PLD_RELATIVE_STEP = 1e-5  # of the RDP epsilon, when that is coarser
 
 
 def _rdp_epsilon(gaussian, sampling_rate: float, releases: int, delta: float) -> float:
+  from dp_accounting import dp_event  # pylint: disable=import-outside-toplevel  (see epsilon)
+  from dp_accounting import rdp  # pylint: disable=import-outside-toplevel
   unsampled = rdp.RdpAccountant()
   unsampled.compose(gaussian, releases)
   if sampling_rate >= 1:
