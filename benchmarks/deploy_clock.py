@@ -166,8 +166,9 @@ def report(run_: dict, tiny_outside_s: float | None) -> str:
           f'{"; ".join(clients) or "-"} | {achieved or "-"} |')
 
 
-HEADER = ('| setting | MB a client a round (down + up) | measured round (s) | simulated round (s) | '
-          'error at fl.clock = 0 | clock error (mean) | range over rounds | links (Mbit/s) | '
+HEADER = ('| setting | MB a client a round (down + up) | measured round (s) | '
+          'simulated round (s) | error at fl.clock = 0 | clock error (mean) | '
+          'range over rounds | links (Mbit/s) | '
           'client: measured / simulated reply (s) | achieved Mbit/s (model both ways) |\n'
           '|---|---|---|---|---|---|---|---|---|---|')
 

@@ -10,8 +10,9 @@ sets --xla_force_host_platform_device_count before JAX starts). Every printed li
 its numbers are computed, measured or assumed. The compute time of a step assumes --mfu unless
 --tokens_per_s gives a client's measured throughput (e.g. `tokens_per_s` of a run's metrics.jsonl
 on the same hardware); `fl.clock` (what `python -m benchmarks.deploy_clock --calibrate` measured
-for Flower) adds the transport's own cost to every federated round, as the simulated clock does. `python -m fedjax_pt.main ... --config.dry_run=True`
-prints `describe(config)`, the short part that needs no compilation.
+for Flower) adds the transport's own cost to every federated round, as the simulated clock does.
+`python -m fedjax_pt.main ... --config.dry_run=True` prints `describe(config)`, the short part
+that needs no compilation.
 """
 
 import os
