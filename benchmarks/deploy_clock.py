@@ -40,6 +40,8 @@ import time
 from absl import app
 from absl import flags
 
+from fedjax_pt.deploy.local import links as links_lib
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _CALIBRATE = flags.DEFINE_bool('calibrate', False, 'Measure fl.clock on unshaped links.')
 _CHECK = flags.DEFINE_bool('check', False, 'Check the calibrated clock on shaped links (root).')
@@ -222,9 +224,22 @@ def main(argv) -> None:
   calibration_file = out / 'calibration.json'
   commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
                           text=True, check=False).stdout.strip()
+  settings = CALIBRATION if _CALIBRATE.value else CHECKS
+  unknown = sorted(set(_ONLY.value) - set(settings))
+  if unknown:
+    raise app.UsageError(f'--only={",".join(unknown)}: no such setting; '
+                         f'{"--calibrate" if _CALIBRATE.value else "--check"} has '
+                         f'{", ".join(settings)}')
+  settings = {k: v for k, v in settings.items() if not _ONLY.value or k in _ONLY.value}
+  shaped = [name for name, (_, link, _) in settings.items() if link]
+  if shaped:
+    try:
+      links_lib.check_available()
+    except links_lib.LinkError as e:
+      raise app.UsageError(f'{e}: the settings {", ".join(shaped)} run behind --link (--only '
+                           'picks others)') from None
   if _CALIBRATE.value:
-    runs = [run(out, name, setting, {}, _ROUNDS.value) for name, setting in CALIBRATION.items()
-            if not _ONLY.value or name in _ONLY.value]
+    runs = [run(out, name, setting, {}, _ROUNDS.value) for name, setting in settings.items()]
     clock = fit(runs)
     with open(calibration_file, 'w', encoding='utf-8') as f:
       json.dump({'clock': clock, 'commit': commit, 'cpus': os.cpu_count(),
@@ -241,7 +256,7 @@ def main(argv) -> None:
   with open(calibration_file, encoding='utf-8') as f:
     calibration = json.load(f)
   runs = [run(out, name, setting, calibration['clock'], _ROUNDS.value)
-          for name, setting in CHECKS.items() if not _ONLY.value or name in _ONLY.value]
+          for name, setting in settings.items()]
   with open(out / 'check.json', 'w', encoding='utf-8') as f:
     json.dump({'clock': calibration['clock'], 'commit': commit, 'runs': runs}, f, indent=1)
   print(f'fl.clock from {calibration_file}: {calibration["clock"]}')
