@@ -60,7 +60,7 @@ class RoundRecord:
   round_time_s: float | None = None
   tokens_per_s: float | None = None
   # Simulated time (fedjax_pt/federated/sim_clock.py): clients train at the same time on their own
-  # hardware and links (fl.profiles); centralized: the learner's measured training time.
+  # hardware and links (fl.profiles); centralized: the learner's measured training and evaluation.
   sim_round_time_s: float | None = None
   sim_wall_time_s: float | None = None  # cumulative
   # Federated rounds.
