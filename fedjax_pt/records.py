@@ -78,6 +78,18 @@ class RoundRecord:
   # of the previous round's checkpoint.
   server_time_s: float | None = None
   client_sim_time_s: dict[int, float] | None = None  # simulated, of the clients that replied
+  # Training time of the clients whose update arrived (not known inside a secure sum): measured
+  # on their own hosts (the simulation's: here, one after another), and as the simulated clock
+  # charges it (their fl.profiles throughput, else as measured).
+  client_compute_s: dict[int, float] | None = None
+  client_sim_compute_s: dict[int, float] | None = None
+  # Compute utilisation (fedjax_pt/utilization.py): a client's training time / the round's wall
+  # time, and the clients' mean. On the simulated clock (sim_round_time_s), and measured
+  # (round_time_s) where the clients train on their own hosts, in parallel: a deployment.
+  sim_compute_utilization: float | None = None
+  client_sim_compute_utilization: dict[int, float] | None = None
+  compute_utilization: float | None = None
+  client_compute_utilization: dict[int, float] | None = None
   client_local_steps: dict[int, int] | None = None
   client_train_loss: dict[int, float] | None = None
   client_grad_norm: dict[int, float] | None = None
@@ -139,7 +151,9 @@ def step_records(logged: Sequence[dict[str, float]], round_idx: int, client: int
 # measured here, unless fl.profiles give throughputs): they differ between identical runs, and
 # between a resumed run and an uninterrupted one; every other key is reproducible.
 CLOCK_KEYS = ('round_time_s', 'tokens_per_s', 'sim_round_time_s', 'sim_wall_time_s',
-              'server_time_s', 'client_sim_time_s')
+              'server_time_s', 'client_sim_time_s', 'client_compute_s', 'client_sim_compute_s',
+              'sim_compute_utilization', 'client_sim_compute_utilization', 'compute_utilization',
+              'client_compute_utilization')
 
 _ROUND_FIELDS = {f.name for f in dataclasses.fields(RoundRecord)}
 _STEP_FIELDS = {f.name for f in dataclasses.fields(StepRecord)}

@@ -181,6 +181,12 @@ def summary_table(rounds: list[records.RoundRecord], total_time_s: float) -> str
     rows.insert([k for k, _ in rows].index('wall time') + 1, (
         'simulated wall time',
         f'{sim:.1f} s (clients training at once, fedjax_pt/federated/sim_clock.py)'))
+  for key, value, clock in (('compute utilisation (simulated)', s.sim_compute_utilization,
+                             'clients\' training time / their simulated wall time'),
+                            ('compute utilisation (measured)', s.compute_utilization,
+                             'clients\' training time on their hosts / round time')):
+    if value is not None:
+      rows.append((key, f'{value:.1%} ({clock}, fedjax_pt/utilization.py)'))
   ratio = communication.ddp_ratio(s.ddp_equivalent_bytes, s.bytes_communicated)
   if ratio is not None:
     how = f'{ratio:,.1f}x less' if ratio >= 1 else f'{1 / ratio:,.1f}x more'

@@ -29,6 +29,8 @@ class SimulatedClients:
   `ClientMemory` (Adam state with fl.reset_optimizer=False, error-feedback residual, its own
   model with streaming fragments or mixing) across rounds, in `state()` at a round boundary."""
 
+  trains_in_parallel = False  # one after another, on this host
+
   def __init__(self, spec: RunSpec, trainer: local_training.Trainer, data, progress):
     self._spec, self._trainer, self._progress = spec, trainer, progress
     # Each client's batch and local steps per round (`fl.profiles`; the same for all without).

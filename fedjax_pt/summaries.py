@@ -9,6 +9,7 @@ import re
 import statistics
 from typing import Any
 
+from fedjax_pt import utilization
 from fedjax_pt.records import RoundRecord
 
 
@@ -25,6 +26,10 @@ class RunSummary:
   train_time_s: float | None  # sum of the rounds' times (this and earlier sessions)
   ddp_equivalent_bytes: int | None = None  # what data-parallel training would have sent
   final_extra_val_ppl: dict[str, float] | None = None  # eval.extra_files, last evaluated round
+  # The clients' training time / their wall time (fedjax_pt/utilization.py): on the simulated
+  # clock, and measured (a deployment).
+  sim_compute_utilization: float | None = None
+  compute_utilization: float | None = None
 
   @property
   def bytes_communicated(self) -> int | None:
@@ -53,7 +58,9 @@ def summarize(rounds: Sequence[RoundRecord]) -> RunSummary:
       train_time_s=sum(times) if times else None,
       ddp_equivalent_bytes=last.ddp_equivalent_bytes if last else None,
       final_extra_val_ppl=next((r.extra_val_ppl for r in reversed(rounds) if r.extra_val_ppl),
-                               None))
+                               None),
+      sim_compute_utilization=utilization.of_run(rounds, measured=False),
+      compute_utilization=utilization.of_run(rounds, measured=True))
 
 
 def curve(rounds: Iterable[RoundRecord], x: str = 'round', y: str = 'val_ppl',

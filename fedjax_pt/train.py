@@ -27,6 +27,7 @@ from fedjax_pt import model as model_lib
 from fedjax_pt import records
 from fedjax_pt import reporting
 from fedjax_pt import run_state
+from fedjax_pt import utilization
 from fedjax_pt import workdir as workdir_lib
 from fedjax_pt.federated import compression
 from fedjax_pt.federated import faults
@@ -154,6 +155,7 @@ def _train(spec: RunSpec, parts: build.Parts, run_dir: workdir_lib.Workdir,
           float(parts.lr_schedule(round_idx * fl.local_steps - 1)))
       elapsed = time.perf_counter() - round_start
       record.round_time_s, record.tokens_per_s = elapsed, result.tokens / elapsed
+      utilization.add_to(record, measured=getattr(clients, 'trains_in_parallel', False))
       for step in result.steps:
         session.writer.write(step)
       session.writer.write(record)

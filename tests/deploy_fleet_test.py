@@ -316,7 +316,13 @@ def test_client_profiles_and_the_simulated_deadline_match_the_simulation(tmp_pat
     assert dep.failed_clients == sim.failed_clients == {
         1: 'late: simulated 5.0s > fl.round_deadline_s=4.5'}
     assert dep.client_sim_time_s == pytest.approx(sim.client_sim_time_s)
-
+    # Compute utilisation: the same simulated compute (the profiles' throughput) in both; only
+    # the deployment's clients train on hosts of their own, so only it measures one.
+    assert dep.client_sim_compute_s == pytest.approx(sim.client_sim_compute_s)
+    assert sim.compute_utilization is None
+    assert dep.compute_utilization == pytest.approx(
+        sum(dep.client_compute_s.values()) / (2 * dep.round_time_s))
+    assert 0 < dep.compute_utilization < 1
 
 
 def test_median_with_a_poisoned_node_matches_the_simulation(tmp_path):

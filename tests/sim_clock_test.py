@@ -6,6 +6,9 @@ import ml_collections
 import pytest
 
 import scripted
+from fedjax_pt import records
+from fedjax_pt import summaries
+from fedjax_pt import utilization
 from fedjax_pt.federated import algorithm as federation
 from fedjax_pt.federated import compression
 from fedjax_pt.federated import faults
@@ -177,3 +180,32 @@ def test_the_calibration_fit_recovers_a_known_clock():
   assert fitted == pytest.approx({'round_trip_s': 5.0, 'transport_mbps': 100.0})
   flat = deploy_clock.fit([run([1000, 50_000_000], lambda n: 7.0)])
   assert flat == pytest.approx({'round_trip_s': 7.0, 'transport_mbps': 0.0})
+
+
+def test_compute_utilisation_by_hand():
+  """Client 0 trains 2000 tokens at 1000/s (2 s) but its round trip is CLIENT_0_S; client 1's
+  compute was measured, 3.5 s of its 3.5 s: the slower client and the server set the round."""
+  _, result = _round(TimedClients([1.0, 3.0]), (FAST, MEASURED))
+  stats = result.stats
+  assert stats.client_compute_s == {0: 99.0, 1: 3.5}  # measured on "its host"
+  assert stats.client_sim_compute_s == pytest.approx({0: 2.0, 1: 3.5})  # as the clock charges
+  record = records.RoundRecord(round=1, tokens=2500, client_compute_s=stats.client_compute_s,
+                               client_sim_compute_s=stats.client_sim_compute_s,
+                               sim_round_time_s=CLIENT_1_S + 0.5, round_time_s=200.0)
+  utilization.add_to(record, measured=False)
+  assert record.client_sim_compute_utilization == pytest.approx({0: 2.0 / 4.0, 1: 3.5 / 4.0})
+  assert record.sim_compute_utilization == pytest.approx((0.5 + 0.875) / 2)
+  assert record.compute_utilization is None  # clients in turn on one host: not measured
+  utilization.add_to(record, measured=True)
+  assert record.client_compute_utilization == pytest.approx({0: 99 / 200, 1: 3.5 / 200})
+  assert record.compute_utilization == pytest.approx((99 + 3.5) / 400)
+  # Over a run: all training time over all clients' wall time (not the mean of the rounds').
+  second = records.RoundRecord(round=2, tokens=0, client_sim_compute_s={0: 1.0},
+                               sim_round_time_s=1.0)
+  utilization.add_to(second, measured=False)
+  assert utilization.of_run([record, second], measured=False) == pytest.approx(
+      (2.0 + 3.5 + 1.0) / (2 * 4.0 + 1 * 1.0))
+  assert utilization.of_run([record, second], measured=True) == pytest.approx(102.5 / 400)
+  assert summaries.summarize([record, second]).sim_compute_utilization == pytest.approx(6.5 / 9)
+  assert utilization.of_round({}, 1.0) == (None, None)
+  assert utilization.of_round({0: 1.0}, 0.0) == (None, None)

@@ -68,6 +68,8 @@ class RunInfo:
 class FlowerClients:
   """Clients 0..num_clients-1, each the SuperNode that is it, reached through a Flower `Grid`."""
 
+  trains_in_parallel = True  # each on its own node
+
   def __init__(self, grid, run: RunInfo, move: transport_lib.Inline | transport_lib.Shared,
                like: Any, poll_s: float = 0.1, seats: seats_lib.Seats | None = None):
     self._grid, self._run, self._move, self._poll_s = grid, run, move, poll_s

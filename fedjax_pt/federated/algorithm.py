@@ -48,6 +48,10 @@ class Clients(Protocol):
   """The clients of a federation, as the round object sees them. They own their state: what
   they keep between rounds is in the run's checkpoints as `state()`."""
 
+  # True where each client trains on its own host, at the same time as the others (a deployment):
+  # then the measured round time makes a compute utilisation (`fedjax_pt.utilization`).
+  trains_in_parallel: bool
+
   def train(self, broadcast: Broadcast, round_idx: int, client_ids: Sequence[int], attempt: int,
             segment: fragments_lib.Segment) -> Iterator[ClientReport | SecureSum]:
     """Each client receives its part of `broadcast`, trains `segment.steps` local steps and
@@ -265,12 +269,13 @@ class FederatedAlgorithm:
     if delta is not None and self._clip_at_server:
       delta, norm = privacy.clip(delta, self.fl.dp.clip_norm)
       tally.dp_clipped += int(float(norm) > self.fl.dp.clip_norm)
-    sim_time = sim_clock.client_time_s(
-        self.fl.profile(k), download, upload, report.num_tokens,
-        report.elapsed_s if report.compute_s is None else report.compute_s, self.fl.clock)
+    measured = report.elapsed_s if report.compute_s is None else report.compute_s
+    sim_time = sim_clock.client_time_s(self.fl.profile(k), download, upload, report.num_tokens,
+                                       measured, self.fl.clock)
     failure = report.failure or faults_lib.verdict(delta, report.elapsed_s, self.faults, sim_time)
     if delta is not None:  # it arrived (in time or not): the server knows when
-      tally.arrived(k, sim_time, report.local_steps)
+      tally.arrived(k, sim_time, report.local_steps, measured,
+                    sim_clock.compute_s(self.fl.profile(k), report.num_tokens, measured))
       if failure and failure.startswith('late: simulated'):
         sync.late = True
       else:

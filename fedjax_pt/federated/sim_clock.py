@@ -75,12 +75,18 @@ def communication_s(download_bytes: int, upload_bytes: int, downlink_mbps: float
           transfer_s(download_bytes + upload_bytes, clock.transport_mbps))
 
 
+def compute_s(profile: ClientProfile | None, num_tokens: int, measured_compute_s: float) -> float:
+  """A client's training time on its own hardware: its profile's throughput, else as measured."""
+  p = profile or _IDEAL
+  return num_tokens / p.tokens_per_s if p.tokens_per_s else measured_compute_s
+
+
 def client_time_s(profile: ClientProfile | None, download_bytes: int, upload_bytes: int,
                   num_tokens: int, measured_compute_s: float,
                   clock: ClockConfig = ClockConfig()) -> float:
   """From the server sending the model to it receiving the client's update."""
   p = profile or _IDEAL
-  compute = num_tokens / p.tokens_per_s if p.tokens_per_s else measured_compute_s
+  compute = compute_s(p, num_tokens, measured_compute_s)
   return compute + communication_s(download_bytes, upload_bytes, p.downlink_mbps, p.uplink_mbps,
                                    p.latency_ms / 1e3, clock)
 

@@ -29,6 +29,8 @@ class FederatedStats:
   sim_round_time_s: float
   server_time_s: float
   client_sim_time_s: dict[int, float]
+  client_compute_s: dict[int, float]
+  client_sim_compute_s: dict[int, float]
   client_local_steps: dict[int, int]
   client_train_loss: dict[int, float | None]
   client_grad_norm: dict[int, float | None]
@@ -108,6 +110,9 @@ class Tally:
   sim_s: float = 0.0  # simulated time the server waited for clients (`sim_clock`)
   server_s: float = 0.0  # measured time of the server's own work
   sim_times: dict[int, float] = dataclasses.field(default_factory=dict)  # per client, simulated
+  # Per client, training time: measured on its host, and as the simulated clock charges it.
+  compute: dict[int, float] = dataclasses.field(default_factory=dict)
+  sim_compute: dict[int, float] = dataclasses.field(default_factory=dict)
   local_steps: dict[int, int] = dataclasses.field(default_factory=dict)
   # Norms of the round's model-sized quantities, summed as squares over its fragments.
   squares: dict[str, float] = dataclasses.field(
@@ -127,9 +132,15 @@ class Tally:
     self.uncompressed += uncompressed
     sync.bytes += download + upload
 
-  def arrived(self, client: int, sim_time_s: float, local_steps: int) -> None:
+  def arrived(self, client: int, sim_time_s: float, local_steps: int,
+              compute_s: float | None = None, sim_compute_s: float | None = None) -> None:
+    """A client's update arrived: its simulated round trip and, where known (not inside a secure
+    sum), its training time, measured and simulated."""
     self.sim_times[client] = self.sim_times.get(client, 0.0) + sim_time_s
     self.local_steps[client] = self.local_steps.get(client, 0) + local_steps
+    if compute_s is not None:
+      self.compute[client] = self.compute.get(client, 0.0) + compute_s
+      self.sim_compute[client] = self.sim_compute.get(client, 0.0) + sim_compute_s
 
   def fail(self, client: int, attempt: int, fragment: int, fragments: int, reason: str) -> None:
     key = client if not attempt else f'{client}@{attempt}'
@@ -178,6 +189,8 @@ class Tally:
         compression_ratio=self.uncompressed / sent if sent else None,
         sim_round_time_s=self.sim_s + self.server_s, server_time_s=self.server_s,
         client_sim_time_s=dict(sorted(self.sim_times.items())),
+        client_compute_s=dict(sorted(self.compute.items())),
+        client_sim_compute_s=dict(sorted(self.sim_compute.items())),
         client_local_steps=dict(sorted(self.local_steps.items())),
         outer_momentum_norm=outer_momentum_norm,
         absent_clients=sorted(self.absent) if self.absent else None,
