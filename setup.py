@@ -31,6 +31,8 @@ setuptools.setup(
         'matplotlib>=3.8,<4',
         'PyYAML>=6,<7',
         'dp-accounting>=0.4,<0.7',
+        # The studies' paired t intervals (experiments/*_report.py); dp-accounting needs it too.
+        'scipy>=1.10,<2',
         # fedjax_pt.export / init.from_hf: Hugging Face directories (numpy only, no torch).
         'safetensors>=0.4.3,<1',
         'huggingface-hub>=0.23,<3',

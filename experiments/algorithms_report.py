@@ -194,7 +194,8 @@ def figure(cells: Mapping[str, list[plot.Run]], table: Sequence[Mapping[str, Any
   if axes[0].has_data():
     plot.perplexity_axis(axes[0], 'local steps per client after the warm start')
   axes[0].set_title('Muon vs AdamW inside the clients (warm start)', fontsize=10)
-  axes[0].legend(fontsize=7)
+  if axes[0].has_data():
+    axes[0].legend(fontsize=7)
   for r in table:
     if r['group'] == 'comm' or r['cell'] == COMM_REFERENCE:
       mb = (r.get('MB_sent') or 0) + (r.get('MB_received') or 0)
