@@ -140,9 +140,8 @@ def round_object(parts: Parts, progress, make_clients=None) -> tuple[Any, Any]:
     return (centralized.CentralizedAlgorithm(model.trainer),
             centralized.CentralizedLearner(spec, model.trainer, parts.data, progress))
   if spec.fl.keeps_client_models and model.trainer.parallel > 1:
-    raise ValueError(f'fl.fragments={spec.fl.fragments} / fl.fragment_mixing='
-                     f'{spec.fl.fragment_mixing} give every client a model of its own: they need '
-                     f'mesh.clients=1, got {model.trainer.parallel}')
+    raise ValueError(f'{spec.fl.own_models_keys()} gives every client a model of its own: it '
+                     f'needs mesh.clients=1, got {model.trainer.parallel}')
   federated = algorithm.FederatedAlgorithm(spec.fl, spec.faults, spec.seed,
                                            model.param_shardings, spec.per_layer_norms)
   if make_clients is not None:

@@ -186,6 +186,20 @@ def test_kept_muon_states_on_nodes_match_the_simulation_across_a_server_restart(
   assert [g for _, kind, g in grid.log if kind == protocol.TRAIN] == ['1', '1', '2', '2', '2', '2']
 
 
+def test_overlapped_rounds_on_nodes_match_the_simulation_across_a_server_restart(tmp_path):
+  """fl.overlap: each node trains on from its own model (kept in its snapshot with the global
+  model it rebases onto), bit for bit as the simulation, also when the server replays round 2."""
+  simulated = train.run(_config(overlap=True), str(tmp_path / 'sim'))
+  grid = FakeGrid(_nodes(tmp_path))
+  run_config = _run_config(tmp_path / 'dep', '--config.fl.overlap=True')
+  deployed = server_app.serve(grid, run_config)
+  assert _val_losses(deployed) == _val_losses(simulated)  # bit for bit
+  assert _val_losses(deployed) != _val_losses(train.run(_config(), str(tmp_path / 'sync')))
+  shutil.rmtree(tmp_path / 'dep' / 'checkpoints' / '2')
+  resumed = server_app.serve(grid, run_config)
+  assert _val_losses(resumed) == _val_losses(simulated)
+
+
 def test_compressed_messages_and_node_residuals_match_the_simulation(tmp_path):
   """int8 deltas with error feedback (the residual kept in the node's snapshots) and a bf16
   broadcast: the same losses and the same bytes on the wire as the simulation, bit for bit."""

@@ -105,6 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
   # local_steps.
   c.fl.fragments = 1  # F (at most local_steps); F > 1 needs every client in every round
   c.fl.fragment_mixing = 0.0  # alpha: a client takes alpha * own + (1 - alpha) * global fragment
+  # Overlapped rounds: a client trains the next round on from its own model while its delta
+  # travels and the server steps, and rebases onto the new global model when it has trained
+  # (one-step-delayed outer updates; fedjax_pt/federated/client_round.py).
+  c.fl.overlap = False
   # Heterogeneous clients (fedjax_pt/federated/profiles.py): per-client batch, local steps or time
   # budget, throughput, links and availability, as a JSON list inline or a .json/.yaml file; '' =
   # identical.

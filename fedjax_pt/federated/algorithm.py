@@ -101,6 +101,10 @@ class FederatedAlgorithm:
       logging.info('fl.dp: clip %g, noise multiplier %g, noise at the %s; epsilon at delta=%g '
                    '(%s accountant) after every round in the records', fl.dp.clip_norm,
                    fl.dp.noise_multiplier, fl.dp.noise_at, fl.dp.delta, fl.dp.accountant)
+    if fl.overlap and fault_cfg.round_deadline_s:
+      raise ValueError(f'fl.overlap=True with fl.round_deadline_s={fault_cfg.round_deadline_s} '
+                       'is not built yet: an overlapped client may start before the round does')
+    self._pipeline = sim_clock.OverlapPipeline()  # fl.overlap's simulated clock
     self._assignment = None
     self._server_updates = None
     self._encode = None
@@ -152,6 +156,7 @@ class FederatedAlgorithm:
     tally = Tally(absent=profiles_lib.absent(self.fl.profiles, self.seed, round_idx))
     for segment in self.schedule:
       state = self._synchronise(state, round_idx, segment, clients, tally)
+    self._pipeline.round_ended(round_idx, tally.sim_s + tally.server_s)
     stats = tally.stats(metrics.outer_momentum_norm(state.opt_state), self._clip_at_server,
                         self.fl.secagg.enabled, self.fl.aggregation)
     return state, RoundResult(
@@ -165,7 +170,7 @@ class FederatedAlgorithm:
     own get the fragment synchronised at the end of the previous segment (of this round or the
     last)."""
     fragment = None
-    if self.fl.keeps_client_models:
+    if self.fl.merges_fragments:
       fragment = (segment.fragment - 1) % self.fl.fragments
     return Broadcast(self._encode(state.params), fragment, state.holders, self._assignment)
 
@@ -270,12 +275,20 @@ class FederatedAlgorithm:
       delta, norm = privacy.clip(delta, self.fl.dp.clip_norm)
       tally.dp_clipped += int(float(norm) > self.fl.dp.clip_norm)
     measured = report.elapsed_s if report.compute_s is None else report.compute_s
-    sim_time = sim_clock.client_time_s(self.fl.profile(k), download, upload, report.num_tokens,
-                                       measured, self.fl.clock)
+    profile, clock = self.fl.profile(k), self.fl.clock
+    compute = sim_clock.compute_s(profile, report.num_tokens, measured)
+    sim_time = sim_clock.client_time_s(profile, download, upload, report.num_tokens, measured,
+                                       clock)
+    if self.fl.overlap and delta is not None:
+      p = profile or profiles_lib.ClientProfile()
+      received = sim_clock.one_way_s(download, p.downlink_mbps, p.latency_ms / 1e3, clock)
+      ready = self._pipeline.ready_s(k, round_idx, received) if not attempt else received
+      sim_time = sim_clock.overlapped_client_time_s(ready, profile, upload, compute, clock)
+      if not report.failure:
+        self._pipeline.trained(k, ready + compute, received)
     failure = report.failure or faults_lib.verdict(delta, report.elapsed_s, self.faults, sim_time)
     if delta is not None:  # it arrived (in time or not): the server knows when
-      tally.arrived(k, sim_time, report.local_steps, measured,
-                    sim_clock.compute_s(self.fl.profile(k), report.num_tokens, measured))
+      tally.arrived(k, sim_time, report.local_steps, measured, compute)
       if failure and failure.startswith('late: simulated'):
         sync.late = True
       else:

@@ -114,6 +114,8 @@ class ClientRule:
     if not fl.keeps_client_models:
       return Start(received, received), memory
     here = (round_idx, segment.start)
+    if fl.overlap:
+      return self._overlapped_start(memory, received, round_idx)
     if fragment is None:  # the whole model: it becomes the client's own
       memory = memory.replace(model=received, anchor=received, merged=here)
     elif memory.model is None:
@@ -127,6 +129,19 @@ class ClientRule:
           anchor=fragments_lib.replace(memory.anchor, received, self.assignment, fragment),
           merged=here)
     return Start(memory.model, memory.anchor), memory
+
+  def _overlapped_start(self, memory: ClientMemory, received: Any,
+                        round_idx: int) -> tuple[Start, ClientMemory]:
+    """fl.overlap: a client that took part in the previous round trains on from its own model,
+    theta_{r-1} + its delta of round r - 1 (the global model it had then plus its own progress:
+    it has not waited for theta_r), and takes its delta against that start. `received`, theta_r,
+    is kept as the anchor it rebases onto when it has trained (`finish`): its next start is
+    theta_r + its delta of round r. One-step-delayed outer updates, the overlap of DiLoCoX
+    (arXiv 2506.21263) and "eager updates" (arXiv 2502.12996) in the form written here. Any
+    other client starts from theta_r, as in a synchronous round."""
+    took_part = memory.model is not None and memory.merged == (round_idx - 1, 0)
+    start = memory.model if took_part else received
+    return Start(start, start), memory.replace(anchor=received, merged=(round_idx, 0))
 
   def opt_state(self, memory: ClientMemory, segment: fragments_lib.Segment) -> Any:
     """The Adam state it trains with: its own, or None for fresh moments."""
@@ -177,7 +192,10 @@ class ClientRule:
     if residual is not None and fl.fragments > 1:
       residual_part = fragments_lib.replace(residual, residual_part, self.assignment,
                                             segment.fragment)
-    memory = self._keep(memory, result.state.opt_state, params, residual_part, finite, segment)
+    own = params
+    if fl.overlap:  # rebased onto the global model that came with this round (`receive`)
+      own = jax.tree.map(lambda a, p, s: a + (p - s), memory.anchor, params, start.reference)
+    memory = self._keep(memory, result.state.opt_state, own, residual_part, finite, segment)
     report = ClientReport(
         client=client, update=message, training=result.summary,
         steps=records.step_records(result.step_metrics, round_idx, client, fl.local_steps,

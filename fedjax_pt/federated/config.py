@@ -32,6 +32,10 @@ class FLConfig:
   aggregation_clip: float = 2.0  # norm_clipped: the bound, in median delta norms
   fragments: int = 1
   fragment_mixing: float = 0.0
+  # Overlapped rounds (`client_round`): a client trains round r on from its own model, the
+  # global model of round r - 1 plus its own progress since, while its delta of round r - 1
+  # travels and the server steps; it rebases onto the global model of round r when it finishes.
+  overlap: bool = False
   compression: compression_lib.CompressionConfig = compression_lib.CompressionConfig()
   profiles: tuple[profiles_lib.ClientProfile, ...] = ()  # one per client, or () (identical)
   clock: sim_clock.ClockConfig = sim_clock.ClockConfig()
@@ -39,10 +43,22 @@ class FLConfig:
   secagg: privacy.SecAggConfig = privacy.SecAggConfig()
 
   @property
-  def keeps_client_models(self) -> bool:
-    """Whether clients carry their own model from one synchronisation to the next (streaming
-    fragments, or mixing); otherwise every round starts from the global model."""
+  def merges_fragments(self) -> bool:
+    """Whether clients merge the fragments they receive into a model of their own (streaming
+    fragments, or mixing)."""
     return self.fragments > 1 or self.fragment_mixing > 0
+
+  @property
+  def keeps_client_models(self) -> bool:
+    """Whether clients carry their own model from one synchronisation to the next (fragments,
+    mixing, overlapped rounds); otherwise every round starts from the global model."""
+    return self.merges_fragments or self.overlap
+
+  def own_models_keys(self) -> str:
+    """The keys that give every client a model of its own, for messages."""
+    if self.overlap:
+      return 'fl.overlap=True'
+    return f'fl.fragments={self.fragments} / fl.fragment_mixing={self.fragment_mixing}'
 
   def __post_init__(self):
     for name in ('num_clients', 'clients_per_round', 'rounds', 'local_steps'):
@@ -74,12 +90,17 @@ class FLConfig:
                        f'{self.local_steps} (a fragment syncs every tau / F steps)')
     if not 0 <= self.fragment_mixing < 1:
       raise ValueError(f'fl.fragment_mixing must be in [0, 1), got {self.fragment_mixing}')
+    if not isinstance(self.overlap, bool):
+      raise ValueError(f'fl.overlap must be True or False, got {self.overlap!r}')
+    if self.overlap and self.merges_fragments:
+      raise ValueError(f'fl.overlap=True with fl.fragments={self.fragments} / '
+                       f'fl.fragment_mixing={self.fragment_mixing} is not built yet: overlapped '
+                       'rounds synchronise the whole model (fragments 1, mixing 0)')
     if self.keeps_client_models and self.clients_per_round != self.num_clients:
       # A client left out of a synchronisation would train on from a stale model.
-      raise ValueError(f'fl.fragments={self.fragments} / fl.fragment_mixing='
-                       f'{self.fragment_mixing} keep every client\'s model between syncs: they '
-                       f'need fl.clients_per_round = fl.num_clients, got {self.clients_per_round} '
-                       f'of {self.num_clients}')
+      raise ValueError(f'{self.own_models_keys()} keeps every client\'s model between syncs: '
+                       f'it needs fl.clients_per_round = fl.num_clients, got '
+                       f'{self.clients_per_round} of {self.num_clients}')
     self._check_privacy()
     robust.check(self.aggregation, self.aggregation_trim, self.aggregation_clip, self.weighting,
                  self.clients_per_round)
@@ -104,6 +125,9 @@ class FLConfig:
                        "fl.aggregation='mean'")
     if secagg.enabled:
       secagg.check(self.clients_per_round)
+      if self.overlap:
+        raise ValueError('fl.overlap=True with fl.secagg is not built yet: a secure sum reports '
+                         "no client's own timing or model; set fl.overlap=False")
       if self.compression.upload == 'topk':
         raise ValueError("fl.secagg cannot take fl.compression.upload='topk': its masks cancel "
                          'only in a sum over the same positions, and each client keeps different '

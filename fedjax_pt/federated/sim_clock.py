@@ -81,6 +81,22 @@ def compute_s(profile: ClientProfile | None, num_tokens: int, measured_compute_s
   return num_tokens / p.tokens_per_s if p.tokens_per_s else measured_compute_s
 
 
+def one_way_s(num_bytes: int, mbps: float | None, latency_s: float,
+              clock: ClockConfig = ClockConfig()) -> float:
+  """One message's share of `communication_s`: half the transport's fixed cost, the latency,
+  the link and the transport's rate."""
+  return (clock.round_trip_s / 2 + latency_s + transfer_s(num_bytes, mbps) +
+          transfer_s(num_bytes, clock.transport_mbps))
+
+
+def overlapped_client_time_s(ready_s: float, profile: ClientProfile | None, upload_bytes: int,
+                             compute: float, clock: ClockConfig = ClockConfig()) -> float:
+  """fl.overlap: when a client's update arrives, from the round's start, if it could start
+  training at `ready_s` (before the broadcast: negative) and trains for `compute` seconds."""
+  p = profile or _IDEAL
+  return ready_s + compute + one_way_s(upload_bytes, p.uplink_mbps, p.latency_ms / 1e3, clock)
+
+
 def client_time_s(profile: ClientProfile | None, download_bytes: int, upload_bytes: int,
                   num_tokens: int, measured_compute_s: float,
                   clock: ClockConfig = ClockConfig()) -> float:
@@ -94,5 +110,40 @@ def client_time_s(profile: ClientProfile | None, download_bytes: int, upload_byt
 def wait_s(included: Iterable[float], any_late: bool, deadline_s: float) -> float:
   """How long the server waits in one attempt of a synchronisation: for its slowest included
   client, or until the deadline when a client it waited for never came in time."""
-  slowest = max(included, default=0.0)
+  # Never below 0: with fl.overlap every update may have arrived before the round began.
+  slowest = max(max(included, default=0.0), 0.0)
   return max(slowest, deadline_s) if any_late and deadline_s else slowest
+
+
+@dataclasses.dataclass
+class OverlapPipeline:
+  """fl.overlap on the simulated clock. A client that took part in round r - 1 starts round r
+  as soon as it has finished training round r - 1 and holds theta_{r-1} (the model it rebases
+  onto; `client_round`), which may be before the server's broadcast of round r: times are from
+  the start of the round, negative before it. Any other client starts when the broadcast has
+  reached it, as in a synchronous round.
+
+  The round's start is taken as the end of the server's outer step: its evaluation and
+  checkpoint (`accounting.with_server_work`) are not subtracted, which shortens no round. The
+  pipeline lives in memory: a resumed run times its first round as a synchronous one.
+  """
+  round: int = 0  # the round `carried` came from
+  carried: dict[int, tuple[float, float]] = dataclasses.field(default_factory=dict)
+  pending: dict[int, tuple[float, float]] = dataclasses.field(default_factory=dict)
+
+  def ready_s(self, client: int, round_idx: int, received_s: float) -> float:
+    """When `client` can start training in round `round_idx`; `received_s`: when this round's
+    broadcast reaches it."""
+    if self.round == round_idx - 1 and client in self.carried:
+      return max(self.carried[client])
+    return received_s
+
+  def trained(self, client: int, end_s: float, received_s: float) -> None:
+    """`client` finished training at `end_s` and received this round's model at `received_s`."""
+    self.pending[client] = (end_s, received_s)
+
+  def round_ended(self, round_idx: int, round_s: float) -> None:
+    """The round lasted `round_s`: the next one starts then."""
+    self.carried = {k: (end - round_s, received - round_s)
+                    for k, (end, received) in self.pending.items()}
+    self.round, self.pending = round_idx, {}
