@@ -98,12 +98,12 @@ def test_break_even_bandwidth_by_hand():
   assert wallclock.faster_at_every_bandwidth(every_step, _HW) == 'DDP'
 
 
-def test_every_paper_config_is_planned_in_bounded_time_without_allocating_the_model():
+def test_the_smallest_and_largest_paper_configs_are_planned_without_allocating_the_model():
   hardware = wallclock.Hardware(peak_flops=989e12, devices_per_client=8, mfu=0.4,
                                 bandwidth_bps=1e9, latency_s=0.01)
   rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  for name, params in (('75m', '74,954,880'), ('125m', '125,209,344'), ('350m', '355,714,048'),
-                       ('1p3b', '1,315,407,872')):
+  # 125m and 350m lie between (their parameter counts: tests/model_test.py).
+  for name, params in (('75m', '74,954,880'), ('1p3b', '1,315,407,872')):
     start = time.perf_counter()
     report = plan.full_plan(importlib.import_module(f'fedjax_pt.configs.{name}').get_config(),
                             devices.accelerator('h100'), hardware)
