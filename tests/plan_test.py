@@ -156,6 +156,20 @@ def test_a_measured_throughput_and_the_transport_clock_by_hand():
   assert even.federated_round_s == pytest.approx(even.ddp_round_s)
 
 
+def test_the_overlapped_round_by_hand():
+  """fl.overlap in steady state: 10 s of compute and 3.02 s of communication a round: hidden,
+  10 s; with fl.clock's 7 s more it is 10.02 s of communication: (10 + 10.02) / 2."""
+  assert wallclock.predict(_WORK, _HW).overlapped_round_s == pytest.approx(10.0)
+  clock = wallclock.ClockConfig(round_trip_s=5.0, transport_mbps=12.0)
+  p = wallclock.predict(_WORK, dataclasses.replace(_HW, clock=clock))
+  assert p.overlapped_round_s == pytest.approx((10.0 + 10.02) / 2)
+  config = tiny.get_config()
+  config.fl.overlap = True
+  text = plan.full_plan(config, devices.accelerator('h100'),
+                        dataclasses.replace(_HW, devices_per_client=8))
+  assert 'fl.overlap: a round ' in text and 'comparisons below are for synchronous' in text
+
+
 def test_the_plan_prints_the_measured_throughput_and_the_clock():
   config = tiny.get_config()
   config.fl.clock.round_trip_s, config.fl.clock.transport_mbps = 9.5, 400.0

@@ -154,6 +154,10 @@ def full_plan(config: ml_collections.ConfigDict, accelerator: devices_lib.Accele
       f'({c.upload}) per client a round [computed: compression.payload_bytes of abstract shapes]',
       f'  round {_duration(p.federated_round_s)} (communication {_duration(p.federated_comm_s)}),'
       f' run {_duration(p.federated_run_s)}, {_bytes(p.federated_bytes)} sent [computed]',
+      *([f'  fl.overlap: a round {_duration(p.overlapped_round_s)} in steady state, max(compute, '
+         f'(compute + communication) / 2), run {_duration(p.rounds * p.overlapped_round_s)}; '
+         'the comparisons below are for synchronous rounds [computed: the simulated clock\'s '
+         'pipeline]'] if fl.overlap else []),
       f'DDP, {k} workers like the clients, the same tokens: ring all-reduce of the float32 '
       f'gradient at every step, 2(K-1)/K x {_bytes(w.gradient_bytes)} = '
       f'{_bytes(2 * (k - 1) / k * w.gradient_bytes)} per worker, {_duration(p.ddp_comm_s)} '

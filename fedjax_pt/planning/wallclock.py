@@ -91,6 +91,14 @@ class Prediction:
     return self.rounds * self.federated_round_s
 
   @property
+  def overlapped_round_s(self) -> float:
+    """fl.overlap in steady state (`sim_clock.OverlapPipeline`, the server's work not counted):
+    a client trains round r while round r - 1's delta goes up and theta_r comes down, so a round
+    lasts its compute, or half of compute + communication when that is longer."""
+    compute = self.local_steps * self.step_compute_s
+    return max(compute, (compute + self.federated_comm_s) / 2)
+
+  @property
   def ddp_round_s(self) -> float:
     """DDP's time for a round's tokens: tau steps."""
     return self.local_steps * self.ddp_step_s
