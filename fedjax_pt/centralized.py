@@ -78,6 +78,11 @@ class CentralizedAlgorithm:
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     return {'params': state.params, 'opt_state': state.opt_state, 'step': state.step}, {}
 
+  def abstract_pending(self, state: local_training.LocalState,
+                       meta: dict[str, Any]) -> dict[str, Any]:
+    del state, meta
+    return {}  # no updates in flight: one learner
+
   def restore(self, state: local_training.LocalState, arrays: dict[str, Any],
               meta: dict[str, Any], round_idx: int) -> local_training.LocalState:
     del state, meta, round_idx

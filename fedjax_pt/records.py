@@ -123,6 +123,11 @@ class RoundRecord:
   # {client: the scale its delta was multiplied by}, clipped clients only ({}: none clipped).
   robust_trimmed_values: dict[int, float] | None = None
   robust_clipped_clients: dict[int, float] | None = None
+  # fl.quorum (fedjax_pt/federated/quorum.py): clients whose update missed this round's close
+  # ({client: its simulated arrival, s from the round's start}), kept for a later round; and late
+  # updates of earlier rounds averaged in this one ({client: staleness in rounds}).
+  late_clients: dict[int, float] | None = None
+  stale_clients: dict[int, int] | None = None
   # Centralized rounds: means over the round's steps.
   grad_norm: float | None = None
   update_norm: float | None = None

@@ -61,7 +61,8 @@ def abstract(algorithm, state, clients, meta_json: dict[str, Any]) -> dict[str, 
   arrays, _ = algorithm.state_arrays(state)
   if meta.layout == 1:
     return checkpoint_lib.abstract({**arrays, **_legacy_clients(arrays, clients, meta)})
-  return checkpoint_lib.abstract({**arrays, 'clients': clients.abstract(meta.clients)})
+  return checkpoint_lib.abstract({**arrays, **algorithm.abstract_pending(state, meta.server),
+                                  'clients': clients.abstract(meta.clients)})
 
 
 def restore(algorithm, state, clients, restored: checkpoint_lib.Restored,

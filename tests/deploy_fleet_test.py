@@ -199,6 +199,26 @@ def test_overlapped_rounds_on_nodes_match_the_simulation_across_a_server_restart
   assert _val_losses(resumed) == _val_losses(simulated)
 
 
+def test_quorum_rounds_match_the_simulation_across_a_server_restart(tmp_path):
+  """fl.quorum=1 with a 2.5x slower node (profiles' throughputs: a fixed arrival order on the
+  simulated clock, which decides in both): the same late and stale updates and the same models,
+  also when the server replays round 3 from round 2's checkpoint, which holds a late update."""
+  table = '[{"tokens_per_s":400},{"tokens_per_s":160}]'
+  simulated = train.run(_config(quorum=1, profiles=table, rounds=4), str(tmp_path / 'sim'))
+  grid = FakeGrid(_nodes(tmp_path))
+  run_config = _run_config(tmp_path / 'dep', f"--config.fl.quorum=1 --config.fl.rounds=4 "
+                                             f"--config.fl.profiles='{table}'")
+  deployed = server_app.serve(grid, run_config)
+  assert _val_losses(deployed) == _val_losses(simulated)  # bit for bit
+  assert ([(r.late_clients, r.stale_clients) for r in deployed.rounds[1:]] ==
+          [(r.late_clients, r.stale_clients) for r in simulated.rounds[1:]])
+  assert [r.stale_clients for r in deployed.rounds[1:]] == [{}, {}, {1: 2}, {0: 1}]
+  shutil.rmtree(tmp_path / 'dep' / 'checkpoints' / '4')
+  shutil.rmtree(tmp_path / 'dep' / 'checkpoints' / '3')
+  resumed = server_app.serve(grid, run_config)
+  assert _val_losses(resumed) == _val_losses(simulated)
+
+
 def test_compressed_messages_and_node_residuals_match_the_simulation(tmp_path):
   """int8 deltas with error feedback (the residual kept in the node's snapshots) and a bf16
   broadcast: the same losses and the same bytes on the wire as the simulation, bit for bit."""

@@ -146,3 +146,12 @@ def test_a_robust_aggregation_counts_every_delta_it_keeps():
   config.fl.aggregation, config.fl.weighting = 'median', 'uniform'
   median = memory.estimate(RunSpec.from_config(config), build.model_config(config))
   assert median.server - mean.server == config.fl.clients_per_round * mean.params
+
+
+def test_quorum_rounds_count_the_updates_they_keep():
+  """fl.quorum holds each sampled update until its close, and the late ones until merged."""
+  config = tiny.get_config()
+  every = memory.estimate(RunSpec.from_config(config), build.model_config(config))
+  config.fl.quorum = 2
+  quorum = memory.estimate(RunSpec.from_config(config), build.model_config(config))
+  assert quorum.server - every.server == config.fl.clients_per_round * every.params

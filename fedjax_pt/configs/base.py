@@ -109,6 +109,13 @@ def get_config() -> ml_collections.ConfigDict:
   # travels and the server steps, and rebases onto the new global model when it has trained
   # (one-step-delayed outer updates; fedjax_pt/federated/client_round.py).
   c.fl.overlap = False
+  # Quorum rounds (fedjax_pt/federated/quorum.py, on the simulated clock): the server steps once
+  # fl.quorum updates are in (0: every sampled client's), fl.grace_s simulated seconds after the
+  # quorum-th; later ones are kept and merged into a later step with weight x (1 + staleness) ^
+  # -fl.staleness_exponent (FedAsync's polynomial rule), their clients resampled after that.
+  c.fl.quorum = 0
+  c.fl.grace_s = 0.0
+  c.fl.staleness_exponent = 0.5
   # Heterogeneous clients (fedjax_pt/federated/profiles.py): per-client batch, local steps or time
   # budget, throughput, links and availability, as a JSON list inline or a .json/.yaml file; '' =
   # identical.

@@ -35,6 +35,7 @@ from fedjax_pt.federated import faults as faults_lib
 from fedjax_pt.federated import fragments as fragments_lib
 from fedjax_pt.federated import privacy
 from fedjax_pt.federated import profiles as profiles_lib
+from fedjax_pt.federated import quorum as quorum_lib
 from fedjax_pt.federated import robust
 from fedjax_pt.federated import sampling
 from fedjax_pt.federated import server as server_lib
@@ -101,9 +102,10 @@ class FederatedAlgorithm:
       logging.info('fl.dp: clip %g, noise multiplier %g, noise at the %s; epsilon at delta=%g '
                    '(%s accountant) after every round in the records', fl.dp.clip_norm,
                    fl.dp.noise_multiplier, fl.dp.noise_at, fl.dp.delta, fl.dp.accountant)
-    if fl.overlap and fault_cfg.round_deadline_s:
-      raise ValueError(f'fl.overlap=True with fl.round_deadline_s={fault_cfg.round_deadline_s} '
-                       'is not built yet: an overlapped client may start before the round does')
+    if (fl.overlap or fl.quorum) and fault_cfg.round_deadline_s:
+      what = 'fl.overlap=True' if fl.overlap else f'fl.quorum={fl.quorum}'
+      raise ValueError(f'{what} with fl.round_deadline_s={fault_cfg.round_deadline_s} is not '
+                       'built yet: the round ends at its own time')
     self._pipeline = sim_clock.OverlapPipeline()  # fl.overlap's simulated clock
     self._assignment = None
     self._server_updates = None
@@ -135,15 +137,28 @@ class FederatedAlgorithm:
   # --- the run's checkpoints ----------------------------------------------------------------------
 
   def state_arrays(self, state: server_lib.ServerState) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The server's part of a checkpoint: (arrays, JSON)."""
-    return ({'params': state.params, 'opt_state': state.opt_state},
-            {'holders': sorted(state.holders)})
+    """The server's part of a checkpoint: (arrays, JSON). Late updates in flight (fl.quorum)
+    are arrays under 'pending', by client."""
+    arrays = {'params': state.params, 'opt_state': state.opt_state}
+    if state.pending:
+      arrays['pending'] = {str(u.client): u.delta for u in state.pending}
+    return arrays, {'holders': sorted(state.holders),
+                    'pending': [u.meta() for u in state.pending]}
+
+  def abstract_pending(self, state: server_lib.ServerState,
+                       meta: dict[str, Any]) -> dict[str, Any]:
+    """The 'pending' arrays of a checkpoint whose server JSON is `meta`, shaped like the
+    parameters (`state` from `init`); {} when it has none."""
+    pending = meta.get('pending') or []
+    return {'pending': {str(m['client']): state.params for m in pending}} if pending else {}
 
   def restore(self, state: server_lib.ServerState, arrays: dict[str, Any], meta: dict[str, Any],
               round_idx: int) -> server_lib.ServerState:
     """`state` (of `init`) continued from a checkpoint of round `round_idx`."""
+    pending = tuple(quorum_lib.LateUpdate(arrays['pending'][str(m['client'])], **m)
+                    for m in meta.get('pending') or ())
     return state.replace(params=arrays['params'], opt_state=arrays['opt_state'], round=round_idx,
-                         holders=frozenset(meta.get('holders', ())))
+                         holders=frozenset(meta.get('holders', ())), pending=pending)
 
   # --- a round ------------------------------------------------------------------------------------
 
@@ -158,7 +173,7 @@ class FederatedAlgorithm:
       state = self._synchronise(state, round_idx, segment, clients, tally)
     self._pipeline.round_ended(round_idx, tally.sim_s + tally.server_s)
     stats = tally.stats(metrics.outer_momentum_norm(state.opt_state), self._clip_at_server,
-                        self.fl.secagg.enabled, self.fl.aggregation)
+                        self.fl.secagg.enabled, self.fl.aggregation, bool(self.fl.quorum))
     return state, RoundResult(
         tokens=tally.tokens, stats=stats, bytes_sent=sum(tally.download.values()),
         bytes_received=sum(tally.upload.values()), train_loss=tally.train_loss(),
@@ -185,6 +200,8 @@ class FederatedAlgorithm:
       sync.average = robust.make(fl.aggregation, fl.aggregation_trim, fl.aggregation_clip)
     broadcast = self._broadcast(state, segment)
     holders = set(state.holders)
+    in_flight = {u.client for u in state.pending}  # fl.quorum: busy until merged
+    waited = 0.0  # simulated seconds this synchronisation waited for its clients
     for attempt in range(policy.max_round_retries + 1):
       # A client that said it lost its model is sent the whole model when it is drawn again.
       broadcast = dataclasses.replace(broadcast, holders=frozenset(holders))
@@ -194,7 +211,7 @@ class FederatedAlgorithm:
       tally.refused.update(clients.refused())
       ids = sampling.sample_clients(
           fl.num_clients, fl.clients_per_round - sync.average.count, self.seed, round_idx,
-          attempt, exclude=sync.aggregated | set(gone) | tally.absent)
+          attempt, exclude=sync.aggregated | set(gone) | tally.absent | in_flight)
       tally.sampled.update(ids)
       sync.sampled.update(ids)
       raised = []  # the failures of clients that crashed on their own, sending nothing
@@ -212,7 +229,12 @@ class FederatedAlgorithm:
         absorb_start = time.perf_counter()
         self._absorb(state, broadcast, round_idx, report, attempt, segment.fragment, sync, tally)
         tally.server_s += time.perf_counter() - absorb_start
-      tally.sim_s += sim_clock.wait_s(sync.arrivals, sync.late, policy.round_deadline_s)
+      if fl.quorum and not attempt:
+        wait = self._close(state, round_idx, sync, tally)
+      else:
+        wait = sim_clock.wait_s(sync.arrivals, sync.late, policy.round_deadline_s)
+      tally.sim_s += wait
+      waited += wait
       sync.arrivals, sync.late = [], False
       if raised and all(raised):
         # Every client raised on its own: a bug or a broken setup, not a fault to tolerate (an
@@ -226,6 +248,8 @@ class FederatedAlgorithm:
                       attempt + 1)
     tally.ended(sync, attempt)
     state = state.replace(holders=frozenset(holders))
+    if fl.quorum:
+      state = state.replace(pending=quorum_lib.carried(sync.still_late, waited))
     if sync.average.count < policy.min_clients:
       tally.skipped = True
       logging.warning('round %d: %s skipped: %d usable clients < fl.min_clients=%d; the global '
@@ -299,14 +323,34 @@ class FederatedAlgorithm:
       tally.fail(k, attempt, fragment, self.fl.fragments, failure)
       return
     training = report.training
-    sync.average.add(delta, aggregation.client_weight(
-        self.fl.weighting, report.num_tokens, report.num_examples), client=k)
-    sync.aggregated.add(k)
+    weight = aggregation.client_weight(self.fl.weighting, report.num_tokens, report.num_examples)
+    if self.fl.quorum and not attempt:  # averaged or kept when the synchronisation closes
+      sync.candidates.append(quorum_lib.Candidate(k, delta, weight, sim_time, round_idx))
+    else:
+      sync.average.add(delta, weight, client=k)
+      sync.aggregated.add(k)
     model = jax.tree.map(lambda p, d: p + d, self._fragment(state.params, fragment), delta)
     tally.client_values(
         k, client_train_loss=training.mean_loss, client_grad_norm=training.mean_grad_norm,
         client_update_norm=training.mean_update_norm,
         client_norm=float(metrics.l2_norm(model)), client_delta_norm=float(metrics.l2_norm(delta)))
+
+  def _close(self, state, round_idx: int, sync: Sync, tally: Tally) -> float:
+    """fl.quorum: averages the candidates in by the close, keeps the others in flight
+    (`quorum`); returns the simulated seconds the synchronisation waited."""
+    fl = self.fl
+    candidates = sync.candidates + quorum_lib.pending_candidates(state.pending)
+    now, sync.still_late, close = quorum_lib.split(candidates, fl.quorum, fl.grace_s)
+    for c in now:
+      staleness = round_idx - c.born
+      sync.average.add(c.delta, quorum_lib.staleness_weight(c.weight, staleness,
+                                                            fl.staleness_exponent),
+                       client=c.client)
+      sync.aggregated.add(c.client)
+      if staleness:
+        tally.stale[c.client] = staleness
+    tally.late.update({c.client: c.arrival_s for c in sync.still_late if c.born == round_idx})
+    return close
 
   def _absorb_sum(self, round_idx: int, report: SecureSum, attempt: int, sync: Sync,
                   tally: Tally) -> None:

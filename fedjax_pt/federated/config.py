@@ -36,6 +36,12 @@ class FLConfig:
   # global model of round r - 1 plus its own progress since, while its delta of round r - 1
   # travels and the server steps; it rebases onto the global model of round r when it finishes.
   overlap: bool = False
+  # Quorum rounds (`quorum`): step once `quorum` updates are in (0: all of them), `grace_s`
+  # simulated seconds after that; later updates are merged into a later step, weighted by
+  # (1 + staleness) ^ -staleness_exponent.
+  quorum: int = 0
+  grace_s: float = 0.0
+  staleness_exponent: float = 0.5
   compression: compression_lib.CompressionConfig = compression_lib.CompressionConfig()
   profiles: tuple[profiles_lib.ClientProfile, ...] = ()  # one per client, or () (identical)
   clock: sim_clock.ClockConfig = sim_clock.ClockConfig()
@@ -96,6 +102,7 @@ class FLConfig:
       raise ValueError(f'fl.overlap=True with fl.fragments={self.fragments} / '
                        f'fl.fragment_mixing={self.fragment_mixing} is not built yet: overlapped '
                        'rounds synchronise the whole model (fragments 1, mixing 0)')
+    self._check_quorum()
     if self.keeps_client_models and self.clients_per_round != self.num_clients:
       # A client left out of a synchronisation would train on from a stale model.
       raise ValueError(f'{self.own_models_keys()} keeps every client\'s model between syncs: '
@@ -104,6 +111,33 @@ class FLConfig:
     self._check_privacy()
     robust.check(self.aggregation, self.aggregation_trim, self.aggregation_clip, self.weighting,
                  self.clients_per_round)
+
+  def _check_quorum(self) -> None:
+    q = self.quorum
+    if isinstance(q, bool) or not isinstance(q, int) or not 0 <= q <= self.clients_per_round:
+      raise ValueError(f'fl.quorum must be an integer in 0..fl.clients_per_round='
+                       f'{self.clients_per_round} (0: every sampled client), got {q!r}')
+    for name in ('grace_s', 'staleness_exponent'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e30:
+        raise ValueError(f'fl.{name} must be a finite number >= 0, got {value!r}')
+    if not q:
+      changed = [n for n, default in (('grace_s', 0.0), ('staleness_exponent', 0.5))
+                 if getattr(self, n) != default]
+      if changed:
+        raise ValueError(f'fl.{changed[0]}={getattr(self, changed[0])} is set but fl.quorum=0 '
+                         'ignores it: it applies to quorum rounds (fl.quorum > 0)')
+      return
+    if self.keeps_client_models:
+      raise ValueError(f'fl.quorum={q} with {self.own_models_keys()} is not built yet: a late '
+                       "client's own model would train on from a round the others have left")
+    if self.dp.enabled or self.secagg.enabled:
+      what = 'fl.dp' if self.dp.enabled else 'fl.secagg'
+      why = ("its accounting assumes each round averages the clients sampled for it, and a late "
+             "delta lands in another round" if self.dp.enabled else
+             "its masks cancel only in the sum of one round's clients, and a late delta would "
+             "leave them unmasked")
+      raise ValueError(f'fl.quorum={q} cannot be used with {what}: {why}; set fl.quorum=0')
 
   def _check_privacy(self) -> None:
     dp, secagg = self.dp, self.secagg

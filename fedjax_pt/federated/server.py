@@ -23,6 +23,8 @@ class ServerState(flax.struct.PyTreeNode):
   # Clients known to hold a model of their own (streaming fragments, mixing), as their last
   # reports said: they are sent only the fragment synchronised last, the others the whole model.
   holders: frozenset[int] = flax.struct.field(pytree_node=False, default=frozenset())
+  # fl.quorum: the late updates in flight to a later round (`quorum.LateUpdate`).
+  pending: tuple = flax.struct.field(pytree_node=False, default=())
 
 
 def init_server_state(params, tx: optax.GradientTransformation, shardings: Any = None,

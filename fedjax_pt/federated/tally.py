@@ -49,6 +49,8 @@ class FederatedStats:
   pseudo_grad_norm_per_module: dict[str, float] | None = None
   robust_trimmed_values: dict[int, float] | None = None
   robust_clipped_clients: dict[int, float] | None = None
+  late_clients: dict[int, float] | None = None
+  stale_clients: dict[int, int] | None = None
 
 
 @dataclasses.dataclass
@@ -73,6 +75,9 @@ class Sync:
   aggregated: set[int] = dataclasses.field(default_factory=set)
   bytes: int = 0  # both ways, all clients
   arrivals: list[float] = dataclasses.field(default_factory=list)  # this attempt, in sim time
+  # fl.quorum: the updates waiting for the close, and those that missed it (`quorum`).
+  candidates: list[Any] = dataclasses.field(default_factory=list)
+  still_late: list[Any] = dataclasses.field(default_factory=list)
   late: bool = False  # this attempt waited for a client until fl.round_deadline_s
 
 
@@ -106,6 +111,10 @@ class Tally:
   # smallest scale norm_clipped multiplied its delta by, over the round's synchronisations.
   trimmed: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
   clipped: dict[int, float] = dataclasses.field(default_factory=dict)
+  # fl.quorum: clients whose update missed the close (-> its simulated arrival), and late updates
+  # of earlier rounds averaged in this one (-> their staleness in rounds).
+  late: dict[int, float] = dataclasses.field(default_factory=dict)
+  stale: dict[int, int] = dataclasses.field(default_factory=dict)
   secure_losses: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # (mean, n)
   sim_s: float = 0.0  # simulated time the server waited for clients (`sim_clock`)
   server_s: float = 0.0  # measured time of the server's own work
@@ -175,7 +184,8 @@ class Tally:
     return sum(losses) / len(losses) if losses else None
 
   def stats(self, outer_momentum_norm: float, dp_clipping: bool = False,
-            secagg: bool = False, aggregation: str = 'mean') -> FederatedStats:
+            secagg: bool = False, aggregation: str = 'mean',
+            quorum: bool = False) -> FederatedStats:
     sent = sum(self.download.values()) + sum(self.upload.values())
     per_client = {key: {k: (_norm if key in _MODEL_NORMS else _mean)(v)
                         for k, v in sorted(by_client.items())}
@@ -205,6 +215,8 @@ class Tally:
                                if aggregation in robust_lib.COORDINATE_WISE else None),
         robust_clipped_clients=(dict(sorted(self.clipped.items()))
                                 if aggregation == 'norm_clipped' else None),
+        late_clients=dict(sorted(self.late.items())) if quorum else None,
+        stale_clients=dict(sorted(self.stale.items())) if quorum else None,
         **per_client, **synced)
 
 

@@ -161,6 +161,8 @@ def estimate(spec: RunSpec, cfg: model_lib.ModelConfig, platform: str | None = N
     server = param_bytes * (2 + outer_moments)  # global model, running sum, outer moments
     if fl.aggregation != 'mean':  # a robust rule keeps every delta of a sync (`robust`)
       server += param_bytes * fl.clients_per_round
+    if fl.quorum:  # every sampled update until the close, the late ones until merged (`quorum`)
+      server += param_bytes * fl.clients_per_round
     # What the simulated clients keep (`client_round.ClientMemory`), every one of them.
     kept = (2 * fl.keeps_client_models + fl.compression.error_feedback)  # model, anchor; residual
     kept_opt = opt_bytes * (not fl.reset_optimizer)
