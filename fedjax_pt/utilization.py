@@ -1,7 +1,8 @@
 """Compute utilisation: the share of the wall time that the clients spend training.
 
 A client's utilisation in a round is its training time / the round's wall time; the round's is the
-mean over the clients whose update arrived, Σ compute_k / (n × wall). A synchronous round pays
+mean over the clients whose update arrived, Σ compute_k / (n × wall), each client's share at
+most 1. A synchronous round pays
 for its slowest client, its transfers and the server's work with everybody's idle time, which is
 what overlapped and quorum rounds hide (INTELLECT-1 reports 83-96% across continents).
 
@@ -10,7 +11,8 @@ Two clocks give two utilisations (`records.RoundRecord`):
 - measured, where clients train in parallel on their own hosts (a deployment):
   `client_compute_s` / `round_time_s`. The simulation trains its clients one after another on
   this host, so its measured times make no utilisation.
-Over a run (`summaries.RunSummary`): Σ over rounds of Σ compute_k / Σ over rounds of n × wall.
+Over a run (`summaries.RunSummary`): all the clients' training / (the number of clients that
+trained × the run's wall time), idle clients (not sampled, or waiting) counting as idle.
 """
 
 from collections.abc import Iterable, Mapping
@@ -29,7 +31,9 @@ def of_round(compute_s: Mapping[int, float] | None,
   time is known or the round took no time."""
   if not compute_s or not _finite(wall_s) or wall_s <= 0:
     return None, None
-  per_client = {k: c / wall_s for k, c in compute_s.items()}
+  # A late update of a quorum round (`federated.quorum`) may have trained longer than its round:
+  # its client computed through all of it, and on into the rounds it was not sampled for.
+  per_client = {k: min(c / wall_s, 1.0) for k, c in compute_s.items()}
   return sum(per_client.values()) / len(per_client), per_client
 
 
@@ -44,13 +48,17 @@ def add_to(record: records.RoundRecord, measured: bool) -> None:
 
 
 def of_run(rounds: Iterable[records.RoundRecord], measured: bool) -> float | None:
-  """A run's utilisation on one clock: all clients' training time / the clients' wall time."""
+  """A run's utilisation on one clock: all the training of its clients (every client that
+  reported a training time, counted once per update) / their number x the run's wall time,
+  at most 1 (a late update may outlast the run)."""
   compute = wall = 0.0
+  clients = set()
   for r in rounds:
     per_client = r.client_compute_s if measured else r.client_sim_compute_s
     round_s = r.round_time_s if measured else r.sim_round_time_s
     utilization = r.compute_utilization if measured else r.sim_compute_utilization
     if per_client and _finite(round_s) and utilization is not None:
       compute += sum(per_client.values())
-      wall += len(per_client) * round_s
-  return compute / wall if wall > 0 else None
+      wall += round_s
+      clients.update(str(k) for k in per_client)
+  return min(compute / (len(clients) * wall), 1.0) if wall > 0 else None

@@ -199,13 +199,16 @@ def test_compute_utilisation_by_hand():
   utilization.add_to(record, measured=True)
   assert record.client_compute_utilization == pytest.approx({0: 99 / 200, 1: 3.5 / 200})
   assert record.compute_utilization == pytest.approx((99 + 3.5) / 400)
-  # Over a run: all training time over all clients' wall time (not the mean of the rounds').
+  # Over a run: all training over the clients that trained x the run's time (client 1, not in
+  # round 2, idles through it), not the mean of the rounds'.
   second = records.RoundRecord(round=2, tokens=0, client_sim_compute_s={0: 1.0},
                                sim_round_time_s=1.0)
   utilization.add_to(second, measured=False)
   assert utilization.of_run([record, second], measured=False) == pytest.approx(
-      (2.0 + 3.5 + 1.0) / (2 * 4.0 + 1 * 1.0))
+      (2.0 + 3.5 + 1.0) / (2 * (4.0 + 1.0)))
   assert utilization.of_run([record, second], measured=True) == pytest.approx(102.5 / 400)
-  assert summaries.summarize([record, second]).sim_compute_utilization == pytest.approx(6.5 / 9)
+  assert summaries.summarize([record, second]).sim_compute_utilization == pytest.approx(0.65)
+  # A late quorum update that trained 10 s in a 4 s round: its share of the round is 1.
+  assert utilization.of_round({0: 10.0, 1: 2.0}, 4.0) == (0.75, {0: 1.0, 1: 0.5})
   assert utilization.of_round({}, 1.0) == (None, None)
   assert utilization.of_round({0: 1.0}, 0.0) == (None, None)
