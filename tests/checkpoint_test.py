@@ -135,6 +135,32 @@ def test_sigkill_and_resume_is_bit_identical_with_fragments_and_error_feedback(t
       k: ['opt_state', 'residual', 'model', 'anchor'] for k in ('0', '1')}
 
 
+# fl.quorum=1 with client 1 2.5x slower than client 0 (tests/quorum_test.py): client 1's update
+# of round 1 is still in flight in round 2's checkpoint, and lands in round 3.
+QUORUM = ['--config.fl.quorum=1',
+          '--config.fl.profiles=[{"tokens_per_s": 400}, {"tokens_per_s": 160}]']
+
+
+def test_sigkill_and_resume_is_bit_identical_with_an_update_in_flight(tmp_path):
+  reference = tmp_path / 'reference'
+  subprocess.run(_command(reference, QUORUM), cwd=REPO, check=True, capture_output=True,
+                 timeout=600)
+  _kill_when(tmp_path / 'run', lambda records: any(
+      r['kind'] == 'step' and r['round'] == 3 for r in records), extra=QUORUM)
+  with open(tmp_path / 'run' / 'checkpoints' / '2' / 'meta' / 'metadata', encoding='utf-8') as f:
+    pending = json.load(f)['server']['pending']
+  assert [(u['client'], u['born']) for u in pending] == [(1, 1)]
+  resumed = subprocess.run(_command(tmp_path / 'run', QUORUM), cwd=REPO, capture_output=True,
+                           text=True, timeout=600, check=False)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resuming' in resumed.stderr
+  _assert_bit_identical(_final_params(tmp_path / 'run', ROUNDS), _final_params(reference, ROUNDS))
+  records_ = _comparable_records(tmp_path / 'run')
+  assert records_ == _comparable_records(reference)
+  assert [r.get('stale_clients') for r in records_ if r['kind'] == 'round'][1:] == [
+      {}, {}, {'1': 2}, {'0': 1}]
+
+
 def _as_layout_1(workdir, round_idx):
   """Rewrites the checkpoint of `round_idx` as fedjax_pt wrote checkpoints before the clients
   owned their state (layout 1): their arrays in one flat dict 'kept' ('3' its Adam state,

@@ -1,17 +1,12 @@
 """Quorum rounds (fl.quorum, fl.grace_s): the rule by hand through the round object, the late
 update in a checkpoint, and the refusals."""
 
-import json
-import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import scripted
-from fedjax_pt import records
-from fedjax_pt import train
 from fedjax_pt.configs import tiny
 from fedjax_pt.federated import algorithm as federation
 from fedjax_pt.federated import faults
@@ -116,37 +111,3 @@ def test_quorum_with_dp_or_a_deadline_is_refused():
   cfg = FLConfig(num_clients=2, clients_per_round=2, rounds=1, local_steps=1, quorum=1)
   with pytest.raises(ValueError, match='fl.quorum=1 with fl.round_deadline_s=3.0 is not built'):
     federation.FederatedAlgorithm(cfg, faults.FaultConfig(round_deadline_s=3.0), seed=0)
-
-
-def _config(rounds):
-  """Client 1 computes 2.5x slower than client 0 (fl.profiles' throughputs: a fixed arrival
-  order), quorum 1, no grace: each round closes at its first arrival. With a = client 0's time:
-  round 1 closes at a, client 1 due 1.5 a into round 2; round 2 (client 0 alone) closes at a,
-  client 1 due 0.5 a into round 3; round 3 closes at 0.5 a with client 1 (staleness 2), client 0
-  late, due 0.5 a into round 4; round 4 (client 1 alone) closes with client 0 (staleness 1)."""
-  config = tiny.get_config('test')
-  config.fl.num_clients = config.fl.clients_per_round = 2
-  config.fl.rounds, config.fl.quorum, config.fl.reset_optimizer = rounds, 1, False
-  config.fl.profiles = '[{"tokens_per_s": 400}, {"tokens_per_s": 160}]'
-  return config
-
-
-def _records(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [{k: v for k, v in r.items() if k not in records.CLOCK_KEYS}
-            for r in map(json.loads, f)]
-
-
-def test_a_quorum_run_resumes_exactly_with_an_update_in_flight(tmp_path):
-  """Round 2's checkpoint holds client 1's late update of round 1, in flight: 2 rounds, then 2
-  more from the checkpoint, give the records and the model of 4 rounds at once."""
-  whole = train.run(_config(4), str(tmp_path / 'whole'))
-  rows = [r for r in _records(tmp_path / 'whole') if r['kind'] == 'round'][1:]
-  assert [r['clients'] for r in rows] == [[0, 1], [0], [0], [1]]
-  assert [list(r['late_clients']) for r in rows] == [['1'], [], ['0'], ['1']]
-  assert [r['stale_clients'] for r in rows] == [{}, {}, {'1': 2}, {'0': 1}]
-  assert [r['num_aggregated'] for r in rows] == [1, 1, 1, 1]
-  train.run(_config(2), str(tmp_path / 'split'))
-  split = train.run(_config(4), str(tmp_path / 'split'))
-  jax.tree.map(np.testing.assert_array_equal, split.params, whole.params)
-  assert _records(tmp_path / 'split') == _records(tmp_path / 'whole')
