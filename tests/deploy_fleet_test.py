@@ -199,6 +199,20 @@ def test_overlapped_rounds_on_nodes_match_the_simulation_across_a_server_restart
   assert _val_losses(resumed) == _val_losses(simulated)
 
 
+def test_streaming_fragments_with_overlap_match_the_simulation(tmp_path):
+  """fl.fragments=2 with fl.overlap: a node trains each segment on without the fragment synced
+  last, and merges it when it has trained (within the same message), bit for bit as the
+  simulation; it is not the run without overlap."""
+  simulated = train.run(_config(fragments=2, fragment_mixing=0.5, overlap=True),
+                        str(tmp_path / 'sim'))
+  deployed = server_app.serve(FakeGrid(_nodes(tmp_path)), _run_config(
+      tmp_path / 'dep', '--config.fl.fragments=2 --config.fl.fragment_mixing=0.5 '
+      '--config.fl.overlap=True'))
+  assert _val_losses(deployed) == _val_losses(simulated)  # bit for bit
+  plain = train.run(_config(fragments=2, fragment_mixing=0.5), str(tmp_path / 'plain'))
+  assert _val_losses(plain)[2:] != _val_losses(simulated)[2:]
+
+
 def test_quorum_rounds_match_the_simulation_across_a_server_restart(tmp_path):
   """fl.quorum=1 with a 2.5x slower node (profiles' throughputs: a fixed arrival order on the
   simulated clock, which decides in both): the same late and stale updates and the same models,

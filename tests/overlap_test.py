@@ -27,7 +27,10 @@ WHOLE = fragments.Segment(fragment=0, start=0, steps=1)
 
 def _trained(params, target):
   """A client's "training": half way from where it starts to its target."""
-  moved = jax.tree.map(lambda p: p + 0.5 * (target - p), params)
+  return _result(jax.tree.map(lambda p: p + 0.5 * (target - p), params))
+
+
+def _result(moved):
   return local_training.ClientResult(
       state=local_training.LocalState(moved, None, 0),
       summary=local_training.TrainingSummary(num_tokens=1, mean_loss=0.0, mean_grad_norm=0.0,
@@ -69,6 +72,45 @@ def test_the_overlap_rule_by_hand():
   # global model it receives, as in a synchronous round.
   start, _ = rule.receive(memories[0], {'w': jnp.full((), 9.0)}, None, 5, WHOLE)
   assert float(start.params['w']) == 9.0
+
+
+def test_streaming_fragments_with_overlap_by_hand():
+  """F = 2 (fragment 0: wte, 1: norm_f), one client whose "training" adds 1 to every value, FedAvg
+  (the global fragment moves by the client's delta), alpha = 0 (replace). Each segment the client
+  trains on without the fragment synced at the end of the previous one, and merges it when it
+  has trained (Streaming DiLoCo's overlap), so that segment's progress on it is replaced:
+    r1 s1 (syncs norm_f): whole model (0, 0) -> (1, 1); delta 1; global norm_f 1.
+    r1 s2 (syncs wte): starts (1, 1) -> (2, 2); delta wte 2 - 0; global wte 2; merges norm_f = 1.
+    r2 s1 (norm_f): starts (2, 1) -> (3, 2); delta 2 - 1 = 1; global norm_f 2; merges wte = 2.
+    r2 s2 (wte): starts (2, 2) -> (3, 3); delta 3 - 2 = 1; global wte 3; merges norm_f = 2."""
+  fl = FLConfig(num_clients=1, clients_per_round=1, rounds=2, local_steps=2, fragments=2,
+                overlap=True)
+  like = {'wte': jnp.zeros((), jnp.float32), 'norm_f': jnp.zeros((), jnp.float32)}
+  rule = client_round.ClientRule(fl, faults.FaultConfig(), seed=0, like=like)
+  memory, theta, seen = client_round.ClientMemory(), dict(like), []
+  for round_idx in (1, 2):
+    for segment in fragments.schedule(2, 2):
+      if memory.model is None:
+        fragment, received = None, theta
+      else:
+        fragment = (segment.fragment - 1) % 2
+        received = rule.fragment(theta, fragment)
+      start, memory = rule.receive(memory, received, fragment, round_idx, segment)
+      result = _result(jax.tree.map(lambda p: p + 1.0, start.params))
+      message, memory, _ = rule.finish(0, memory, start, result, None, segment, round_idx, 0, 1,
+                                       1)
+      delta = compression.decode(message)
+      theta = jax.tree.map(lambda t, d: t + d, theta,
+                           fragments.replace(jax.tree.map(jnp.zeros_like, theta), delta,
+                                             rule.assignment, segment.fragment))
+      seen.append((segment.fragment, {k: float(v) for k, v in start.params.items()},
+                   {k: float(v) for k, v in memory.model.items()}))
+  assert seen == [
+      (1, {'wte': 0.0, 'norm_f': 0.0}, {'wte': 1.0, 'norm_f': 1.0}),
+      (0, {'wte': 1.0, 'norm_f': 1.0}, {'wte': 2.0, 'norm_f': 1.0}),
+      (1, {'wte': 2.0, 'norm_f': 1.0}, {'wte': 2.0, 'norm_f': 2.0}),
+      (0, {'wte': 2.0, 'norm_f': 2.0}, {'wte': 3.0, 'norm_f': 2.0})]
+  assert {k: float(v) for k, v in theta.items()} == {'wte': 3.0, 'norm_f': 2.0}
 
 
 class TimedClients:
@@ -122,8 +164,8 @@ def test_the_overlapped_clock_by_hand():
 
 @pytest.mark.parametrize('keys, faults_cfg, message', [
     (dict(overlap=1), {}, 'fl.overlap must be True or False, got 1'),
-    (dict(overlap=True, fragments=2), {}, 'fl.overlap=True with fl.fragments=2'),
-    (dict(overlap=True, fragment_mixing=0.5), {}, 'fragment_mixing=0.5 is not built yet'),
+    (dict(overlap=True, fragment_mixing=0.5), {},
+     'fl.overlap=True with fl.fragment_mixing=0.5 and one fragment is not built'),
     (dict(overlap=True, clients_per_round=1), {},
      'fl.overlap=True keeps every client\'s model between syncs: it needs fl.clients_per_round'),
     (dict(overlap=True), {'round_deadline_s': 5.0},

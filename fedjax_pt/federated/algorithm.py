@@ -171,7 +171,6 @@ class FederatedAlgorithm:
     tally = Tally(absent=profiles_lib.absent(self.fl.profiles, self.seed, round_idx))
     for segment in self.schedule:
       state = self._synchronise(state, round_idx, segment, clients, tally)
-    self._pipeline.round_ended(round_idx, tally.sim_s + tally.server_s)
     stats = tally.stats(metrics.outer_momentum_norm(state.opt_state), self._clip_at_server,
                         self.fl.secagg.enabled, self.fl.aggregation, bool(self.fl.quorum))
     return state, RoundResult(
@@ -195,7 +194,8 @@ class FederatedAlgorithm:
     """One segment: the clients train and send their deltas of the segment's fragment, which the
     server averages and steps on."""
     fl, policy = self.fl, self.faults
-    sync = Sync()
+    sync = Sync(index=(round_idx - 1) * len(self.schedule) + self.schedule.index(segment))
+    server_before = tally.server_s
     if fl.aggregation != 'mean':
       sync.average = robust.make(fl.aggregation, fl.aggregation_trim, fl.aggregation_clip)
     broadcast = self._broadcast(state, segment)
@@ -250,6 +250,14 @@ class FederatedAlgorithm:
     state = state.replace(holders=frozenset(holders))
     if fl.quorum:
       state = state.replace(pending=quorum_lib.carried(sync.still_late, waited))
+    state = self._step(state, round_idx, segment, sync, tally)
+    self._pipeline.sync_ended(sync.index, waited + tally.server_s - server_before)
+    return state
+
+  def _step(self, state: server_lib.ServerState, round_idx: int, segment: fragments_lib.Segment,
+            sync: Sync, tally: Tally) -> server_lib.ServerState:
+    """The outer step on the synchronisation's average, or none when too few were usable."""
+    fl, policy = self.fl, self.faults
     if sync.average.count < policy.min_clients:
       tally.skipped = True
       logging.warning('round %d: %s skipped: %d usable clients < fl.min_clients=%d; the global '
@@ -306,7 +314,7 @@ class FederatedAlgorithm:
     if self.fl.overlap and delta is not None:
       p = profile or profiles_lib.ClientProfile()
       received = sim_clock.one_way_s(download, p.downlink_mbps, p.latency_ms / 1e3, clock)
-      ready = self._pipeline.ready_s(k, round_idx, received) if not attempt else received
+      ready = self._pipeline.ready_s(k, sync.index, received) if not attempt else received
       sim_time = sim_clock.overlapped_client_time_s(ready, profile, upload, compute, clock)
       if not report.failure:
         self._pipeline.trained(k, ready + compute, received)

@@ -54,9 +54,13 @@ class ClientMemory(flax.struct.PyTreeNode):
 
 class Start(flax.struct.PyTreeNode):
   """Where a client's local training starts: its parameters, and the model its delta is taken
-  against (the global model as received)."""
+  against (the global model as received). With fl.overlap and streaming fragments, the fragment
+  it received, which it merges when it has trained (`deferred` of fragment `deferred_fragment`).
+  """
   params: Any
   reference: Any
+  deferred: Any = None
+  deferred_fragment: int | None = flax.struct.field(pytree_node=False, default=None)
 
 
 class NoModel(RuntimeError):
@@ -114,13 +118,16 @@ class ClientRule:
     if not fl.keeps_client_models:
       return Start(received, received), memory
     here = (round_idx, segment.start)
-    if fl.overlap:
+    if fl.overlap and fl.fragments == 1:
       return self._overlapped_start(memory, received, round_idx)
     if fragment is None:  # the whole model: it becomes the client's own
       memory = memory.replace(model=received, anchor=received, merged=here)
     elif memory.model is None:
       raise NoModel(f'received fragment {fragment} but holds no model to merge it into (its state '
                     'was lost); the server sends it the whole model next')
+    elif fl.overlap:
+      # Streaming DiLoCo's overlap: it trains on, and merges the fragment when it has trained.
+      return Start(memory.model, memory.anchor, received, fragment), memory
     elif memory.merged != here:
       mixed = fragments_lib.mix(self.fragment(memory.model, fragment), received,
                                 fl.fragment_mixing)
@@ -193,8 +200,10 @@ class ClientRule:
       residual_part = fragments_lib.replace(residual, residual_part, self.assignment,
                                             segment.fragment)
     own = params
-    if fl.overlap:  # rebased onto the global model that came with this round (`receive`)
+    if fl.overlap and fl.fragments == 1:  # rebased onto the model of this round (`receive`)
       own = jax.tree.map(lambda a, p, s: a + (p - s), memory.anchor, params, start.reference)
+    elif start.deferred is not None:
+      own, memory = self._merge(memory, params, start, round_idx, segment)
     memory = self._keep(memory, result.state.opt_state, own, residual_part, finite, segment)
     report = ClientReport(
         client=client, update=message, training=result.summary,
@@ -203,6 +212,18 @@ class ClientRule:
         num_examples=num_examples, local_steps=local_steps, injected=fault == 'nan',
         holds_model=memory.model is not None if fl.keeps_client_models else None)
     return message, memory, report
+
+  def _merge(self, memory: ClientMemory, params: Any, start: Start, round_idx: int,
+             segment: fragments_lib.Segment) -> tuple[Any, ClientMemory]:
+    """fl.overlap with streaming fragments: the fragment that came with this segment, synced at
+    the end of the previous one, merged into the model it has trained on meanwhile (alpha *
+    own + (1 - alpha) * global, as `receive` merges it without overlap), and its anchor."""
+    f = start.deferred_fragment
+    mixed = fragments_lib.mix(self.fragment(params, f), start.deferred, self.fl.fragment_mixing)
+    return (fragments_lib.replace(params, mixed, self.assignment, f),
+            memory.replace(anchor=fragments_lib.replace(memory.anchor, start.deferred,
+                                                        self.assignment, f),
+                           merged=(round_idx, segment.start)))
 
   def _privatize(self, client: int, round_idx: int, attempt: int) -> dict[str, Any]:
     """With fl.dp.noise_at='clients': its clipping and its share of the noise."""

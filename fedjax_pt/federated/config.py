@@ -62,7 +62,7 @@ class FLConfig:
 
   def own_models_keys(self) -> str:
     """The keys that give every client a model of its own, for messages."""
-    if self.overlap:
+    if self.overlap and not self.merges_fragments:
       return 'fl.overlap=True'
     return f'fl.fragments={self.fragments} / fl.fragment_mixing={self.fragment_mixing}'
 
@@ -98,10 +98,10 @@ class FLConfig:
       raise ValueError(f'fl.fragment_mixing must be in [0, 1), got {self.fragment_mixing}')
     if not isinstance(self.overlap, bool):
       raise ValueError(f'fl.overlap must be True or False, got {self.overlap!r}')
-    if self.overlap and self.merges_fragments:
-      raise ValueError(f'fl.overlap=True with fl.fragments={self.fragments} / '
-                       f'fl.fragment_mixing={self.fragment_mixing} is not built yet: overlapped '
-                       'rounds synchronise the whole model (fragments 1, mixing 0)')
+    if self.overlap and self.fragments == 1 and self.fragment_mixing:
+      raise ValueError(f'fl.overlap=True with fl.fragment_mixing={self.fragment_mixing} and one '
+                       'fragment is not built: an overlapped client rebases its progress onto '
+                       'the whole model (set fl.fragments > 1 for Streaming DiLoCo\'s overlap)')
     self._check_quorum()
     if self.keeps_client_models and self.clients_per_round != self.num_clients:
       # A client left out of a synchronisation would train on from a stale model.

@@ -117,33 +117,34 @@ def wait_s(included: Iterable[float], any_late: bool, deadline_s: float) -> floa
 
 @dataclasses.dataclass
 class OverlapPipeline:
-  """fl.overlap on the simulated clock. A client that took part in round r - 1 starts round r
-  as soon as it has finished training round r - 1 and holds theta_{r-1} (the model it rebases
-  onto; `client_round`), which may be before the server's broadcast of round r: times are from
-  the start of the round, negative before it. Any other client starts when the broadcast has
-  reached it, as in a synchronous round.
+  """fl.overlap on the simulated clock, per synchronisation (a round, or with streaming fragments
+  a segment of one). A client that took part in the previous synchronisation starts this one as
+  soon as it has finished training for that one and holds what it merges at its end (the global
+  model or fragment that came with it; `client_round`), which may be before the server's
+  broadcast: times are from the start of the synchronisation, negative before it. Any other
+  client starts when the broadcast has reached it, as in a synchronous round.
 
-  The round's start is taken as the end of the server's outer step: its evaluation and
-  checkpoint (`accounting.with_server_work`) are not subtracted, which shortens no round. The
-  pipeline lives in memory: a resumed run times its first round as a synchronous one.
+  The server's evaluation and checkpoint (`accounting.with_server_work`) are not subtracted,
+  which shortens no round. The pipeline lives in memory: a resumed run times its first
+  synchronisation as a synchronous one.
   """
-  round: int = 0  # the round `carried` came from
+  sync: int = -1  # the synchronisation `carried` came from
   carried: dict[int, tuple[float, float]] = dataclasses.field(default_factory=dict)
   pending: dict[int, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
-  def ready_s(self, client: int, round_idx: int, received_s: float) -> float:
-    """When `client` can start training in round `round_idx`; `received_s`: when this round's
-    broadcast reaches it."""
-    if self.round == round_idx - 1 and client in self.carried:
+  def ready_s(self, client: int, sync: int, received_s: float) -> float:
+    """When `client` can start training in synchronisation `sync` (numbered through the run);
+    `received_s`: when this synchronisation's broadcast reaches it."""
+    if self.sync == sync - 1 and client in self.carried:
       return max(self.carried[client])
     return received_s
 
   def trained(self, client: int, end_s: float, received_s: float) -> None:
-    """`client` finished training at `end_s` and received this round's model at `received_s`."""
+    """`client` finished training at `end_s` and received this sync's broadcast at `received_s`."""
     self.pending[client] = (end_s, received_s)
 
-  def round_ended(self, round_idx: int, round_s: float) -> None:
-    """The round lasted `round_s`: the next one starts then."""
-    self.carried = {k: (end - round_s, received - round_s)
+  def sync_ended(self, sync: int, duration_s: float) -> None:
+    """Synchronisation `sync` lasted `duration_s`: the next one starts then."""
+    self.carried = {k: (end - duration_s, received - duration_s)
                     for k, (end, received) in self.pending.items()}
-    self.round, self.pending = round_idx, {}
+    self.sync, self.pending = sync, {}

@@ -79,6 +79,7 @@ class Sync:
   candidates: list[Any] = dataclasses.field(default_factory=list)
   still_late: list[Any] = dataclasses.field(default_factory=list)
   late: bool = False  # this attempt waited for a client until fl.round_deadline_s
+  index: int = 0  # the run's synchronisation number (fl.overlap's clock)
 
 
 _PER_CLIENT = ('client_train_loss', 'client_grad_norm', 'client_update_norm', 'client_norm',
