@@ -197,7 +197,8 @@ def figure(cells: Mapping[str, list[plot.Run]], table: Sequence[Mapping[str, Any
   if axes[0].has_data():
     axes[0].legend(fontsize=7)
   for r in table:
-    if r['group'] == 'comm' or r['cell'] == COMM_REFERENCE:
+    if (r['group'] == 'comm' or r['cell'] == COMM_REFERENCE) and summaries.finite(
+        r['final_val_ppl']):
       mb = (r.get('MB_sent') or 0) + (r.get('MB_received') or 0)
       axes[1].errorbar(mb, r['final_val_ppl'], yerr=[[r['final_val_ppl'] - r['final_val_ppl_min']],
                                                      [r['final_val_ppl_max'] - r['final_val_ppl']]],
@@ -211,7 +212,8 @@ def figure(cells: Mapping[str, list[plot.Run]], table: Sequence[Mapping[str, Any
   for j, rule in enumerate(RULES):
     values = [next((r for r in table if r['cell'] == f'robust,{p},{rule}'), None) for p in POISONS]
     xs = np.arange(len(POISONS)) + (j - (len(RULES) - 1) / 2) * width
-    axes[2].bar(xs, [v['final_val_ppl'] if v else np.nan for v in values], width, label=rule)
+    axes[2].bar(xs, [v['final_val_ppl'] if v and summaries.finite(v['final_val_ppl']) else np.nan
+                     for v in values], width, label=rule)
   axes[2].set_xticks(np.arange(len(POISONS)), POISONS)
   if np.isfinite([p.get_height() for p in axes[2].patches]).any():
     axes[2].set_yscale('log')

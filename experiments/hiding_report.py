@@ -87,7 +87,9 @@ def write_tables(table: Sequence[Mapping[str, Any]], out: str) -> tuple[str, str
   fmt = sweep_report.fmt
 
   def pm(r, key, spec):
-    return f"{fmt(r[key], spec)} ± {fmt(r[key + '_std'], spec)}"
+    if not summaries.finite(r[key]):
+      return 'never'
+    return f"{fmt(r[key], spec)} ± {fmt(r[key + '_std'], spec.lstrip('+'))}"
 
   lines = ['| rounds | seeds | final val ppl | vs `sync`, paired (per seed) | compute utilisation '
            '(simulated) | simulated wall time | per round | to `sync`\'s final ppl + 2% (seeds '
@@ -100,7 +102,8 @@ def write_tables(table: Sequence[Mapping[str, Any]], out: str) -> tuple[str, str
         f"| `{r['rounds']}` | {r['seeds']} | {pm(r, 'final_val_ppl', '.2f')} | {gap} | "
         f"{pm(r, 'utilization', '.1%')} | {pm(r, 'sim_wall_s', '.0f')} s | "
         f"{pm(r, 'sim_round_s', '.1f')} s | {pm(r, 'time_to_target_s', '.0f')} s "
-        f"({r['reached_target']}) | {pm(r, 'aggregated_per_round', '.1f')} |")
+        f"({r['reached_target']}) | {pm(r, 'aggregated_per_round', '.1f')} |".replace(
+            'never s', 'never'))
   return sweep_report.write_tables(table, list(table[0]), '\n'.join(lines), out, 'hiding')
 
 
