@@ -102,8 +102,9 @@ def paired_gap(runs: Sequence[plot.Run], reference: Sequence[plot.Run]) -> dict[
 def describe_gap(row: Mapping[str, Any], prefix: str = '') -> str:
   if not summaries.finite(row.get(prefix + 'gap')):
     return ''
-  return (f"{row[prefix + 'gap']:+.1%} ± {row[prefix + 'gap_std']:.1%} "
-          f"[{row[prefix + 'gap_lo']:+.1%}, {row[prefix + 'gap_hi']:+.1%}] "
+  interval = (f" [{row[prefix + 'gap_lo']:+.1%}, {row[prefix + 'gap_hi']:+.1%}]"
+              if summaries.finite(row[prefix + 'gap_lo']) else '')  # one seed: none
+  return (f"{row[prefix + 'gap']:+.1%} ± {row[prefix + 'gap_std']:.1%}{interval} "
           f"({row[prefix + 'gap_below']}/{row[prefix + 'gap_seeds']} below)")
 
 
