@@ -29,6 +29,7 @@ import matplotlib  # pylint: disable=wrong-import-position
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+from matplotlib import ticker  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 from scipy import stats  # pylint: disable=wrong-import-position
 
@@ -194,6 +195,8 @@ def figure(cells: Mapping[str, list[plot.Run]], table: Sequence[Mapping[str, Any
   # An axis without data (a study still running) cannot be log-scaled.
   if axes[0].has_data():
     plot.perplexity_axis(axes[0], 'local steps per client after the warm start')
+    axes[0].yaxis.set_minor_locator(ticker.LogLocator(subs=(1.2, 1.5, 2, 3, 5, 7)))
+    axes[0].yaxis.set_minor_formatter(ticker.FormatStrFormatter('%g'))
   axes[0].set_title('Muon vs AdamW inside the clients (warm start)', fontsize=10)
   if axes[0].has_data():
     axes[0].legend(fontsize=7)
@@ -208,6 +211,8 @@ def figure(cells: Mapping[str, list[plot.Run]], table: Sequence[Mapping[str, Any
                        xytext=(4, 3), textcoords='offset points')
   if axes[1].has_data():
     plot.perplexity_axis(axes[1], 'MB sent + received by the server, whole run', log_x=True)
+    axes[1].xaxis.set_major_formatter(ticker.FormatStrFormatter('%g'))
+    axes[1].xaxis.set_minor_formatter(ticker.NullFormatter())
   axes[1].set_title('final perplexity against bytes (mean, min–max over seeds)', fontsize=10)
   width = 0.8 / len(RULES)
   for j, rule in enumerate(RULES):
@@ -217,7 +222,10 @@ def figure(cells: Mapping[str, list[plot.Run]], table: Sequence[Mapping[str, Any
                      for v in values], width, label=rule)
   axes[2].set_xticks(np.arange(len(POISONS)), POISONS)
   if np.isfinite([p.get_height() for p in axes[2].patches]).any():
-    axes[2].set_yscale('log')
+    axes[2].set_yscale('log')  # a poisoned mean can be orders of magnitude off
+    axes[2].yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+    axes[2].yaxis.set_major_formatter(ticker.FormatStrFormatter('%g'))
+    axes[2].yaxis.set_minor_formatter(ticker.NullFormatter())
   axes[2].set_ylabel('final validation perplexity (mean over seeds)')
   axes[2].set_title('1 of 8 clients poisoned: aggregation rules', fontsize=10)
   axes[2].legend(fontsize=7)
