@@ -174,10 +174,14 @@ def markdown(table: Sequence[Mapping[str, Any]]) -> str:
             'Final validation perplexity, and its gap to the clean run with the plain mean.', '',
             '| poison | ' + ' | '.join(f'`{rule}`' for rule in RULES) + ' |',
             '|---|' + '---|' * len(RULES)]
+  def grid_cell(c):
+    if not c or not summaries.finite(c['final_val_ppl']):
+      return ''
+    return f"{final(c)}<br>{'(reference)' if c['cell'] == ROBUST_REFERENCE else describe_gap(c)}"
+
   for poison in POISONS:
-    cells = [by_cell.get(f'robust,{poison},{rule}') for rule in RULES]
     lines.append(f'| {poison} | ' + ' | '.join(
-        f"{final(c)}<br>{describe_gap(c) or '(reference)'}" if c else '' for c in cells) + ' |')
+        grid_cell(by_cell.get(f'robust,{poison},{rule}')) for rule in RULES) + ' |')
   return '\n'.join(lines)
 
 
